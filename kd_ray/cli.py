@@ -1,0 +1,105 @@
+"""The ``kd-ray`` command line: parse, call the library, print one-line errors, set exit codes."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kd_ray.errors import KdRayError
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+STAGE_COMMANDS = {"train-teacher": "teacher", "train-student": "student", "distill": "distill"}
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help="YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value; repeatable")
+    p.add_argument("--args-file", help="the original project's commandline_args.txt (JSON flags)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kd-ray", description="Knowledge distillation on Ray Train.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    helps = {"train-teacher": "train the teacher and export teacher.pt",
+             "train-student": "train the student on labels only (the baseline)",
+             "distill": "train the student from the teacher in distill.teacher_path",
+             "pipeline": "teacher, then baseline and distilled students per seed, then a comparison"}
+    for name, text in helps.items():
+        _config_args(sub.add_parser(name, help=text, description=text))
+    demo = sub.add_parser("demo", help="the pipeline on the shipped MNIST subset, 3 seeds")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    report = sub.add_parser("report", help="remake the comparison table and plot from finished runs")
+    report.add_argument("run_dirs", nargs="+", help="run folders or pipeline folders")
+    report.add_argument("-o", "--out", help="where to write (default: the first folder given)")
+    convert = sub.add_parser("convert", help="convert an ImageFolder tree to Parquet tables")
+    convert.add_argument("src", help="folder with train/ and val/ class folders")
+    convert.add_argument("dst", help="folder for <split>.parquet")
+    convert.add_argument("--splits", default="train,val")
+    return parser
+
+
+def _load(args):
+    from kd_ray.config import load_config, read_args_file
+
+    cfg = load_config(args.config, args.overrides, args.args_file)
+    stages = read_args_file(args.args_file)[1] if args.args_file else {}
+    return cfg, stages
+
+
+def run(args) -> int:
+    if args.command in STAGE_COMMANDS:
+        from kd_ray.launch import run_stage
+
+        cfg, _ = _load(args)
+        result = run_stage(cfg, STAGE_COMMANDS[args.command])
+        top1 = result.summary["final"].get("val/top1")
+        print(f"[kd_ray] done: val top-1 {100 * top1:.2f}% after {result.summary['epochs']} epochs; "
+              f"results in {result.run_dir}")
+        if "teacher_file" in result.summary:
+            print(f"[kd_ray] teacher exported to {result.summary['teacher_file']}")
+        return 0
+    if args.command in ("pipeline", "demo"):
+        from kd_ray.config import load_config
+        from kd_ray.pipeline import run_pipeline
+
+        if args.command == "demo":
+            if not DEMO_CONFIG.is_file():
+                raise KdRayError(f"{DEMO_CONFIG} not found: run the demo from a checkout of kd_ray")
+            cfg, stages = load_config(DEMO_CONFIG, args.overrides), {}
+        else:
+            cfg, stages = _load(args)
+        root, table = run_pipeline(cfg, stages.get("train_teacher", True), stages.get("distill", True))
+        print(f"\nResults ({root}):\n{table}")
+        return 0
+    if args.command == "report":
+        from kd_ray.report import find_runs, write_report
+
+        out = args.out or args.run_dirs[0]
+        print(write_report(out, find_runs(args.run_dirs)))
+        print(f"[kd_ray] wrote {out}/comparison.md, comparison.csv and accuracy.png")
+        return 0
+    if args.command == "convert":
+        from kd_ray.data import convert_imagefolder_to_parquet
+
+        rows = convert_imagefolder_to_parquet(args.src, args.dst, tuple(args.splits.split(",")))
+        for split, count in rows.items():
+            print(f"[kd_ray] {split}: {count} images -> {Path(args.dst) / (split + '.parquet')}")
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except KdRayError as exc:
+        print(f"kd-ray: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kd-ray: interrupted; rerun the same command to resume from the last epoch", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

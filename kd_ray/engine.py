@@ -1,0 +1,141 @@
+"""One training epoch and one evaluation pass, in plain PyTorch (no Ray here).
+
+Both return sums and counts rather than means, so that callers can add them across DDP ranks
+and get exact dataset-level numbers.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from kd_ray.errors import NonFiniteLossError
+
+
+def autocast_for(device: torch.device, enabled: bool):
+    """bf16 autocast on GPU; a no-op context elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    loader,
+    loss_fn: Callable,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epoch: int,
+    device: torch.device,
+    loss_cfg=None,
+    teacher: Optional[torch.nn.Module] = None,
+    scheduler=None,
+    amp: bool = False,
+) -> dict:
+    """Train ``model`` for one pass over ``loader``.
+
+    ``loss_fn(student_logits, teacher_logits, labels, loss_cfg)`` returns a dict with "loss" and
+    its parts. The teacher, when given, runs without autograd and stays in eval mode.
+    Returns sums: ``loss_sum`` and ``<part>_sum`` weighted by batch size, ``images``, ``seconds``.
+    """
+    model.train()
+    if teacher is not None:
+        teacher.eval()  # a caller's model.train() must never flip the teacher's BatchNorm/dropout
+    sums: dict[str, float] = {}
+    images = 0
+    start = time.perf_counter()
+    for step, (inputs, labels) in enumerate(loader):
+        inputs = inputs.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with autocast_for(device, amp):
+            teacher_logits = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(inputs)
+            student_logits = model(inputs)
+            parts = loss_fn(student_logits, teacher_logits, labels, loss_cfg)
+        loss = parts["loss"]
+        if not torch.isfinite(loss.detach()):
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) at epoch {epoch} step {step}: "
+                "lower optim.lr or check the inputs and the loss"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        batch = inputs.shape[0]
+        images += batch
+        for name, value in parts.items():
+            key = f"{name}_sum"
+            sums[key] = sums.get(key, 0.0) + float(value.detach()) * batch
+    sums["images"] = images
+    sums["seconds"] = time.perf_counter() - start
+    return sums
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, *, device: torch.device, amp: bool = False) -> dict:
+    """Sums over ``loader``: ``loss_sum`` (cross-entropy), ``correct1``, ``correct5``, ``count``."""
+    model.eval()
+    totals = {"loss_sum": 0.0, "correct1": 0, "correct5": 0, "count": 0}
+    for inputs, labels in loader:
+        inputs = inputs.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with autocast_for(device, amp):
+            logits = model(inputs)
+        logits = logits.float()
+        totals["loss_sum"] += F.cross_entropy(logits, labels, reduction="sum").item()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hits = top.eq(labels[:, None])
+        totals["correct1"] += int(hits[:, 0].sum())
+        totals["correct5"] += int(hits.any(dim=1).sum())
+        totals["count"] += labels.numel()
+    return totals
+
+
+def epoch_metrics(train: dict, val: dict, num_classes: int) -> dict:
+    """Turn summed train/val counters (already added across ranks) into reported metrics."""
+    images = max(train["images"], 1)
+    metrics = {
+        f"train/{key[:-4]}": value / images for key, value in train.items() if key.endswith("_sum")
+    }
+    count = max(val["count"], 1)
+    metrics["val/loss"] = val["loss_sum"] / count
+    metrics["val/top1"] = val["correct1"] / count
+    if num_classes >= 5:
+        metrics["val/top5"] = val["correct5"] / count
+    metrics["perf/epoch_seconds"] = train["seconds"]
+    metrics["perf/images_per_s"] = train["images"] / train["seconds"] if train["seconds"] else math.nan
+    return metrics
+
+
+def build_optimizer(model: torch.nn.Module, optim_cfg, steps_per_epoch: int, epochs: int):
+    """SGD or AdamW plus a per-iteration schedule: linear warm-up, then cosine or step decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optim_cfg.name == "sgd":
+        optimizer = torch.optim.SGD(
+            params, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay
+        )
+    else:
+        optimizer = torch.optim.AdamW(params, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+    total = max(1, steps_per_epoch * epochs)
+    warmup = min(int(optim_cfg.warmup_epochs * steps_per_epoch), total - 1)
+    sched = torch.optim.lr_scheduler
+    if optim_cfg.schedule == "cosine":
+        main = sched.CosineAnnealingLR(optimizer, T_max=total - warmup)
+    elif optim_cfg.schedule == "step":
+        step = max(1, optim_cfg.step_size * steps_per_epoch)
+        main = sched.StepLR(optimizer, step_size=step, gamma=optim_cfg.gamma)
+    else:
+        main = sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if warmup == 0:
+        return optimizer, main
+    ramp = sched.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
+    return optimizer, sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])

@@ -1,0 +1,177 @@
+"""Check a stage on the driver, run it as a Ray Train ``TorchTrainer``, and file its results."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kd_ray.config import Config
+from kd_ray.errors import ConfigError, KdRayError
+from kd_ray.tb_callback import MetricsCallback
+
+TEACHER_FILE = "teacher.pt"
+
+
+@dataclass
+class StageResult:
+    stage: str
+    run_dir: Path
+    summary: dict
+
+
+def preflight(cfg: Config, stage: str) -> Config:
+    """Catch bad input on the driver, before any worker starts. Returns the config to run."""
+    from kd_ray.data import describe
+    from kd_ray.losses import get_loss
+    from kd_ray.models import MODELS, check_teacher_matches, read_teacher_info
+    from kd_ray.train_loop import stage_model
+
+    arch, pretrained = stage_model(cfg, stage)
+    MODELS.get(arch)
+    if pretrained and not Path(pretrained).is_file():
+        raise ConfigError(f"pretrained weights {pretrained} not found; give a local weights file")
+    loss_name = cfg.distill.loss if stage == "distill" else "ce"
+    _, needs_teacher = get_loss(loss_name)
+    info = describe(cfg.data)
+    if stage == "distill":
+        if not cfg.distill.teacher_path:
+            raise ConfigError("distill needs a teacher: set distill.teacher_path to a teacher.pt "
+                              "from `kd-ray train-teacher`, or run `kd-ray pipeline`")
+        teacher = read_teacher_info(cfg.distill.teacher_path)
+        check_teacher_matches(teacher, info.classes)
+        if cfg.data.image_size is None and teacher.get("image_size"):
+            cfg = cfg.replace(data={"image_size": teacher["image_size"]})
+    return cfg
+
+
+def ensure_ray(cfg: Config) -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local one sized for this run."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local use; clusters set their own
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    needed = cfg.run.num_workers * cfg.run.cpus_per_worker
+    # Oversubscribe a small machine rather than wait forever for CPUs it does not have.
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+             dashboard_host="127.0.0.1", include_dashboard=True)
+
+
+def check_resources(cfg: Config) -> None:
+    import ray
+
+    resources = ray.cluster_resources()
+    kind = "GPU" if cfg.run.use_gpu else "CPU"
+    per_worker = 1.0 if cfg.run.use_gpu else cfg.run.cpus_per_worker
+    needed, have = cfg.run.num_workers * per_worker, resources.get(kind, 0.0)
+    if needed > have:
+        raise ConfigError(f"run.num_workers={cfg.run.num_workers} needs {needed:g} {kind} but the "
+                          f"cluster has {have:g}: lower run.num_workers or add nodes")
+
+
+def run_stage(cfg: Config, stage: str, storage: str | None = None, name: str | None = None,
+              verbose: bool = True) -> StageResult:
+    """Train one stage (teacher, student or distill) and return where its results are."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from kd_ray.train_loop import stage_epochs, train_loop_per_worker
+
+    cfg = preflight(cfg, stage)
+    storage = str(Path(storage or cfg.run.storage).resolve())
+    name = name or cfg.run.name
+    run_dir = Path(storage) / name
+    ensure_ray(cfg)
+    check_resources(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    label = f"{name} ({stage})"
+    if verbose:
+        print(f"[kd_ray] {label}: {stage_epochs(cfg, stage)} epochs on {cfg.run.num_workers} "
+              f"worker(s), results in {run_dir}", flush=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "stage": stage},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+            resources_per_worker=None if cfg.run.use_gpu else {"CPU": cfg.run.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            callbacks=[MetricsCallback(str(run_dir), label=label, verbose=verbose)],
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise_user_error(exc)
+        raise
+    summary = summarize(cfg, stage, run_dir, result)
+    return StageResult(stage, run_dir, summary)
+
+
+def summarize(cfg: Config, stage: str, run_dir: Path, result) -> dict:
+    """Export the teacher (teacher stage) and write summary.json beside the run."""
+    import torch
+
+    from kd_ray.models import build_model, count_params, export_teacher
+    from kd_ray.train_loop import STATE_FILE
+
+    with result.checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+    model = build_model(state["arch"], len(state["classes"]))
+    model.load_state_dict(state["model"])
+    history = read_history(run_dir)
+    summary = {
+        "stage": stage, "run": run_dir.name, "arch": state["arch"], "params": count_params(model),
+        "seed": cfg.run.seed, "epochs": state["epoch"], "classes": state["classes"],
+        "final": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+        "best_top1": max((h.get("val/top1", 0.0) for h in history), default=None),
+        "images_per_s": _median([h["perf/images_per_s"] for h in history]),
+        "checkpoint": result.checkpoint.path,
+    }
+    if stage == "distill":
+        summary.update(loss=cfg.distill.loss, temperature=cfg.distill.temperature,
+                       alpha=cfg.distill.alpha, teacher=cfg.distill.teacher_path)
+    if stage == "teacher":
+        path = run_dir / TEACHER_FILE
+        export_teacher(path, model, state["arch"], state["classes"], state["image_size"],
+                       extra={"run": str(run_dir), "val_top1": summary["final"].get("val/top1")})
+        summary["teacher_file"] = str(path)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    """Per-epoch metrics written by the callback; a resumed run's later lines win."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    by_epoch = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_epoch[row["epoch"]] = row
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _median(values: list[float]):
+    values = sorted(v for v in values if v == v)
+    return values[len(values) // 2] if values else None
+
+
+def raise_user_error(exc: Exception) -> None:
+    """Re-raise the user-fixable error a worker hit, as one line, instead of Ray's wrapper."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    for rank, failure in sorted(failures.items()):
+        seen = failure
+        while seen is not None:
+            if isinstance(seen, KdRayError):
+                raise type(seen)(f"{seen} (rank {rank})") from exc
+            seen = seen.__cause__ or getattr(seen, "cause", None)

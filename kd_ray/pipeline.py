@@ -1,0 +1,43 @@
+"""Teacher, then label-only student and distilled student per seed, then the comparison."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from kd_ray.config import Config
+from kd_ray.errors import ConfigError
+from kd_ray.launch import run_stage
+from kd_ray.report import find_runs, write_report
+
+
+def describe_setup(cfg: Config) -> str:
+    lpc = cfg.data.labels_per_class
+    labels = (f"{lpc} labels per class; the other training images form an unlabelled transfer set "
+              "that only the distillation loss sees" if lpc else "all training labels")
+    return (f"dataset {cfg.data.name}; teacher {cfg.model.teacher} trained on all labels; "
+            f"student {cfg.model.student} with {labels}; loss {cfg.distill.loss} "
+            f"(T={cfg.distill.temperature}, alpha={cfg.distill.alpha}); seeds {cfg.run.seeds}")
+
+
+def run_pipeline(cfg: Config, train_teacher: bool = True, distill: bool = True) -> tuple[Path, str]:
+    """Run the stages under <storage>/<run.name>/ and write the comparison there."""
+    root = Path(cfg.run.storage).resolve() / cfg.run.name
+    started = time.perf_counter()
+    print(f"[kd_ray] pipeline {cfg.run.name}: {describe_setup(cfg)}", flush=True)
+    teacher_path = cfg.distill.teacher_path
+    if train_teacher or not teacher_path:
+        teacher = run_stage(cfg, "teacher", storage=str(root), name="teacher")
+        teacher_path = teacher.summary["teacher_file"]
+    elif distill and not Path(teacher_path).is_file():
+        raise ConfigError(f"teacher file {teacher_path} not found; drop train_teacher=false")
+    dirs = [root / "teacher"] if (root / "teacher" / "summary.json").exists() else []
+    for seed in cfg.run.seeds:
+        seeded = cfg.replace(run={"seed": seed}, distill={"teacher_path": teacher_path})
+        dirs.append(run_stage(seeded, "student", storage=str(root), name=f"student-seed{seed}").run_dir)
+        if distill:
+            dirs.append(run_stage(seeded, "distill", storage=str(root), name=f"distill-seed{seed}").run_dir)
+    table = write_report(root, find_runs(dirs))
+    minutes = (time.perf_counter() - started) / 60
+    print(f"[kd_ray] pipeline finished in {minutes:.1f} min; comparison in {root}/comparison.md, "
+          f"plot in {root}/accuracy.png, TensorBoard: tensorboard --logdir {root}", flush=True)
+    return root, table

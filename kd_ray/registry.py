@@ -1,0 +1,58 @@
+"""A name -> builder registry that refuses duplicates and lists choices in its errors."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Generic, Iterator, TypeVar
+
+from kd_ray.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: Dict[str, T] = {}
+
+    def register(self, name: str, obj: T | None = None):
+        """Register ``obj`` under ``name``; usable as ``@reg.register("name")``."""
+
+        def add(item: T) -> T:
+            if name in self._items:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            self._items[name] = item
+            return item
+
+        return add(obj) if obj is not None else add
+
+    def get(self, name: str) -> T:
+        if name not in self._items:
+            raise ConfigError(
+                f"unknown {self.kind} {name!r}; choose one of: {', '.join(sorted(self._items))}"
+            )
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+def import_object(spec: str) -> Callable:
+    """Import ``package.module:attribute`` (used for user plugins)."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"plugin {spec!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {module_name!r} for plugin {spec!r}: {exc}") from exc
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"module {module_name!r} has no attribute {attr!r} (plugin {spec!r})") from None

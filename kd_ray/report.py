@@ -1,0 +1,125 @@
+"""Compare finished runs: a markdown/CSV table and a PNG of validation accuracy per epoch."""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+from kd_ray.errors import KdRayError
+
+ROLE_NAMES = {"teacher": "teacher", "student": "student, labels only", "distill": "student, distilled"}
+ROLE_ORDER = ("teacher", "student", "distill")
+
+
+def load_run(run_dir) -> dict:
+    from kd_ray.launch import read_history
+
+    run_dir = Path(run_dir)
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        raise KdRayError(f"{run_dir} has no summary.json: pass the folder of a finished kd_ray run")
+    return {"dir": run_dir, "summary": json.loads(path.read_text()), "history": read_history(run_dir)}
+
+
+def find_runs(paths) -> list[dict]:
+    """Each path is a run folder, or a pipeline folder whose subfolders are runs."""
+    runs = []
+    for path in map(Path, paths):
+        if (path / "summary.json").is_file():
+            runs.append(load_run(path))
+        else:
+            subs = sorted(p for p in path.glob("*") if (p / "summary.json").is_file())
+            if not subs:
+                raise KdRayError(f"no finished runs under {path}: pass run or pipeline folders")
+            runs.extend(load_run(p) for p in subs)
+    return runs
+
+
+def final_top1(run: dict) -> float:
+    if run["history"]:
+        return run["history"][-1]["val/top1"]
+    return run["summary"]["final"]["val/top1"]
+
+
+def comparison_rows(runs: list[dict]) -> list[dict]:
+    """One row per (stage, architecture): mean and spread of final top-1 over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        key = (run["summary"]["stage"], run["summary"]["arch"])
+        groups.setdefault(key, []).append(run)
+    rows = []
+    order = {s: i for i, s in enumerate(ROLE_ORDER)}
+    for (stage, arch), members in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1])):
+        accs = [100 * final_top1(r) for r in members]
+        speeds = [r["summary"].get("images_per_s") or 0.0 for r in members]
+        rows.append({
+            "model": ROLE_NAMES.get(stage, stage), "arch": arch, "runs": len(members),
+            "top1_mean": statistics.fmean(accs),
+            "top1_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "top1_min": min(accs), "top1_max": max(accs),
+            "params": members[0]["summary"]["params"],
+            "images_per_s": statistics.median(speeds),
+        })
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| model | arch | runs | val top-1 % (mean ± std) | min–max | params | train images/s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['arch']} | {r['runs']} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} "
+            f"| {r['top1_min']:.2f}–{r['top1_max']:.2f} | {r['params']:,} | {r['images_per_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_accuracy(runs: list[dict], path) -> None:
+    """Validation top-1 per epoch: mean over seeds per model, min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_stage: dict[str, list[dict]] = {}
+    for run in runs:
+        by_stage.setdefault(run["summary"]["stage"], []).append(run)
+    for stage in sorted(by_stage, key=lambda s: ROLE_ORDER.index(s) if s in ROLE_ORDER else 9):
+        curves = [[100 * h["val/top1"] for h in r["history"]] for r in by_stage[stage]]
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        epochs = list(range(1, n + 1))
+        cols = list(zip(*[c[:n] for c in curves]))
+        mean = [statistics.fmean(c) for c in cols]
+        label = f"{ROLE_NAMES.get(stage, stage)} ({by_stage[stage][0]['summary']['arch']})"
+        line, = ax.plot(epochs, mean, marker="o", ms=3, label=label)
+        if len(curves) > 1:
+            ax.fill_between(epochs, [min(c) for c in cols], [max(c) for c in cols],
+                            color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title("Validation accuracy with and without distillation")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out_dir, runs: list[dict]) -> str:
+    """Write comparison.md, comparison.csv and accuracy.png into ``out_dir``; return the table."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = comparison_rows(runs)
+    table = markdown_table(rows)
+    (out_dir / "comparison.md").write_text(table + "\n")
+    with open(out_dir / "comparison.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_accuracy(runs, out_dir / "accuracy.png")
+    return table

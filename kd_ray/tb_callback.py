@@ -1,0 +1,58 @@
+"""Driver-side logging: TensorBoard scalars, metrics.jsonl and a progress line per epoch.
+
+Ray Train runs a ``UserCallback`` in its controller process, which Ray places on the driver's
+node, so these files gather on the head node even when the workers sit on other nodes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from ray.train import UserCallback
+
+
+class MetricsCallback(UserCallback):
+    def __init__(self, run_dir: str, label: str = "", verbose: bool = True):
+        self.run_dir = run_dir
+        self.label = label
+        self.verbose = verbose
+        self._writer = None
+
+    def _tb(self):
+        if self._writer is None:  # created lazily: the callback is pickled to the controller
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(Path(self.run_dir) / "tensorboard"))
+        return self._writer
+
+    def after_report(self, run_context, metrics, checkpoint):
+        row = dict(metrics[0])  # rank 0; counters were already summed across ranks
+        epoch = int(row.get("epoch", 0))
+        writer = self._tb()
+        for key, value in row.items():
+            if key not in ("epoch", "epochs") and isinstance(value, (int, float)) and math.isfinite(value):
+                writer.add_scalar(key, value, global_step=epoch)
+        writer.flush()
+        row["time"] = time.time()
+        with open(Path(self.run_dir) / "metrics.jsonl", "a") as out:
+            out.write(json.dumps(row) + "\n")
+        if self.verbose:
+            print(progress_line(self.label, row), flush=True)
+
+    def after_exception(self, run_context, worker_exceptions):
+        if self._writer is not None:
+            self._writer.flush()
+
+
+def progress_line(label: str, row: dict) -> str:
+    parts = [f"[kd_ray] {label} epoch {row.get('epoch')}/{row.get('epochs')}",
+             f"train loss {row.get('train/loss', float('nan')):.4f}",
+             f"val loss {row.get('val/loss', float('nan')):.4f}",
+             f"top1 {100 * row.get('val/top1', float('nan')):.2f}%"]
+    if "val/top5" in row:
+        parts.append(f"top5 {100 * row['val/top5']:.2f}%")
+    parts.append(f"{row.get('perf/images_per_s', 0):.0f} img/s")
+    parts.append(f"{row.get('perf/epoch_seconds', 0):.1f}s")
+    return " | ".join(parts)

@@ -1,0 +1,134 @@
+"""The per-worker function Ray Train runs on every rank: build, resume, loop, report."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+import ray.train
+import ray.train.torch
+
+from kd_ray.config import Config
+from kd_ray.data import build_data
+from kd_ray.engine import build_optimizer, epoch_metrics, evaluate, train_one_epoch
+from kd_ray.losses import get_loss
+from kd_ray.models import build_model, load_teacher
+
+STATE_FILE = "state.pt"
+
+
+def stage_model(cfg: Config, stage: str) -> tuple[str, str | None]:
+    """(architecture, pretrained weights) of the model a stage trains."""
+    if stage == "teacher":
+        return cfg.model.teacher, cfg.model.teacher_pretrained
+    return cfg.model.student, cfg.model.student_pretrained
+
+
+def stage_epochs(cfg: Config, stage: str) -> int:
+    if stage == "teacher" and cfg.optim.teacher_epochs:
+        return cfg.optim.teacher_epochs
+    return cfg.optim.epochs
+
+
+def make_loaders(bundle, batch_size: int, rank: int, world: int, seed: int, workers: int):
+    """Shuffled, sharded training loader and an exact (unpadded) validation shard."""
+    per_worker = max(1, batch_size // world)
+    sampler = DistributedSampler(bundle.train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    # drop_last keeps BatchNorm away from 1-image batches; tiny sets keep their only batch.
+    drop_last = len(sampler) > per_worker
+    train = DataLoader(bundle.train, batch_size=per_worker, sampler=sampler, drop_last=drop_last,
+                       num_workers=workers, persistent_workers=workers > 0)
+    # Every val image is seen exactly once across ranks, so summed counts give exact accuracy.
+    shard = Subset(bundle.val, range(rank, len(bundle.val), world))
+    val = DataLoader(shard, batch_size=per_worker * 2, num_workers=workers)
+    return train, sampler, val
+
+
+def all_sum(values: dict, device: torch.device, max_keys=("seconds",)) -> dict:
+    """Add counters across ranks (wall seconds take the slowest rank)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    keys = sorted(values)
+    summed = [k for k in keys if k not in max_keys]
+    maxed = [k for k in keys if k in max_keys]
+    out = {}
+    for names, op in ((summed, dist.ReduceOp.SUM), (maxed, dist.ReduceOp.MAX)):
+        if not names:
+            continue
+        t = torch.tensor([float(values[k]) for k in names], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=op)
+        out.update(zip(names, t.tolist()))
+    return out
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = Config.from_dict(loop_config["config"])
+    stage = loop_config["stage"]
+    torch.set_num_threads(cfg.run.threads_per_worker)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.run.seed + rank)
+    device = ray.train.torch.get_device()
+    amp = cfg.run.bf16 and device.type == "cuda"
+
+    bundle = build_data(cfg.data, stage, cfg.run.seed)
+    train_loader, sampler, val_loader = make_loaders(
+        bundle, cfg.optim.batch_size, rank, world, cfg.run.seed, cfg.data.loader_workers
+    )
+    arch, pretrained = stage_model(cfg, stage)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = build_model(arch, bundle.num_classes, pretrained=pretrained)
+    model = ray.train.torch.prepare_model(model)  # DDP when world > 1
+    teacher = None
+    if stage == "distill":
+        teacher, _ = load_teacher(cfg.distill.teacher_path, device=device)  # frozen, eval, no DDP
+    loss_fn, _ = get_loss(cfg.distill.loss if stage == "distill" else "ce")
+    epochs = stage_epochs(cfg, stage)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, len(train_loader), epochs)
+    unwrapped = model.module if hasattr(model, "module") else model
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False)
+        unwrapped.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = state["epoch"]
+        if rank == 0:
+            print(f"[kd_ray] resuming {stage} from epoch {start_epoch}", flush=True)
+
+    for epoch in range(start_epoch, epochs):
+        sampler.set_epoch(epoch)
+        train_sums = train_one_epoch(
+            model, train_loader, loss_fn, optimizer, epoch=epoch + 1, device=device,
+            loss_cfg=cfg.distill, teacher=teacher, scheduler=scheduler, amp=amp,
+        )
+        val_sums = evaluate(model, val_loader, device=device, amp=amp)
+        metrics = epoch_metrics(all_sum(train_sums, device), all_sum(val_sums, device),
+                                bundle.num_classes)
+        metrics.update(epoch=epoch + 1, epochs=epochs, lr=optimizer.param_groups[0]["lr"])
+        state = {
+            "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "stage": stage,
+            "arch": arch, "classes": bundle.classes, "image_size": bundle.image_size,
+            "config": cfg.to_dict(),
+        }
+        _report(metrics, state if rank == 0 else None)
+
+
+def _report(metrics: dict, state: dict | None) -> None:
+    """Every rank reports (it is a barrier); only rank 0 attaches the checkpoint."""
+    if state is None:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="kd_ray_ckpt_") as folder:
+        tmp = os.path.join(folder, STATE_FILE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, os.path.join(folder, STATE_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
