@@ -133,6 +133,8 @@ class RunConfig:
     """Newest epoch checkpoints kept per run (one is written every epoch)."""
     bf16: bool = True
     """bf16 autocast when training on GPU (ignored on CPU)."""
+    ray_log_level: str = "WARNING"
+    """Level of Ray Train's own console logs (INFO shows worker start-up and every report)."""
 
     def __post_init__(self):
         _positive(self, "num_workers")

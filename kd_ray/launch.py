@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kd_ray.config import Config
 from kd_ray.errors import ConfigError, KdRayError
-from kd_ray.tb_callback import MetricsCallback
+from kd_ray.tb_callback import MetricsCallback, ProgressPrinter
 
 TEACHER_FILE = "teacher.pt"
 
@@ -55,6 +55,8 @@ def ensure_ray(cfg: Config) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
+    # A laptop-sized local instance has no preemption to watch for.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     needed = cfg.run.num_workers * cfg.run.cpus_per_worker
     # Oversubscribe a small machine rather than wait forever for CPUs it does not have.
     ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
@@ -104,11 +106,16 @@ def run_stage(cfg: Config, stage: str, storage: str | None = None, name: str | N
             name=name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-            callbacks=[MetricsCallback(str(run_dir), label=label, verbose=verbose)],
+            callbacks=[MetricsCallback(str(run_dir))],
+            logging_config=ray.train.LoggingConfig(log_level=cfg.run.ray_log_level),
         ),
     )
     try:
-        result = trainer.fit()
+        if verbose:
+            with ProgressPrinter(run_dir, label):
+                result = trainer.fit()
+        else:
+            result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise_user_error(exc)
         raise

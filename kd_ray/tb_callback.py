@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -14,10 +15,8 @@ from ray.train import UserCallback
 
 
 class MetricsCallback(UserCallback):
-    def __init__(self, run_dir: str, label: str = "", verbose: bool = True):
+    def __init__(self, run_dir: str):
         self.run_dir = run_dir
-        self.label = label
-        self.verbose = verbose
         self._writer = None
 
     def _tb(self):
@@ -38,12 +37,47 @@ class MetricsCallback(UserCallback):
         row["time"] = time.time()
         with open(Path(self.run_dir) / "metrics.jsonl", "a") as out:
             out.write(json.dumps(row) + "\n")
-        if self.verbose:
-            print(progress_line(self.label, row), flush=True)
 
     def after_exception(self, run_context, worker_exceptions):
         if self._writer is not None:
             self._writer.flush()
+
+
+class ProgressPrinter:
+    """Prints each new line of metrics.jsonl on the driver while ``fit()`` blocks."""
+
+    def __init__(self, run_dir, label: str, interval: float = 0.5):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.label = label
+        self.interval = interval
+        self._offset = self.path.stat().st_size if self.path.exists() else 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._print_new()
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self._print_new()
+
+    def _print_new(self):
+        if not self.path.exists():
+            return
+        with open(self.path) as f:
+            f.seek(self._offset)
+            text = f.read()
+        complete = text[: text.rfind("\n") + 1]
+        self._offset += len(complete.encode())
+        for line in complete.splitlines():
+            if line.strip():
+                print(progress_line(self.label, json.loads(line)), flush=True)
 
 
 def progress_line(label: str, row: dict) -> str:

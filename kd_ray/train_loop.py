@@ -1,6 +1,7 @@
 """The per-worker function Ray Train runs on every rank: build, resume, loop, report."""
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -68,6 +69,8 @@ def all_sum(values: dict, device: torch.device, max_keys=("seconds",)) -> dict:
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = Config.from_dict(loop_config["config"])
     stage = loop_config["stage"]
+    # Ray's LoggingConfig does not reach the worker's per-report INFO lines; quiet them here.
+    logging.getLogger("ray.train").setLevel(cfg.run.ray_log_level)
     torch.set_num_threads(cfg.run.threads_per_worker)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -1,0 +1,32 @@
+"""Shared fixtures. Ray starts at most once per test session, only for tests that ask for it."""
+import os
+
+import pytest
+
+# Fast failure detection and no token auth for the local test cluster (see DESIGN.md).
+RAY_TEST_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray instance for the whole session; yields the address other drivers can join."""
+    os.environ.update(RAY_TEST_ENV)
+    import ray
+
+    context = ray.init(num_cpus=4, object_store_memory=256 * 2**20, dashboard_host="127.0.0.1",
+                       include_dashboard=True)
+    yield context.address_info["gcs_address"]
+    ray.shutdown()  # stops only the instance this session started
+
+
+@pytest.fixture
+def cli_env(ray_cluster):
+    """Environment for `kd-ray` subprocesses that join the session's Ray instance."""
+    env = dict(os.environ, **RAY_TEST_ENV, RAY_ADDRESS=ray_cluster, PYTHONUNBUFFERED="1")
+    return env
