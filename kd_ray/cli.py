@@ -96,6 +96,13 @@ def main(argv=None) -> int:
     except KdRayError as exc:
         print(f"kd-ray: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if type(exc).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
+            raise
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        print(f"kd-ray: error: training failed: {lines[-1] if lines else exc!r} (full log above; "
+              "finished epochs are kept: rerun the same command to resume)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("kd-ray: interrupted; rerun the same command to resume from the last epoch", file=sys.stderr)
         return 130

@@ -20,8 +20,11 @@ class StageResult:
     summary: dict
 
 
-def preflight(cfg: Config, stage: str) -> Config:
-    """Catch bad input on the driver, before any worker starts. Returns the config to run."""
+def preflight(cfg: Config, stage: str, teacher_pending: bool = False) -> Config:
+    """Catch bad input on the driver, before any worker starts. Returns the config to run.
+
+    ``teacher_pending``: the teacher file is still to be trained (pipeline), so skip its checks.
+    """
     from kd_ray.data import describe
     from kd_ray.losses import get_loss
     from kd_ray.models import MODELS, check_teacher_matches, read_teacher_info
@@ -34,7 +37,7 @@ def preflight(cfg: Config, stage: str) -> Config:
     loss_name = cfg.distill.loss if stage == "distill" else "ce"
     _, needs_teacher = get_loss(loss_name)
     info = describe(cfg.data)
-    if stage == "distill":
+    if stage == "distill" and not teacher_pending:
         if not cfg.distill.teacher_path:
             raise ConfigError("distill needs a teacher: set distill.teacher_path to a teacher.pt "
                               "from `kd-ray train-teacher`, or run `kd-ray pipeline`")
@@ -87,6 +90,12 @@ def run_stage(cfg: Config, stage: str, storage: str | None = None, name: str | N
     storage = str(Path(storage or cfg.run.storage).resolve())
     name = name or cfg.run.name
     run_dir = Path(storage) / name
+    done = finished_summary(run_dir, stage_epochs(cfg, stage))
+    if done is not None:
+        if verbose:
+            print(f"[kd_ray] {name} already finished {done['epochs']} epochs; skipping "
+                  f"(delete {run_dir} to train it again)", flush=True)
+        return StageResult(stage, run_dir, done)
     ensure_ray(cfg)
     check_resources(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -153,6 +162,16 @@ def summarize(cfg: Config, stage: str, run_dir: Path, result) -> dict:
         summary["teacher_file"] = str(path)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def finished_summary(run_dir: Path, epochs: int) -> dict | None:
+    """The summary of a run that already trained ``epochs`` epochs, else None."""
+    path = run_dir / "summary.json"
+    if path.is_file():
+        summary = json.loads(path.read_text())
+        if summary.get("epochs", 0) >= epochs:
+            return summary
+    return None
 
 
 def read_history(run_dir: Path) -> list[dict]:

@@ -5,8 +5,7 @@ import time
 from pathlib import Path
 
 from kd_ray.config import Config
-from kd_ray.errors import ConfigError
-from kd_ray.launch import run_stage
+from kd_ray.launch import preflight, run_stage
 from kd_ray.report import find_runs, write_report
 
 
@@ -25,11 +24,13 @@ def run_pipeline(cfg: Config, train_teacher: bool = True, distill: bool = True) 
     started = time.perf_counter()
     print(f"[kd_ray] pipeline {cfg.run.name}: {describe_setup(cfg)}", flush=True)
     teacher_path = cfg.distill.teacher_path
-    if train_teacher or not teacher_path:
+    train_teacher = train_teacher or not teacher_path
+    # Every stage's input is checked before the first one starts.
+    for stage in ("teacher",) * train_teacher + ("student",) + ("distill",) * distill:
+        preflight(cfg, stage, teacher_pending=train_teacher)
+    if train_teacher:
         teacher = run_stage(cfg, "teacher", storage=str(root), name="teacher")
         teacher_path = teacher.summary["teacher_file"]
-    elif distill and not Path(teacher_path).is_file():
-        raise ConfigError(f"teacher file {teacher_path} not found; drop train_teacher=false")
     dirs = [root / "teacher"] if (root / "teacher" / "summary.json").exists() else []
     for seed in cfg.run.seeds:
         seeded = cfg.replace(run={"seed": seed}, distill={"teacher_path": teacher_path})

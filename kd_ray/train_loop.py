@@ -66,11 +66,18 @@ def all_sum(values: dict, device: torch.device, max_keys=("seconds",)) -> dict:
     return out
 
 
+def _quiet_ray_train(level: str) -> None:
+    """Ray's LoggingConfig misses the per-report INFO line, whose logger is named by file path."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger("ray.train").setLevel(level)
+    logging.getLogger(context.__file__).setLevel(level)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = Config.from_dict(loop_config["config"])
     stage = loop_config["stage"]
-    # Ray's LoggingConfig does not reach the worker's per-report INFO lines; quiet them here.
-    logging.getLogger("ray.train").setLevel(cfg.run.ray_log_level)
+    _quiet_ray_train(cfg.run.ray_log_level)
     torch.set_num_threads(cfg.run.threads_per_worker)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -1,0 +1,121 @@
+"""Bad input stops on the driver with a one-line error and exit code 2, before Ray starts."""
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from kd_ray.cli import main
+from kd_ray.data import write_synthetic_imagefolder
+from kd_ray.models import build_model, export_teacher
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tree")
+    write_synthetic_imagefolder(root, num_classes=3, per_class=(6, 2), image_size=32)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def no_ray(monkeypatch):
+    """These errors must be raised before any Ray instance is started or joined."""
+    import kd_ray.launch
+
+    def fail(cfg):
+        raise AssertionError("Ray was started for bad input")
+
+    monkeypatch.setattr(kd_ray.launch, "ensure_ray", fail)
+
+
+def teacher_file(tmp_path, classes):
+    path = tmp_path / "teacher.pt"
+    export_teacher(path, build_model("tiny_cnn", len(classes)), "tiny_cnn", classes, 32)
+    return path
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def folder_args(root, *extra):
+    return ["--set", "data.name=imagefolder", "--set", f"data.root={root}", *extra]
+
+
+def test_missing_data_root(capsys, tmp_path):
+    code, err = run_cli(capsys, "train-student", *folder_args(tmp_path / "nowhere"))
+    assert code == 2 and "nowhere" in err and "data.root" in err and len(err.splitlines()) == 1
+
+
+def test_missing_split(capsys, tree, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(tree, root)
+    shutil.rmtree(root / "val")
+    code, err = run_cli(capsys, "train-teacher", *folder_args(root))
+    assert code == 2 and "val" in err and len(err.splitlines()) == 1
+
+
+def test_empty_class_folder(capsys, tree, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(tree, root)
+    for image in (root / "train" / "class1").iterdir():
+        image.unlink()
+    code, err = run_cli(capsys, "train-student", *folder_args(root))
+    assert code == 2 and "class1" in err and len(err.splitlines()) == 1
+
+
+def test_wrong_class_count(capsys, tree):
+    code, err = run_cli(capsys, "train-student", *folder_args(tree, "--set", "data.num_classes=10"))
+    assert code == 2 and "data.num_classes=10" in err and "3 classes" in err
+
+
+def test_teacher_file_missing(capsys, tree, tmp_path):
+    code, err = run_cli(capsys, "distill", *folder_args(tree, "--set", f"distill.teacher_path={tmp_path}/t.pt"))
+    assert code == 2 and "t.pt" in err and "train-teacher" in err
+
+
+def test_distill_without_teacher(capsys, tree):
+    code, err = run_cli(capsys, "distill", *folder_args(tree))
+    assert code == 2 and "distill.teacher_path" in err
+
+
+@pytest.mark.parametrize("classes", [[str(i) for i in range(10)], ["class0", "class1", "other"]])
+def test_teacher_classes_differ(capsys, tree, tmp_path, classes):
+    path = teacher_file(tmp_path, classes)
+    code, err = run_cli(capsys, "distill", *folder_args(tree, "--set", f"distill.teacher_path={path}"))
+    assert code == 2 and "teacher" in err and "distill.teacher_path" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("model.student=resnet9000", "unknown model 'resnet9000'"),
+    ("distill.loss=fancy", "unknown loss 'fancy'"),
+    ("data.name=cifar", "unknown dataset 'cifar'"),
+    ("distill.alpha=2", "alpha must be in [0, 1]"),
+    ("distill.temperature=-1", "temperature must be > 0"),
+    ("distill.loss=nope.module:fn", "cannot import 'nope.module'"),
+])
+def test_unknown_names_and_bad_values(capsys, tree, tmp_path, override, needle):
+    path = teacher_file(tmp_path, ["class0", "class1", "class2"])
+    code, err = run_cli(capsys, "distill", *folder_args(tree, "--set", f"distill.teacher_path={path}",
+                                                         "--set", override))
+    assert code == 2 and needle in err and len(err.splitlines()) == 1
+
+
+def test_pipeline_checks_every_stage_before_training(capsys, tree):
+    code, err = run_cli(capsys, "pipeline", *folder_args(tree, "--set", "model.student=nonet"))
+    assert code == 2 and "unknown model 'nonet'" in err
+
+
+def test_missing_pretrained_weights(capsys, tree, tmp_path):
+    code, err = run_cli(capsys, "train-teacher",
+                        *folder_args(tree, "--set", f"model.teacher_pretrained={tmp_path}/w.pth"))
+    assert code == 2 and "w.pth" in err and "not found" in err
+
+
+def test_subprocess_exit_code_and_single_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "kd_ray.cli", "train-student", "--set", "optim.lr=-1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "kd-ray: error: optim.lr must be > 0, got -1.0"
