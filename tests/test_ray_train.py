@@ -3,7 +3,7 @@
 These share one Ray instance (the session fixture); each TorchTrainer run costs ~20 s of start-up.
 """
 import json
-import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kd_ray.config import load_config
+from kd_ray.errors import DataError, NonFiniteLossError
 from kd_ray.data import write_synthetic_imagefolder
 from kd_ray.launch import read_history, run_stage
 from kd_ray.models import build_model, export_teacher, load_teacher
@@ -129,3 +130,27 @@ def test_pipeline_cli_writes_comparison_plot_and_report(cli_env, tree, tmp_path)
     (root / "comparison.md").unlink()
     again = kd_ray("report", str(root), env=cli_env)
     assert again.returncode == 0 and (root / "comparison.md").read_text() == table
+
+
+def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_epoch_one(ray_cluster, tmp_path):
+    classes = [f"class{i}" for i in range(10)]
+    teacher_path = tmp_path / "teacher.pt"
+    export_teacher(teacher_path, build_model("tiny_cnn", 10), "tiny_cnn", classes, 32)
+    cfg = load_config(overrides=[
+        "data.name=synthetic", "data.synthetic_size=64", "optim.batch_size=16", "optim.epochs=3",
+        "model.student=tiny_cnn", "distill.loss=tests.plugins:nan_in_second_epoch",
+        f"distill.teacher_path={teacher_path}", f"run.storage={tmp_path}", "run.name=nan"])
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2 step 0"):
+        run_stage(cfg, "distill", verbose=False)
+    assert [h["epoch"] for h in read_history(tmp_path / "nan")] == [1]
+    assert len(list((tmp_path / "nan").glob("checkpoint_2*"))) == 1  # epoch 1 survives
+
+
+def test_corrupt_image_stops_the_run_naming_the_file(ray_cluster, tree, tmp_path):
+    root = tmp_path / "tree"
+    shutil.copytree(tree, root)
+    bad = root / "train" / "class2" / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    cfg = tree_config(root, tmp_path, "optim.epochs=1", "run.name=corrupt")
+    with pytest.raises(DataError, match="broken.png"):
+        run_stage(cfg, "student", verbose=False)
