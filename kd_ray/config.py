@@ -118,7 +118,7 @@ class RunConfig:
     name: str = "kd"
     """Run name; a rerun with the same name resumes from its last checkpoint."""
     storage: str = "results"
-    """Where runs are written (local folder, NFS path or s3:// URI)."""
+    """Where runs are written: a local folder, or one every node mounts (NFS) for multi-node runs."""
     num_workers: int = 2
     """Ray Train workers (DDP ranks)."""
     use_gpu: bool = False
@@ -147,6 +147,9 @@ class RunConfig:
         if not self.name or "/" in self.name:
             raise ConfigError(f"run.name must be a non-empty name without '/', got {self.name!r}")
 
+
+PATH_KEYS = [("data", "root"), ("model", "teacher_pretrained"), ("model", "student_pretrained"),
+             ("distill", "teacher_path"), ("run", "storage")]
 
 SECTIONS = {
     "data": DataConfig,
@@ -196,6 +199,15 @@ class Config:
     def save(self, path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def with_absolute_paths(self) -> "Config":
+        """Workers run in another folder: make file paths absolute on the driver (URIs stay)."""
+        changes: dict = {}
+        for section, key in PATH_KEYS:
+            value = getattr(getattr(self, section), key)
+            if value and "://" not in value:
+                changes.setdefault(section, {})[key] = str(Path(value).expanduser().resolve())
+        return self.replace(**changes) if changes else self
 
     def replace(self, **sections: dict) -> "Config":
         """A copy with some fields changed: ``cfg.replace(run={"seed": 1})``."""

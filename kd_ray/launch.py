@@ -30,6 +30,7 @@ def preflight(cfg: Config, stage: str, teacher_pending: bool = False) -> Config:
     from kd_ray.models import MODELS, check_teacher_matches, read_teacher_info
     from kd_ray.train_loop import stage_model
 
+    cfg = cfg.with_absolute_paths()
     arch, pretrained = stage_model(cfg, stage)
     MODELS.get(arch)
     if pretrained and not Path(pretrained).is_file():

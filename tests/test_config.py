@@ -106,3 +106,23 @@ def test_args_file_rejects_unknown_flags(tmp_path):
     path = write(tmp_path, "args.txt", json.dumps({"max_epochs": 2, "dropout": 0.5}))
     with pytest.raises(ConfigError, match="unknown flag.*dropout"):
         load_config(args_file=path)
+
+
+def test_paths_made_absolute_for_workers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(overrides=["data.root=imgs", "distill.teacher_path=~/t.pt", "run.storage=s3://b/x"])
+    out = cfg.with_absolute_paths()
+    assert out.data.root == str(tmp_path / "imgs")
+    assert out.distill.teacher_path.startswith("/") and out.distill.teacher_path.endswith("/t.pt")
+    assert out.run.storage == "s3://b/x" and out.model.teacher_pretrained is None
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert len(files) >= 3
+    for path in files:
+        load_config(path)
+    load_config(args_file=root / "commandline_args.example.txt")
