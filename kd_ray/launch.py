@@ -148,7 +148,9 @@ def summarize(cfg: Config, stage: str, run_dir: Path, result) -> dict:
     summary = {
         "stage": stage, "run": run_dir.name, "arch": state["arch"], "params": count_params(model),
         "seed": cfg.run.seed, "epochs": state["epoch"], "classes": state["classes"],
-        "final": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+        # The last epoch's metrics (history survives a resume that had nothing left to train).
+        "final": {k: v for k, v in (history[-1] if history else result.metrics or {}).items()
+                  if isinstance(v, (int, float)) and k != "time"},
         "best_top1": max((h.get("val/top1", 0.0) for h in history), default=None),
         "images_per_s": _median([h["perf/images_per_s"] for h in history]),
         "checkpoint": result.checkpoint.path,
