@@ -97,21 +97,24 @@ def _strip_prefixes(state: dict) -> dict:
     return out
 
 
+def _load_file(path, error, what: str, fix: str):
+    """torch.load a local file (tensors only), with one-line errors of class ``error``."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} not found; {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise error(f"{what} {path} is unreadable: {exc}".splitlines()[0]) from None
+
+
 def load_weights(model: nn.Module, path, arch: str = "model") -> list[str]:
     """Load a local weights file into ``model``, skipping keys whose shape differs.
 
     Returns the skipped keys (e.g. a 1000-class ImageNet head loaded into a 7-class model).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(
-            f"pretrained weights {path} not found; give a local .pt/.pth file "
-            "(weights are never downloaded)"
-        )
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(f"cannot read pretrained weights {path}: {exc}".splitlines()[0]) from None
+    raw = _load_file(path, ConfigError, "pretrained weights",
+                     "give a local .pt/.pth file (weights are never downloaded)")
     if isinstance(raw, dict):
         for key in ("state_dict", "model"):
             if isinstance(raw.get(key), dict):
@@ -164,16 +167,8 @@ def export_teacher(path, model: nn.Module, arch: str, classes: list[str], image_
 
 
 def _read_teacher(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise TeacherError(
-            f"teacher file {path} not found; run `kd-ray train-teacher` first "
-            "or set distill.teacher_path"
-        )
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise TeacherError(f"teacher file {path} is unreadable: {exc}".splitlines()[0]) from None
+    data = _load_file(path, TeacherError, "teacher file",
+                      "run `kd-ray train-teacher` first or set distill.teacher_path")
     if not isinstance(data, dict) or data.get("format") != TEACHER_FORMAT:
         raise TeacherError(
             f"{path} is not a kd_ray teacher file (format {TEACHER_FORMAT}); "
