@@ -202,5 +202,13 @@ def raise_user_error(exc: Exception) -> None:
         seen = failure
         while seen is not None:
             if isinstance(seen, KdRayError):
-                raise type(seen)(f"{seen} (rank {rank})") from exc
+                raise type(seen)(f"{one_line(seen)} (rank {rank})") from exc
             seen = seen.__cause__ or getattr(seen, "cause", None)
+
+
+def one_line(error: Exception) -> str:
+    """The message itself, also when a DataLoader worker wrapped it in its traceback text."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    last = lines[-1] if lines else repr(error)
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
