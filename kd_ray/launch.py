@@ -38,7 +38,7 @@ def preflight(cfg: Config, stage: str, teacher_pending: bool = False) -> Config:
     loss_name = cfg.distill.loss if stage == "distill" else "ce"
     _, needs_teacher = get_loss(loss_name)
     info = describe(cfg.data)
-    if stage == "distill" and not teacher_pending:
+    if stage == "distill" and needs_teacher and not teacher_pending:
         if not cfg.distill.teacher_path:
             raise ConfigError("distill needs a teacher: set distill.teacher_path to a teacher.pt "
                               "from `kd-ray train-teacher`, or run `kd-ray pipeline`")

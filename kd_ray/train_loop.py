@@ -93,10 +93,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(arch, bundle.num_classes, pretrained=pretrained)
     model = ray.train.torch.prepare_model(model)  # DDP when world > 1
+    loss_fn, needs_teacher = get_loss(cfg.distill.loss if stage == "distill" else "ce")
     teacher = None
-    if stage == "distill":
+    if needs_teacher:
         teacher, _ = load_teacher(cfg.distill.teacher_path, device=device)  # frozen, eval, no DDP
-    loss_fn, _ = get_loss(cfg.distill.loss if stage == "distill" else "ce")
     epochs = stage_epochs(cfg, stage)
     optimizer, scheduler = build_optimizer(model, cfg.optim, len(train_loader), epochs)
     unwrapped = model.module if hasattr(model, "module") else model
