@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,14 +29,15 @@ def preflight(cfg: Config, stage: str, teacher_pending: bool = False) -> Config:
     """
     from kd_ray.data import describe
     from kd_ray.losses import get_loss
-    from kd_ray.models import MODELS, check_teacher_matches, read_teacher_info
+    from kd_ray.models import (MODELS, PRETRAINED_FIX, check_teacher_matches, read_teacher_info,
+                                require_file)
     from kd_ray.train_loop import stage_model
 
     cfg = cfg.with_absolute_paths()
     arch, pretrained = stage_model(cfg, stage)
     MODELS.get(arch)
-    if pretrained and not Path(pretrained).is_file():
-        raise ConfigError(f"pretrained weights {pretrained} not found; give a local weights file")
+    if pretrained:
+        require_file(pretrained, ConfigError, "pretrained weights", PRETRAINED_FIX)
     loss_name = cfg.distill.loss if stage == "distill" else "ce"
     _, needs_teacher = get_loss(loss_name)
     info = describe(cfg.data)
@@ -145,6 +148,7 @@ def summarize(cfg: Config, stage: str, run_dir: Path, result) -> dict:
     model = build_model(state["arch"], len(state["classes"]))
     model.load_state_dict(state["model"])
     history = read_history(run_dir)
+    speeds = [h["perf/images_per_s"] for h in history if math.isfinite(h["perf/images_per_s"])]
     summary = {
         "stage": stage, "run": run_dir.name, "arch": state["arch"], "params": count_params(model),
         "seed": cfg.run.seed, "epochs": state["epoch"], "classes": state["classes"],
@@ -152,7 +156,7 @@ def summarize(cfg: Config, stage: str, run_dir: Path, result) -> dict:
         "final": {k: v for k, v in (history[-1] if history else result.metrics or {}).items()
                   if isinstance(v, (int, float)) and k != "time"},
         "best_top1": max((h.get("val/top1", 0.0) for h in history), default=None),
-        "images_per_s": _median([h["perf/images_per_s"] for h in history]),
+        "images_per_s": statistics.median(speeds) if speeds else None,
         "checkpoint": result.checkpoint.path,
     }
     if stage == "distill":
@@ -188,11 +192,6 @@ def read_history(run_dir: Path) -> list[dict]:
             row = json.loads(line)
             by_epoch[row["epoch"]] = row
     return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def _median(values: list[float]):
-    values = sorted(v for v in values if v == v)
-    return values[len(values) // 2] if values else None
 
 
 def raise_user_error(exc: Exception) -> None:

@@ -97,11 +97,20 @@ def _strip_prefixes(state: dict) -> dict:
     return out
 
 
-def _load_file(path, error, what: str, fix: str):
-    """torch.load a local file (tensors only), with one-line errors of class ``error``."""
+PRETRAINED_FIX = "give a local .pt/.pth file (weights are never downloaded)"
+
+
+def require_file(path, error, what: str, fix: str) -> Path:
+    """The path of an existing file, else a one-line ``error`` naming the fix."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{what} {path} not found; {fix}")
+    return path
+
+
+def _load_file(path, error, what: str, fix: str):
+    """torch.load a local file (tensors only), with one-line errors of class ``error``."""
+    path = require_file(path, error, what, fix)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -113,8 +122,7 @@ def load_weights(model: nn.Module, path, arch: str = "model") -> list[str]:
 
     Returns the skipped keys (e.g. a 1000-class ImageNet head loaded into a 7-class model).
     """
-    raw = _load_file(path, ConfigError, "pretrained weights",
-                     "give a local .pt/.pth file (weights are never downloaded)")
+    raw = _load_file(path, ConfigError, "pretrained weights", PRETRAINED_FIX)
     if isinstance(raw, dict):
         for key in ("state_dict", "model"):
             if isinstance(raw.get(key), dict):
