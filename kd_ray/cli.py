@@ -27,6 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
              "pipeline": "teacher, then baseline and distilled students per seed, then a comparison"}
     for name, text in helps.items():
         _config_args(sub.add_parser(name, help=text, description=text))
+    tune = sub.add_parser("tune", help="Ray Tune sweep of distillation (sweep section of the config)",
+                          description="Sweep sweep.space (e.g. distill.temperature, distill.alpha); "
+                          "every trial is a distributed distillation run.")
+    _config_args(tune)
+    tune.add_argument("--train-teacher", action="store_true",
+                      help="train the teacher first (once), instead of using distill.teacher_path")
+    tune.add_argument("--resume", metavar="SWEEP_DIR", help="finish an interrupted sweep")
     demo = sub.add_parser("demo", help="the pipeline on the shipped MNIST subset, 3 seeds")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     report = sub.add_parser("report", help="remake the comparison table and plot from finished runs")
@@ -58,6 +65,20 @@ def run(args) -> int:
               f"results in {result.run_dir}")
         if "teacher_file" in result.summary:
             print(f"[kd_ray] teacher exported to {result.summary['teacher_file']}")
+        return 0
+    if args.command == "tune":
+        from kd_ray.tune import resume_sweep, run_sweep
+
+        if args.resume:
+            if args.config or args.overrides or args.train_teacher:
+                raise KdRayError("--resume takes only the sweep folder: the sweep keeps its config")
+            sweep_dir, table = resume_sweep(args.resume)
+        else:
+            cfg, stages = _load(args)
+            sweep_dir, table = run_sweep(cfg, args.train_teacher or stages.get("train_teacher", False))
+        print(f"\nSweep results ({sweep_dir}):\n{table}\n[kd_ray] best config: {sweep_dir}/best.yaml "
+              f"(kd-ray distill -c {sweep_dir}/best.yaml); heatmap: {sweep_dir}/heatmap.png; "
+              f"TensorBoard: tensorboard --logdir {sweep_dir}", flush=True)
         return 0
     if args.command in ("pipeline", "demo"):
         from kd_ray.config import load_config

@@ -5,7 +5,6 @@ Everything here is checked on the driver, before any Ray worker starts.
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any, Optional
 
 import yaml
 
+from kd_ray.args_file import read_args_file
 from kd_ray.errors import ConfigError
 
 STAGES = ("teacher", "student", "distill")
@@ -135,6 +135,8 @@ class RunConfig:
     """bf16 autocast when training on GPU (ignored on CPU)."""
     ray_log_level: str = "WARNING"
     """Level of Ray Train's own console logs (INFO shows worker start-up and every report)."""
+    dashboard_host: str = "127.0.0.1"
+    """Where a local Ray instance's dashboard and job server listen (0.0.0.0 = every interface)."""
 
     def __post_init__(self):
         _positive(self, "num_workers")
@@ -148,6 +150,76 @@ class RunConfig:
             raise ConfigError(f"run.name must be a non-empty name without '/', got {self.name!r}")
 
 
+SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+@dataclass
+class SweepConfig:
+    space: dict = field(default_factory=dict)
+    """What `kd-ray tune` searches: "section.key" -> a list (a grid), or one of
+    {grid: [..]}, {choice: [..]}, {uniform: [low, high]}, {loguniform: [low, high]},
+    {randint: [low, high]}."""
+    num_samples: int = 1
+    """Trials drawn (random, optuna); with grid keys, how often the whole grid is run."""
+    search: str = "random"
+    """random (Tune's grid + random variant generator) or optuna (TPE; pip install optuna)."""
+    scheduler: str = "asha"
+    """asha (stops weak trials after grace_period epochs) or none."""
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    metric: str = "val/top1"
+    mode: str = "max"
+    seed: int = 0
+    """Seed of the search (which values are drawn); every trial trains with run.seed."""
+    max_concurrent_trials: int = 0
+    """0 = as many trials at once as the cluster's CPUs (GPUs) fit."""
+
+    def __post_init__(self):
+        if not isinstance(self.space, dict):
+            raise ConfigError("sweep.space must map config keys to values, e.g. "
+                              "{distill.temperature: [1, 2, 4], distill.alpha: {uniform: [0.1, 0.9]}}")
+        for key, spec in self.space.items():
+            space_entry(key, spec)
+        _positive(self, "num_samples")
+        _positive(self, "grace_period")
+        _choice(self, "search", ("random", "grid", "optuna"))
+        _choice(self, "scheduler", ("asha", "none"))
+        _choice(self, "mode", ("max", "min"))
+        if self.reduction_factor <= 1:
+            raise ConfigError("sweep.reduction_factor must be > 1 (ASHA keeps 1/factor per rung)")
+        if self.max_concurrent_trials < 0:
+            raise ConfigError("sweep.max_concurrent_trials must be >= 0 (0 = what the cluster fits)")
+
+
+def _choice(obj, name: str, allowed: tuple) -> None:
+    if getattr(obj, name) not in allowed:
+        raise ConfigError(f"sweep.{name} must be one of {', '.join(allowed)}, got {getattr(obj, name)!r}")
+
+
+def space_entry(key, spec) -> tuple[str, str, str, list]:
+    """Check one search-space entry; returns (section, field, kind, values)."""
+    section, _, name = str(key).partition(".")
+    fields = {f.name for f in dataclasses.fields(SECTIONS[section])} if section in SECTIONS else ()
+    if section == "sweep" or name not in fields:
+        raise ConfigError(f"sweep.space key {key!r} is not a config key; use section.key, e.g. "
+                          "distill.temperature, distill.alpha, optim.lr, distill.loss")
+    if isinstance(spec, list):
+        spec = {"grid": spec}
+    if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SPACE_KINDS):
+        raise ConfigError(f"sweep.space.{key} must be a list of values or one of "
+                          f"{{{'|'.join(SPACE_KINDS)}: [...]}}, got {spec!r}")
+    kind, values = next(iter(spec.items()))
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"sweep.space.{key}: {kind} needs a non-empty list, got {values!r}")
+    if kind in ("uniform", "loguniform", "randint"):
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if len(values) != 2 or not numeric or values[0] >= values[1]:
+            raise ConfigError(f"sweep.space.{key}: {kind} needs [low, high] with low < high, got {values}")
+        if kind == "loguniform" and values[0] <= 0:
+            raise ConfigError(f"sweep.space.{key}: loguniform needs low > 0, got {values[0]}")
+    return section, name, kind, values
+
+
 PATH_KEYS = [("data", "root"), ("model", "teacher_pretrained"), ("model", "student_pretrained"),
              ("distill", "teacher_path"), ("run", "storage")]
 
@@ -157,6 +229,7 @@ SECTIONS = {
     "distill": DistillConfig,
     "optim": OptimConfig,
     "run": RunConfig,
+    "sweep": SweepConfig,
 }
 
 
@@ -167,6 +240,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -261,53 +335,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"config section {section!r} must be a mapping")
         raw[section][name] = yaml.safe_load(text) if text.strip() else None
     return raw
-
-
-# The original project's commandline_args.txt flags -> (section, key).
-ARGS_FILE_KEYS = {
-    "teacher_model": ("model", "teacher"),
-    "student_model": ("model", "student"),
-    "data_dir": ("data", "root"),
-    "train_data": ("data", "train_split"),
-    "val_data": ("data", "val_split"),
-    "image_size": ("data", "image_size"),
-    "num_classes": ("data", "num_classes"),
-    "max_epochs": ("optim", "epochs"),
-    "batch_size": ("optim", "batch_size"),
-    "learning_rate": ("optim", "lr"),
-    "momentum": ("optim", "momentum"),
-    "num_workers": ("data", "loader_workers"),
-}
-ARGS_FILE_STAGE_FLAGS = ("train_teacher", "distill", "gpus")
-
-
-def read_args_file(path) -> tuple[dict, dict]:
-    """Read the original project's JSON flags file; returns (raw config, stage flags)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"args file {path} not found; pass the path of commandline_args.txt")
-    try:
-        flags = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"args file {path} is not valid JSON: {exc}") from None
-    unknown = set(flags) - set(ARGS_FILE_KEYS) - set(ARGS_FILE_STAGE_FLAGS)
-    if unknown:
-        raise ConfigError(
-            f"unknown flag(s) {sorted(unknown)} in {path}; known: "
-            + ", ".join(sorted([*ARGS_FILE_KEYS, *ARGS_FILE_STAGE_FLAGS]))
-        )
-    raw: dict = {}
-    for flag, value in flags.items():
-        if flag in ARGS_FILE_KEYS:
-            section, key = ARGS_FILE_KEYS[flag]
-            raw.setdefault(section, {})[key] = value
-    if "data_dir" in flags:
-        raw.setdefault("data", {})["name"] = "imagefolder"
-    gpus = flags.get("gpus")
-    if gpus:
-        raw.setdefault("run", {}).update(num_workers=int(gpus), use_gpu=True)
-    stages = {k: bool(flags[k]) for k in ("train_teacher", "distill") if k in flags}
-    return raw, stages
 
 
 def _merge(base: dict, extra: dict) -> dict:

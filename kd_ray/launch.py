@@ -52,8 +52,11 @@ def preflight(cfg: Config, stage: str, teacher_pending: bool = False) -> Config:
     return cfg
 
 
-def ensure_ray(cfg: Config) -> None:
-    """Join the cluster in RAY_ADDRESS, or start a local one sized for this run."""
+def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local one sized for this run.
+
+    ``extra_cpus``: CPUs beyond the workers' (a Tune trial's own driver).
+    """
     import ray
 
     if ray.is_initialized():
@@ -64,10 +67,11 @@ def ensure_ray(cfg: Config) -> None:
         return
     # A laptop-sized local instance has no preemption to watch for.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    needed = cfg.run.num_workers * cfg.run.cpus_per_worker
+    needed = cfg.run.num_workers * cfg.run.cpus_per_worker + extra_cpus
     # Oversubscribe a small machine rather than wait forever for CPUs it does not have.
+    # The dashboard (and its job server) stays on loopback unless run.dashboard_host says otherwise.
     ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
-             dashboard_host="127.0.0.1", include_dashboard=True)
+             dashboard_host=cfg.run.dashboard_host, include_dashboard=True)
 
 
 def check_resources(cfg: Config) -> None:
@@ -86,9 +90,8 @@ def run_stage(cfg: Config, stage: str, storage: str | None = None, name: str | N
               verbose: bool = True) -> StageResult:
     """Train one stage (teacher, student or distill) and return where its results are."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
-    from kd_ray.train_loop import stage_epochs, train_loop_per_worker
+    from kd_ray.train_loop import stage_epochs
 
     cfg = preflight(cfg, stage)
     storage = str(Path(storage or cfg.run.storage).resolve())
@@ -108,21 +111,7 @@ def run_stage(cfg: Config, stage: str, storage: str | None = None, name: str | N
     if verbose:
         print(f"[kd_ray] {label}: {stage_epochs(cfg, stage)} epochs on {cfg.run.num_workers} "
               f"worker(s), results in {run_dir}", flush=True)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "stage": stage},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
-            resources_per_worker=None if cfg.run.use_gpu else {"CPU": cfg.run.cpus_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-            callbacks=[MetricsCallback(str(run_dir))],
-            logging_config=ray.train.LoggingConfig(log_level=cfg.run.ray_log_level),
-        ),
-    )
+    trainer = make_trainer(cfg, stage, storage, name, [MetricsCallback(str(run_dir))])
     try:
         if verbose:
             with ProgressPrinter(run_dir, label):
@@ -134,6 +123,30 @@ def run_stage(cfg: Config, stage: str, storage: str | None = None, name: str | N
         raise
     summary = summarize(cfg, stage, run_dir, result)
     return StageResult(stage, run_dir, summary)
+
+
+def make_trainer(cfg: Config, stage: str, storage: str, name: str, callbacks: list):
+    """The ``TorchTrainer`` of one stage; ``kd-ray tune`` builds each trial's with this too."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from kd_ray.train_loop import train_loop_per_worker
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "stage": stage},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+            resources_per_worker=None if cfg.run.use_gpu else {"CPU": cfg.run.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            callbacks=callbacks,
+            logging_config=ray.train.LoggingConfig(log_level=cfg.run.ray_log_level),
+        ),
+    )
 
 
 def summarize(cfg: Config, stage: str, run_dir: Path, result) -> dict:

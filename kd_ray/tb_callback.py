@@ -15,25 +15,29 @@ from ray.train import UserCallback
 
 
 class MetricsCallback(UserCallback):
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, tensorboard: bool = True):
         self.run_dir = run_dir
+        self.tensorboard = tensorboard  # off in Tune trials: the Tuner's TBX logger writes them
         self._writer = None
 
     def _tb(self):
         if self._writer is None:  # created lazily: the callback is pickled to the controller
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(Path(self.run_dir) / "tensorboard"))
+            folder = Path(self.run_dir) / "tensorboard"
+            self._writer = SummaryWriter(log_dir=str(folder))
+            write_writer_info(folder)
         return self._writer
 
     def after_report(self, run_context, metrics, checkpoint):
         row = dict(metrics[0])  # rank 0; counters were already summed across ranks
         epoch = int(row.get("epoch", 0))
-        writer = self._tb()
-        for key, value in row.items():
-            if key not in ("epoch", "epochs") and isinstance(value, (int, float)) and math.isfinite(value):
-                writer.add_scalar(key, value, global_step=epoch)
-        writer.flush()
+        if self.tensorboard:
+            writer = self._tb()
+            for key, value in row.items():
+                if key not in ("epoch", "epochs") and isinstance(value, (int, float)) and math.isfinite(value):
+                    writer.add_scalar(key, value, global_step=epoch)
+            writer.flush()
         row["time"] = time.time()
         with open(Path(self.run_dir) / "metrics.jsonl", "a") as out:
             out.write(json.dumps(row) + "\n")
@@ -41,6 +45,18 @@ class MetricsCallback(UserCallback):
     def after_exception(self, run_context, worker_exceptions):
         if self._writer is not None:
             self._writer.flush()
+
+
+def write_writer_info(folder: Path) -> None:
+    """Record which node and process writes the TensorBoard files (the head, for cluster jobs)."""
+    import os
+    import socket
+
+    import ray
+
+    info = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
+            "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+    (folder / "writer.json").write_text(json.dumps(info))
 
 
 class ProgressPrinter:

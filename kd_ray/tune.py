@@ -1,0 +1,230 @@
+"""``kd-ray tune``: a Ray Tune sweep whose every trial is a distributed distillation run.
+
+Train V2 pattern: the Tune trainable is a small driver (0.01 CPU) that builds the stage's
+``TorchTrainer`` (launch.make_trainer) with ``TuneReportCallback``; the trial's Train run is
+``<sweep>/trials/trial-<id>``, so a rerun trial resumes from its own checkpoints.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from kd_ray.config import Config, space_entry
+from kd_ray.errors import ConfigError, KdRayError
+from kd_ray.launch import ensure_ray, preflight, run_stage
+from kd_ray.tb_callback import MetricsCallback
+
+SWEEP_FILE = "sweep.yaml"  # the resolved config a sweep ran with; --resume reads it
+TUNE_DIR = "tune"  # Tune's experiment folder (trial state, TensorBoard files per trial)
+TRIALS_DIR = "trials"  # one Ray Train run per trial (checkpoints, metrics.jsonl, config.yaml)
+DRIVER_CPUS = 0.01  # a trial's own driver; 0 is refused by Ray
+
+
+def search_space(cfg: Config) -> dict:
+    """Tune's param_space from ``sweep.space`` (grid keys become choices under optuna)."""
+    from ray import tune
+
+    space = {}
+    for key, spec in cfg.sweep.space.items():
+        _, _, kind, values = space_entry(key, spec)
+        if kind == "grid" and cfg.sweep.search != "optuna":
+            space[key] = tune.grid_search(values)
+        elif kind in ("grid", "choice"):
+            space[key] = tune.choice(values)
+        else:
+            space[key] = getattr(tune, kind)(*values)
+    return space
+
+
+def apply_params(cfg: Config, params: dict) -> Config:
+    """The config of one trial: the base with the sampled values set."""
+    changes: dict = {}
+    for key, value in params.items():
+        section, name, _, _ = space_entry(key, [value])
+        changes.setdefault(section, {})[name] = value
+    return cfg.replace(**changes)
+
+
+def check_sweep(cfg: Config, train_teacher: bool) -> Config:
+    """Every bad input the driver can see, before Ray starts: space, values, data, teacher."""
+    if not cfg.sweep.space:
+        raise ConfigError("sweep.space is empty: name what to search, e.g. --set "
+                          "'sweep.space={distill.temperature: [1, 2, 4, 8], distill.alpha: [0.1, 0.5, 0.9]}'")
+    for key, spec in cfg.sweep.space.items():
+        _, _, kind, values = space_entry(key, spec)
+        for value in values if kind in ("grid", "choice") else values[:2]:
+            apply_params(cfg, {key: value})  # e.g. alpha=1.5 or an unknown loss fails here
+    if train_teacher:
+        preflight(cfg, "teacher")
+    return preflight(cfg, "distill", teacher_pending=train_teacher)
+
+
+def trials_that_fit(cfg: Config) -> int:
+    """How many trials the cluster runs at once; a ConfigError when not even one fits."""
+    import ray
+
+    resources = ray.cluster_resources()
+    if cfg.run.use_gpu:
+        kind, per_trial = "GPU", float(cfg.run.num_workers)
+    else:
+        kind, per_trial = "CPU", cfg.run.num_workers * cfg.run.cpus_per_worker + DRIVER_CPUS
+    have = resources.get(kind, 0.0)
+    fits = int(have // per_trial) if per_trial else 0
+    if fits < 1:
+        raise ConfigError(f"one trial needs {per_trial:g} {kind} (run.num_workers="
+                          f"{cfg.run.num_workers}) but the cluster has {have:g}: lower "
+                          "run.num_workers or add nodes")
+    wanted = cfg.sweep.max_concurrent_trials
+    return min(fits, wanted) if wanted else fits
+
+
+def run_trial(params: dict, base: dict, sweep_dir: str) -> None:
+    """The Tune trainable: one distillation run with this trial's values."""
+    import ray.train
+    from ray import tune
+
+    from kd_ray.launch import make_trainer, raise_user_error
+
+    cfg = apply_params(Config.from_dict(base), params)
+    name = f"trial-{tune.get_context().get_trial_id()}"
+    storage = Path(sweep_dir) / TRIALS_DIR
+    run_dir = storage / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.replace(run={"name": name}).save(run_dir / "config.yaml")
+    callbacks = [EpochReportCallback(), MetricsCallback(str(run_dir), tensorboard=False)]
+    try:
+        make_trainer(cfg, "distill", str(storage), name, callbacks).fit()
+    except ray.train.TrainingFailedError as exc:
+        raise_user_error(exc)
+        raise
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial-{trial.trial_id}"
+
+
+class EpochReportCallback(TuneReportCallback):
+    """Reports ``timesteps_total = epoch``: TensorBoard's step is the epoch, also after a resume."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        first = dict(metrics[0], timesteps_total=metrics[0].get("epoch"))
+        super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+
+def make_tuner(cfg: Config, sweep_dir: Path, restore: bool = False):
+    """The Tuner of a new sweep, or of the interrupted one in ``sweep_dir`` (``restore``)."""
+    from ray import tune
+    from ray.tune.logger import TBXLoggerCallback
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=cfg.to_dict(), sweep_dir=str(sweep_dir)),
+        {"CPU": DRIVER_CPUS},
+    )
+    # Columns of Tune's live trial table (it would otherwise pick the first four metrics).
+    trainable._progress_metrics = ["epoch", cfg.sweep.metric, "val/loss", "train/loss"]
+    if restore:
+        # Finished trials keep their results; unfinished and errored ones run again and
+        # their Train runs resume from their last checkpoint.
+        return tune.Tuner.restore(str(sweep_dir / TUNE_DIR), trainable=trainable, resume_errored=True)
+    sweep = cfg.sweep
+    scheduler = None
+    if sweep.scheduler == "asha":
+        scheduler = tune.schedulers.ASHAScheduler(
+            time_attr="epoch", max_t=cfg.optim.epochs, grace_period=min(sweep.grace_period, cfg.optim.epochs),
+            reduction_factor=sweep.reduction_factor)
+    if sweep.search == "optuna":
+        search_alg = _optuna(sweep.seed)
+    else:
+        # Tune ignores max_concurrent_trials for a generator passed in: give it here.
+        search_alg = tune.search.BasicVariantGenerator(random_state=sweep.seed,
+                                                       max_concurrent=trials_that_fit(cfg))
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(cfg),
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples, scheduler=scheduler,
+            search_alg=search_alg, max_concurrent_trials=trials_that_fit(cfg),
+            trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep_dir), verbose=1,
+                                  callbacks=[TBXLoggerCallback()]),
+    )
+
+
+def _optuna(seed: int):
+    try:
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        raise ConfigError("sweep.search=optuna needs Optuna: pip install 'kd_ray[optuna]' "
+                          "(or use sweep.search=random)") from None
+    return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed))
+
+
+def run_sweep(cfg: Config, train_teacher: bool = False):
+    """Check, train the teacher once (optional), run every trial, write the summary."""
+    from kd_ray.sweep_report import write_sweep_report
+
+    cfg = check_sweep(cfg, train_teacher)
+    sweep_dir = Path(cfg.run.storage) / cfg.run.name
+    if (sweep_dir / TUNE_DIR).exists():
+        raise ConfigError(f"{sweep_dir} already holds a sweep: resume it with `kd-ray tune --resume "
+                          f"{sweep_dir}`, or pick another run.name")
+    ensure_ray(cfg, extra_cpus=DRIVER_CPUS)
+    max_concurrent = trials_that_fit(cfg)
+    if train_teacher:
+        teacher = run_stage(cfg, "teacher", storage=str(sweep_dir), name="teacher")
+        cfg = cfg.replace(distill={"teacher_path": teacher.summary["teacher_file"]})
+    cfg.save(sweep_dir / SWEEP_FILE)
+    print(f"[kd_ray] sweep {cfg.run.name}: {_describe(cfg)}; results in {sweep_dir}", flush=True)
+    results = make_tuner(cfg, sweep_dir).fit()
+    return write_sweep_report(cfg, sweep_dir, results)
+
+
+def resume_sweep(sweep_dir) -> tuple:
+    """Finish an interrupted sweep with the config it started with."""
+    from ray import tune
+
+    from kd_ray.config import load_config
+    from kd_ray.sweep_report import write_sweep_report
+
+    sweep_dir = Path(sweep_dir).resolve()
+    if not (sweep_dir / SWEEP_FILE).is_file() or not tune.Tuner.can_restore(str(sweep_dir / TUNE_DIR)):
+        raise ConfigError(f"{sweep_dir} holds no sweep to resume (no {SWEEP_FILE} or Tune state); "
+                          "pass the folder `kd-ray tune` printed")
+    cfg = load_config(sweep_dir / SWEEP_FILE)
+    ensure_ray(cfg, extra_cpus=DRIVER_CPUS)
+    print(f"[kd_ray] resuming sweep {sweep_dir}", flush=True)
+    results = make_tuner(cfg, sweep_dir, restore=True).fit()
+    return write_sweep_report(cfg, sweep_dir, results)
+
+
+def _describe(cfg: Config) -> str:
+    keys = ", ".join(f"{k}={v}" for k, v in cfg.sweep.space.items())
+    n = cfg.sweep.num_samples
+    for spec in cfg.sweep.space.values():
+        if isinstance(spec, list) or "grid" in spec:
+            n *= len(spec if isinstance(spec, list) else spec["grid"])
+    sched = (f"ASHA (grace {cfg.sweep.grace_period}, factor {cfg.sweep.reduction_factor:g})"
+             if cfg.sweep.scheduler == "asha" else "no early stopping")
+    return (f"{keys}; {n if cfg.sweep.search != 'optuna' else cfg.sweep.num_samples} trials of "
+            f"{cfg.optim.epochs} epochs on {cfg.run.num_workers} worker(s) each, {sched}")
+
+
+def first_error(results) -> str | None:
+    return next((e for e in map(trial_error, results) if e), None)
+
+
+def trial_error(result) -> str | None:
+    """A failed trial's error as one line (our own errors without Ray's wrappers)."""
+    error = result.error
+    if error is None:
+        return None
+    seen = error
+    while seen is not None:
+        if isinstance(seen, KdRayError):
+            return str(seen)
+        seen = seen.__cause__ or getattr(seen, "cause", None)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else repr(error)
+
