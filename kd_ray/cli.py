@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src", help="folder with train/ and val/ class folders")
     convert.add_argument("dst", help="folder for <split>.parquet")
     convert.add_argument("--splits", default="train,val")
+    from kd_ray.submit import add_arguments as submit_arguments
+
+    submit_arguments(sub.add_parser(
+        "submit", help="run a kd-ray command as a Ray job on a cluster and follow its logs",
+        usage="kd-ray submit [--address URL] [--head-dir DIR] COMMAND -c config.yaml [--set ...]",
+        description="Runs COMMAND as a Ray job with this checkout as its working directory; "
+                    "relative config paths resolve against a folder on the head (--head-dir). "
+                    "Options of submit go before COMMAND."))
     return parser
 
 
@@ -55,6 +63,10 @@ def _load(args):
 
 
 def run(args) -> int:
+    if args.command == "submit":
+        from kd_ray.submit import submit_command
+
+        return submit_command(args)
     if args.command in STAGE_COMMANDS:
         from kd_ray.launch import run_stage
 

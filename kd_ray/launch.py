@@ -67,10 +67,11 @@ def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
         return
     # A laptop-sized local instance has no preemption to watch for.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    needed = cfg.run.num_workers * cfg.run.cpus_per_worker + extra_cpus
-    # Oversubscribe a small machine rather than wait forever for CPUs it does not have.
+    needed = math.ceil(cfg.run.num_workers * cfg.run.cpus_per_worker)
+    # Oversubscribe a small machine rather than wait forever for CPUs it does not have, plus
+    # one logical CPU for the trials' tiny drivers so they never take a worker's place.
     # The dashboard (and its job server) stays on loopback unless run.dashboard_host says otherwise.
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed) + math.ceil(extra_cpus),
              dashboard_host=cfg.run.dashboard_host, include_dashboard=True)
 
 

@@ -18,6 +18,11 @@ def _short(key: str) -> str:
     return {T_KEY: "T", ALPHA_KEY: "alpha"}.get(key, key)
 
 
+def swept_keys(cfg: Config) -> list[str]:
+    """The swept keys, T and alpha first."""
+    return sorted(cfg.sweep.space, key=lambda k: (k != T_KEY, k != ALPHA_KEY))
+
+
 def _pct(metric: str, value):
     """Accuracy-like metrics are shown in percent."""
     if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -44,14 +49,15 @@ def trial_rows(cfg: Config, sweep_dir: Path, trials: list[dict]) -> list[dict]:
         else:
             stop = f"stopped early by ASHA after epoch {epochs}"
         row = {"trial": trial["name"]}
-        row.update({_short(k): trial["params"].get(k) for k in cfg.sweep.space})
+        row.update({_short(k): trial["params"].get(k) for k in swept_keys(cfg)})
         row.update({"epochs": epochs, "best_epoch": best["epoch"] if best else None,
                     f"best {metric}": _pct(metric, best[metric]) if best else None,
                     f"final {metric}": _pct(metric, history[-1][metric]) if history else None,
                     "stop": stop})
         rows.append(row)
     final = f"final {metric}"
-    rows.sort(key=lambda r: (r[final] is None, -sign * (r[final] or 0.0), r["trial"]))
+    rows.sort(key=lambda r: (r["stop"].startswith("error"), r[final] is None, -sign * (r[final] or 0.0),
+                             r["trial"]))
     return rows
 
 
@@ -83,9 +89,8 @@ def plot_sweep(cfg: Config, rows: list[dict], path) -> bool:
     import matplotlib.pyplot as plt
 
     metric = f"final {cfg.sweep.metric}"
-    numeric = [k for k in cfg.sweep.space if all(isinstance(r[_short(k)], (int, float)) for r in rows)]
-    keys = sorted(numeric, key=lambda k: (k != T_KEY, k != ALPHA_KEY))[:2]
-    done = [r for r in rows if r[metric] is not None]
+    keys = [k for k in swept_keys(cfg) if all(isinstance(r[_short(k)], (int, float)) for r in rows)][:2]
+    done = [r for r in rows if r[metric] is not None and not r.get("stop", "").startswith("error")]
     if not keys or not done:
         return False
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
@@ -144,13 +149,18 @@ def write_sweep_report(cfg: Config, sweep_dir, results) -> tuple[Path, str]:
         writer.writeheader()
         writer.writerows(rows)
     plot_sweep(cfg, rows, sweep_dir / "heatmap.png")
-    if rows[0][f"final {cfg.sweep.metric}"] is None:
+    final = f"final {cfg.sweep.metric}"
+    good = [r for r in rows if not r["stop"].startswith("error") and r[final] is not None]
+    if not good:
         raise KdRayError(f"every trial of the sweep failed; the first error: {first_error(results)} "
                          f"(table in {sweep_dir / 'summary.md'})")
-    best = next(t for t in trials if t["name"] == rows[0]["trial"])
+    if len(good) < len(rows):
+        print(f"[kd_ray] warning: {len(rows) - len(good)} of {len(rows)} trials failed; the first "
+              f"error: {first_error(results)}", flush=True)
+    best = next(t for t in trials if t["name"] == good[0]["trial"])
     (sweep_dir / "best.yaml").write_text(
         f"# Best trial of sweep {cfg.run.name}: {best['name']} "
-        f"({cfg.sweep.metric} {rows[0][f'final {cfg.sweep.metric}']:.2f}); "
+        f"({cfg.sweep.metric} {good[0][final]:.2f}); "
         "run it with: kd-ray distill -c best.yaml\n"
         + yaml.safe_dump(best_config(cfg, best["params"]), sort_keys=False))
     return sweep_dir, table

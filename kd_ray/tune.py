@@ -6,6 +6,10 @@ Train V2 pattern: the Tune trainable is a small driver (0.01 CPU) that builds th
 """
 from __future__ import annotations
 
+import glob
+import json
+import os
+import time
 from pathlib import Path
 
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -19,6 +23,7 @@ SWEEP_FILE = "sweep.yaml"  # the resolved config a sweep ran with; --resume read
 TUNE_DIR = "tune"  # Tune's experiment folder (trial state, TensorBoard files per trial)
 TRIALS_DIR = "trials"  # one Ray Train run per trial (checkpoints, metrics.jsonl, config.yaml)
 DRIVER_CPUS = 0.01  # a trial's own driver; 0 is refused by Ray
+STARTS_FILE = "starts.log"
 
 
 def search_space(cfg: Config) -> dict:
@@ -48,13 +53,18 @@ def apply_params(cfg: Config, params: dict) -> Config:
 
 def check_sweep(cfg: Config, train_teacher: bool) -> Config:
     """Every bad input the driver can see, before Ray starts: space, values, data, teacher."""
+    from kd_ray.losses import get_loss
+    from kd_ray.models import MODELS
+
     if not cfg.sweep.space:
         raise ConfigError("sweep.space is empty: name what to search, e.g. --set "
                           "'sweep.space={distill.temperature: [1, 2, 4, 8], distill.alpha: [0.1, 0.5, 0.9]}'")
     for key, spec in cfg.sweep.space.items():
         _, _, kind, values = space_entry(key, spec)
         for value in values if kind in ("grid", "choice") else values[:2]:
-            apply_params(cfg, {key: value})  # e.g. alpha=1.5 or an unknown loss fails here
+            trial = apply_params(cfg, {key: value})  # e.g. alpha=1.5 fails here
+            get_loss(trial.distill.loss)  # and an unknown loss or student here
+            MODELS.get(trial.model.student)
     if train_teacher:
         preflight(cfg, "teacher")
     return preflight(cfg, "distill", teacher_pending=train_teacher)
@@ -92,6 +102,8 @@ def run_trial(params: dict, base: dict, sweep_dir: str) -> None:
     run_dir = storage / name
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.replace(run={"name": name}).save(run_dir / "config.yaml")
+    with open(run_dir / STARTS_FILE, "a") as log:  # one line per (re)start of this trial
+        log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()}\n")
     callbacks = [EpochReportCallback(), MetricsCallback(str(run_dir), tensorboard=False)]
     try:
         make_trainer(cfg, "distill", str(storage), name, callbacks).fit()
@@ -194,21 +206,42 @@ def resume_sweep(sweep_dir) -> tuple:
                           "pass the folder `kd-ray tune` printed")
     cfg = load_config(sweep_dir / SWEEP_FILE)
     ensure_ray(cfg, extra_cpus=DRIVER_CPUS)
-    print(f"[kd_ray] resuming sweep {sweep_dir}", flush=True)
+    states = trial_states(sweep_dir)
+    done = sum(status == "TERMINATED" for status in states.values())
+    print(f"[kd_ray] resuming sweep {sweep_dir}: {done} of {planned_trials(cfg)} trials finished and kept; "
+          "the others run (again) from their last checkpoint", flush=True)
     results = make_tuner(cfg, sweep_dir, restore=True).fit()
     return write_sweep_report(cfg, sweep_dir, results)
 
 
+def trial_states(sweep_dir) -> dict[str, str]:
+    """Trial id -> Tune status (PENDING, RUNNING, TERMINATED, ERROR) as last saved by Tune."""
+    files = sorted(glob.glob(str(Path(sweep_dir) / TUNE_DIR / "experiment_state-*.json")))
+    if not files:
+        return {}
+    states = {}
+    for trial_json, _ in json.loads(Path(files[-1]).read_text())["trial_data"]:
+        trial = json.loads(trial_json)
+        states[trial["trial_id"]] = trial["status"]
+    return states
+
+
+def planned_trials(cfg: Config) -> int:
+    """num_samples, times every grid's size (Tune's variant generator runs the full grid)."""
+    n = cfg.sweep.num_samples
+    if cfg.sweep.search != "optuna":
+        for key, spec in cfg.sweep.space.items():
+            _, _, kind, values = space_entry(key, spec)
+            n *= len(values) if kind == "grid" else 1
+    return n
+
+
 def _describe(cfg: Config) -> str:
     keys = ", ".join(f"{k}={v}" for k, v in cfg.sweep.space.items())
-    n = cfg.sweep.num_samples
-    for spec in cfg.sweep.space.values():
-        if isinstance(spec, list) or "grid" in spec:
-            n *= len(spec if isinstance(spec, list) else spec["grid"])
     sched = (f"ASHA (grace {cfg.sweep.grace_period}, factor {cfg.sweep.reduction_factor:g})"
              if cfg.sweep.scheduler == "asha" else "no early stopping")
-    return (f"{keys}; {n if cfg.sweep.search != 'optuna' else cfg.sweep.num_samples} trials of "
-            f"{cfg.optim.epochs} epochs on {cfg.run.num_workers} worker(s) each, {sched}")
+    return (f"{keys}; {planned_trials(cfg)} trials of {cfg.optim.epochs} epochs on "
+            f"{cfg.run.num_workers} worker(s) each, {sched}")
 
 
 def first_error(results) -> str | None:
@@ -217,14 +250,11 @@ def first_error(results) -> str | None:
 
 def trial_error(result) -> str | None:
     """A failed trial's error as one line (our own errors without Ray's wrappers)."""
-    error = result.error
-    if error is None:
-        return None
-    seen = error
-    while seen is not None:
-        if isinstance(seen, KdRayError):
-            return str(seen)
-        seen = seen.__cause__ or getattr(seen, "cause", None)
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else repr(error)
+    from kd_ray.launch import one_line
 
+    seen = result.error
+    while seen is not None:
+        if isinstance(seen, KdRayError):  # also Ray's RayTaskError(KdRayError) subclasses
+            return one_line(seen)
+        seen = seen.__cause__ or getattr(seen, "cause", None)
+    return one_line(result.error) if result.error is not None else None

@@ -19,7 +19,7 @@ def ray_cluster():
     os.environ.update(RAY_TEST_ENV)
     import ray
 
-    context = ray.init(num_cpus=4, object_store_memory=256 * 2**20, dashboard_host="127.0.0.1",
+    context = ray.init(num_cpus=5, object_store_memory=256 * 2**20, dashboard_host="127.0.0.1",
                        include_dashboard=True)
     yield context.address_info["gcs_address"]
     ray.shutdown()  # stops only the instance this session started

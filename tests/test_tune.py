@@ -1,0 +1,133 @@
+"""Sweep pieces that need no Ray: search space, checks, summary table, best.yaml, plot."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from kd_ray.config import Config, load_config
+from kd_ray.errors import ConfigError, KdRayError, NonFiniteLossError
+from kd_ray.sweep_report import plot_sweep, trial_rows, write_sweep_report
+from kd_ray.tune import apply_params, check_sweep, search_space, trial_error, trials_that_fit
+
+SPACE = {"distill.temperature": [1, 4], "distill.alpha": {"choice": [0.5, 0.9]},
+         "optim.lr": {"loguniform": [0.001, 0.1]}}
+
+
+def sweep_cfg(tmp_path, **sweep):
+    return Config.from_dict({
+        "data": {"name": "synthetic", "synthetic_size": 64, "image_size": 8},
+        "model": {"teacher": "simple_cnn", "student": "tiny_cnn"},
+        "distill": {"loss": "ce"}, "optim": {"epochs": 3},
+        "run": {"name": "sw", "storage": str(tmp_path)},
+        "sweep": {"space": SPACE, **sweep},
+    })
+
+
+def test_search_space_maps_each_kind_to_tune(tmp_path):
+    from ray import tune
+    from ray.tune.search.sample import Categorical, Float
+
+    space = search_space(sweep_cfg(tmp_path))
+    assert space["distill.temperature"] == tune.grid_search([1, 4])
+    assert isinstance(space["distill.alpha"], Categorical) and space["distill.alpha"].categories == [0.5, 0.9]
+    assert isinstance(space["optim.lr"], Float) and (space["optim.lr"].lower, space["optim.lr"].upper) == (0.001, 0.1)
+    optuna = search_space(sweep_cfg(tmp_path, search="optuna"))
+    assert isinstance(optuna["distill.temperature"], Categorical)  # Optuna has no grid
+
+
+def test_apply_params_sets_values_and_checks_them(tmp_path):
+    cfg = apply_params(sweep_cfg(tmp_path), {"distill.temperature": 8, "optim.lr": 0.01})
+    assert (cfg.distill.temperature, cfg.optim.lr) == (8.0, 0.01)
+    with pytest.raises(ConfigError, match="alpha"):
+        apply_params(cfg, {"distill.alpha": 1.5})
+
+
+@pytest.mark.parametrize("space, message", [
+    ({}, "sweep.space is empty"),
+    ({"distill.temprature": [1, 2]}, "not a config key"),
+    ({"sweep.seed": [1, 2]}, "not a config key"),
+    ({"distill.alpha": 0.5}, "must be a list of values"),
+    ({"distill.alpha": {"uniform": [0.9]}}, r"needs \[low, high\]"),
+    ({"distill.alpha": {"normal": [0, 1]}}, "must be a list of values or one of"),
+    ({"optim.lr": {"loguniform": [0, 1]}}, "loguniform needs low > 0"),
+    ({"distill.alpha": [0.5, 2.0]}, "distill.alpha"),
+    ({"distill.loss": ["kd", "no_such_loss"]}, "no_such_loss"),
+])
+def test_bad_search_spaces_are_refused_on_the_driver(tmp_path, space, message):
+    with pytest.raises(ConfigError, match=message):
+        raw = sweep_cfg(tmp_path).to_dict()
+        raw["sweep"]["space"] = space
+        check_sweep(Config.from_dict(raw), train_teacher=True)
+
+
+def test_a_trial_that_cannot_fit_is_refused(monkeypatch, tmp_path):
+    import ray
+
+    cfg = sweep_cfg(tmp_path).replace(run={"num_workers": 4})
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 3.0})
+    with pytest.raises(ConfigError, match=r"one trial needs 4.01 CPU .* cluster has 3"):
+        trials_that_fit(cfg)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 9.0})
+    assert trials_that_fit(cfg) == 2
+    assert trials_that_fit(cfg.replace(sweep={"max_concurrent_trials": 1})) == 1
+
+
+def write_history(folder, accs):
+    folder.mkdir(parents=True)
+    rows = [{"epoch": e, "val/top1": a} for e, a in enumerate(accs, start=1)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def fake_results(tmp_path, runs):
+    """Tune-like results: (name, T, alpha, accuracies per epoch, error)."""
+    results = []
+    for name, t, a, accs, error in runs:
+        write_history(tmp_path / "sw" / "trials" / name, accs)
+        results.append(SimpleNamespace(path=str(tmp_path / "sw" / "tune" / name), error=error,
+                                       config={"distill.temperature": t, "distill.alpha": a}))
+    return results
+
+
+def test_summary_sorts_by_the_final_metric_and_names_stop_reasons(tmp_path):
+    cfg = sweep_cfg(tmp_path, space={"distill.temperature": [1, 4], "distill.alpha": [0.5, 0.9]})
+    results = fake_results(tmp_path, [
+        ("trial-a", 1, 0.5, [0.2, 0.5, 0.6], None),
+        ("trial-b", 4, 0.5, [0.3, 0.8, 0.7], None),   # best epoch 2, final 0.7
+        ("trial-c", 1, 0.9, [0.1], None),              # stopped after epoch 1
+        ("trial-d", 4, 0.9, [0.4], RuntimeError("boom")),
+    ])
+    sweep_dir, table = write_sweep_report(cfg, tmp_path / "sw", results)
+    rows = trial_rows(cfg, sweep_dir, [{"name": r.path.split("/")[-1], "params": r.config, "error": None}
+                                       for r in results])
+    assert [r["trial"] for r in rows][:2] == ["trial-b", "trial-a"]
+    lines = (sweep_dir / "summary.md").read_text().splitlines()
+    assert lines[2].startswith("| trial-b | 4 | 0.50 | 3 | 2 | 80.00 | 70.00 | completed |")
+    assert "stopped early by ASHA after epoch 1" in table and "error: boom" in table
+    assert len((sweep_dir / "summary.csv").read_text().splitlines()) == 5
+    best = load_config(sweep_dir / "best.yaml")  # `kd-ray distill -c best.yaml` reads it as is
+    assert (best.distill.temperature, best.distill.alpha, best.run.name) == (4.0, 0.5, "sw-best")
+    assert "sweep" not in yaml.safe_load((sweep_dir / "best.yaml").read_text())
+    assert (sweep_dir / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_trial_failed_raises_the_first_error(tmp_path):
+    cfg = sweep_cfg(tmp_path, space={"distill.temperature": [1, 4]})
+    failure = RuntimeError("Ray wrapper")
+    failure.__cause__ = NonFiniteLossError("loss is nan at epoch 2, step 0; lower optim.lr")
+    results = fake_results(tmp_path, [("trial-a", 1, None, [0.3], failure),  # failed in epoch 2
+                                      ("trial-b", 4, None, [], RuntimeError("second"))])
+    with pytest.raises(KdRayError, match=r"every trial .* failed; the first error: loss is nan at epoch 2"):
+        write_sweep_report(cfg, tmp_path / "sw", results)
+    assert trial_error(SimpleNamespace(error=None)) is None
+    assert not (tmp_path / "sw" / "best.yaml").exists()
+
+
+def test_continuous_space_is_plotted_as_a_scatter(tmp_path):
+    cfg = sweep_cfg(tmp_path, space={"distill.temperature": {"uniform": [1, 8]},
+                                     "distill.alpha": {"uniform": [0.1, 0.9]}})
+    rows = [{"T": t, "alpha": a, "final val/top1": acc} for t, a, acc in
+            [(1.5, 0.2, 50.0), (6.0, 0.8, 70.0), (3.0, 0.5, None)]]
+    assert plot_sweep(cfg, rows, tmp_path / "scatter.png")
+    assert (tmp_path / "scatter.png").stat().st_size > 1000
+    assert not plot_sweep(cfg, [{"T": 1, "alpha": 0.1, "final val/top1": None}], tmp_path / "none.png")

@@ -1,0 +1,123 @@
+"""`kd-ray tune` end to end on the session's Ray instance: a 4-trial ASHA sweep of 2-worker DDP
+distillation runs, best.yaml run as is, resume after a killed sweep driver, all trials failing."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from kd_ray.config import load_config
+from kd_ray.launch import read_history
+from kd_ray.tune import STARTS_FILE, trial_states
+
+
+def write_sweep(tmp_path, name, space, *, epochs=3, workers=2, **sweep) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "data": {"name": "synthetic", "synthetic_size": 256, "image_size": 16},
+        "model": {"teacher": "simple_cnn", "student": "tiny_cnn"},
+        "distill": {"loss": "kd"},
+        "optim": {"epochs": epochs, "teacher_epochs": 2, "batch_size": 64, "lr": 0.05},
+        "run": {"name": name, "storage": str(tmp_path / "results"), "num_workers": workers},
+        "sweep": {"space": space, **sweep},
+    }))
+    return path
+
+
+def kd_ray(env, *args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "kd_ray.cli", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tb_steps(folder: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return [event.step for event in acc.Scalars(tag)]
+
+
+def test_asha_sweep_leaves_table_best_yaml_heatmap_and_tensorboard(cli_env, tmp_path):
+    config = write_sweep(tmp_path, "sweep4", {"distill.temperature": [1, 4], "distill.alpha": [0.5, 0.9]},
+                         scheduler="asha", grace_period=1, reduction_factor=2)
+    done = kd_ray(cli_env, "tune", "-c", config, "--train-teacher")
+    assert done.returncode == 0, done.stderr[-3000:]
+    sweep_dir = tmp_path / "results" / "sweep4"
+    assert "Trial status" in done.stdout  # Tune's live table
+
+    # The teacher was trained once, and every trial read that one file.
+    teacher = sweep_dir / "teacher" / "teacher.pt"
+    assert list(sweep_dir.rglob("teacher.pt")) == [teacher]
+    trials = sorted((sweep_dir / "trials").iterdir())
+    assert len(trials) == 4
+    for trial in trials:
+        assert load_config(trial / "config.yaml").distill.teacher_path == str(teacher)
+        epochs = [h["epoch"] for h in read_history(trial)]
+        assert epochs == list(range(1, len(epochs) + 1)) and 1 <= len(epochs) <= 3
+        # Tune's TensorBoard logger on the driver: one point per epoch, the step is the epoch.
+        assert tb_steps(sweep_dir / "tune" / trial.name, "ray/tune/val/top1") == epochs
+
+    lines = (sweep_dir / "summary.md").read_text().splitlines()
+    assert lines[0].startswith("| trial | T | alpha | epochs | best_epoch | best val/top1 | final val/top1")
+    assert len(lines) == 2 + 4
+    finals = [float(line.split("|")[7]) for line in lines[2:]]
+    assert finals == sorted(finals, reverse=True)
+    assert (sweep_dir / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+    # best.yaml is the best trial's config; `kd-ray distill -c best.yaml` takes it as is.
+    best_trial = lines[2].split("|")[1].strip()
+    best = load_config(sweep_dir / "best.yaml")
+    trial_cfg = load_config(sweep_dir / "trials" / best_trial / "config.yaml")
+    assert (best.distill.temperature, best.distill.alpha) == (trial_cfg.distill.temperature,
+                                                               trial_cfg.distill.alpha)
+    rerun = kd_ray(cli_env, "distill", "-c", sweep_dir / "best.yaml")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads((tmp_path / "results" / "sweep4-best" / "summary.json").read_text())
+    if lines[2].rstrip().endswith("| completed |"):  # same seed and config: same accuracy
+        assert abs(100 * summary["final"]["val/top1"] - finals[0]) <= 2.0
+
+
+def test_resumed_sweep_does_not_rerun_finished_trials(cli_env, tmp_path):
+    config = write_sweep(tmp_path, "resume", {"distill.temperature": [1, 2, 4, 8]}, epochs=2, workers=1,
+                         scheduler="none", max_concurrent_trials=1)
+    teacher = kd_ray(cli_env, "train-teacher", "-c", config, "--set", "run.name=teacher")
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    teacher_file = tmp_path / "results" / "teacher" / "teacher.pt"
+    sweep_dir = tmp_path / "results" / "resume"
+    proc = subprocess.Popen([sys.executable, "-m", "kd_ray.cli", "tune", "-c", str(config),
+                             "--set", f"distill.teacher_path={teacher_file}"], env=cli_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while "TERMINATED" not in trial_states(sweep_dir).values():
+            assert proc.poll() is None and time.time() < deadline, "no trial finished in time"
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finished = [t for t, status in trial_states(sweep_dir).items() if status == "TERMINATED"]
+    assert 1 <= len(finished) < 4
+
+    resumed = kd_ray(cli_env, "tune", "--resume", sweep_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{len(finished)} of 4 trials finished and kept" in resumed.stdout
+    assert set(trial_states(sweep_dir).values()) == {"TERMINATED"}
+    for trial_id in finished:  # started once, trained its 2 epochs once
+        run_dir = sweep_dir / "trials" / f"trial-{trial_id}"
+        assert len((run_dir / STARTS_FILE).read_text().splitlines()) == 1
+        assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len((sweep_dir / "summary.md").read_text().splitlines()) == 2 + 4
+
+
+def test_sweep_whose_every_trial_fails_exits_non_zero_with_the_first_error(cli_env, tmp_path):
+    config = write_sweep(tmp_path, "allfail", {"distill.temperature": [1, 4]}, epochs=2, workers=1,
+                         scheduler="none")
+    done = kd_ray(cli_env, "tune", "-c", config, "--set", "distill.loss=tests.plugins:nan_in_second_epoch")
+    assert done.returncode == 2
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("kd-ray: error: every trial of the sweep failed; the first error: ")
+    assert "not finite" in error or "nan" in error
+    assert "error:" in (tmp_path / "results" / "allfail" / "summary.md").read_text()
