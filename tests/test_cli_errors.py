@@ -21,11 +21,13 @@ def tree(tmp_path_factory):
 def no_ray(monkeypatch):
     """These errors must be raised before any Ray instance is started or joined."""
     import kd_ray.launch
+    import kd_ray.tune
 
-    def fail(cfg):
+    def fail(*args, **kwargs):
         raise AssertionError("Ray was started for bad input")
 
     monkeypatch.setattr(kd_ray.launch, "ensure_ray", fail)
+    monkeypatch.setattr(kd_ray.tune, "ensure_ray", fail)
 
 
 def teacher_file(tmp_path, classes):
@@ -119,3 +121,29 @@ def test_subprocess_exit_code_and_single_line(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip() == "kd-ray: error: optim.lr must be > 0, got -1.0"
+
+
+SYNTHETIC = ["--set", "data.name=synthetic", "--set", "model.teacher=tiny_cnn"]
+
+
+@pytest.mark.parametrize("space, message", [
+    (None, "sweep.space is empty"),
+    ("{distill.temprature: [1, 2]}", "'distill.temprature' is not a config key"),
+    ("{distill.alpha: [0.5, 1.5]}", "distill.alpha"),
+    ("{distill.alpha: {between: [0, 1]}}", "must be a list of values or one of"),
+])
+def test_tune_bad_search_space(capsys, tmp_path, space, message):
+    extra = ["--set", f"sweep.space={space}"] if space else []
+    code, err = run_cli(capsys, "tune", *SYNTHETIC, "--train-teacher", *extra)
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_tune_refuses_to_overwrite_a_sweep_and_resume_needs_one(capsys, tmp_path):
+    (tmp_path / "sw" / "tune").mkdir(parents=True)
+    code, err = run_cli(capsys, "tune", *SYNTHETIC, "--train-teacher", "--set", f"run.storage={tmp_path}",
+                        "--set", "run.name=sw", "--set", "sweep.space={distill.alpha: [0.5]}")
+    assert code == 2 and f"kd-ray tune --resume {tmp_path / 'sw'}" in err
+    code, err = run_cli(capsys, "tune", "--resume", str(tmp_path / "nowhere"))
+    assert code == 2 and "holds no sweep to resume" in err
+    code, err = run_cli(capsys, "tune", "--resume", str(tmp_path / "sw"), "-c", "x.yaml")
+    assert code == 2 and "--resume takes only the sweep folder" in err
