@@ -23,6 +23,13 @@ def autocast_for(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
+def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """Images batch to ``device``; NHWC layout when asked (faster convolutions on GPU)."""
+    if channels_last and images.dim() == 4:
+        return images.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return images.to(device, non_blocking=True)
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     loader,
@@ -35,21 +42,30 @@ def train_one_epoch(
     teacher: Optional[torch.nn.Module] = None,
     scheduler=None,
     amp: bool = False,
+    channels_last: bool = False,
+    check_every: Optional[int] = None,
 ) -> dict:
     """Train ``model`` for one pass over ``loader``.
 
     ``loss_fn(student_logits, teacher_logits, labels, loss_cfg)`` returns a dict with "loss" and
     its parts. The teacher, when given, runs without autograd and stays in eval mode.
     Returns sums: ``loss_sum`` and ``<part>_sum`` weighted by batch size, ``images``, ``seconds``.
+
+    Sums stay on the device, and a non-finite loss is looked for every ``check_every`` steps
+    (default: every step on CPU, every 25 on GPU, where each look makes the GPU wait for the host).
     """
+    if check_every is None:
+        check_every = 1 if device.type == "cpu" else 25
     model.train()
     if teacher is not None:
         teacher.eval()  # a caller's model.train() must never flip the teacher's BatchNorm/dropout
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    bad_value = torch.zeros((), device=device)
     images = 0
     start = time.perf_counter()
     for step, (inputs, labels) in enumerate(loader):
-        inputs = inputs.to(device, non_blocking=True)
+        inputs = to_device(inputs, device, channels_last)
         labels = labels.to(device, non_blocking=True)
         with autocast_for(device, amp):
             teacher_logits = None
@@ -59,11 +75,11 @@ def train_one_epoch(
             student_logits = model(inputs)
             parts = loss_fn(student_logits, teacher_logits, labels, loss_cfg)
         loss = parts["loss"]
-        if not torch.isfinite(loss.detach()):
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) at epoch {epoch} step {step}: "
-                "lower optim.lr or check the inputs and the loss"
-            )
+        first_bad = ~torch.isfinite(loss.detach()) & (bad_step < 0)
+        bad_step = torch.where(first_bad, step, bad_step)
+        bad_value = torch.where(first_bad, loss.detach().float(), bad_value)
+        if (step + 1) % check_every == 0:
+            _raise_if_non_finite(bad_step, bad_value, epoch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -73,31 +89,46 @@ def train_one_epoch(
         images += batch
         for name, value in parts.items():
             key = f"{name}_sum"
-            sums[key] = sums.get(key, 0.0) + float(value.detach()) * batch
-    sums["images"] = images
-    sums["seconds"] = time.perf_counter() - start
-    return sums
+            sums[key] = sums.get(key, 0.0) + torch.as_tensor(value).detach().float() * batch
+    _raise_if_non_finite(bad_step, bad_value, epoch)
+    out = {key: float(value) for key, value in sums.items()}  # one wait for the GPU per epoch
+    out["images"] = images
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def _raise_if_non_finite(bad_step: torch.Tensor, bad_value: torch.Tensor, epoch: int) -> None:
+    step = int(bad_step)
+    if step >= 0:
+        raise NonFiniteLossError(
+            f"non-finite loss ({float(bad_value)}) at epoch {epoch} step {step}: "
+            "lower optim.lr or check the inputs and the loss"
+        )
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, *, device: torch.device, amp: bool = False) -> dict:
+def evaluate(model: torch.nn.Module, loader, *, device: torch.device, amp: bool = False,
+             channels_last: bool = False) -> dict:
     """Sums over ``loader``: ``loss_sum`` (cross-entropy), ``correct1``, ``correct5``, ``count``."""
     model.eval()
-    totals = {"loss_sum": 0.0, "correct1": 0, "correct5": 0, "count": 0}
+    totals = {"loss_sum": torch.zeros((), device=device),
+              "correct1": torch.zeros((), dtype=torch.long, device=device),
+              "correct5": torch.zeros((), dtype=torch.long, device=device)}
+    count = 0
     for inputs, labels in loader:
-        inputs = inputs.to(device, non_blocking=True)
+        inputs = to_device(inputs, device, channels_last)
         labels = labels.to(device, non_blocking=True)
         with autocast_for(device, amp):
             logits = model(inputs)
         logits = logits.float()
-        totals["loss_sum"] += F.cross_entropy(logits, labels, reduction="sum").item()
+        totals["loss_sum"] += F.cross_entropy(logits, labels, reduction="sum")
         k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hits = top.eq(labels[:, None])
-        totals["correct1"] += int(hits[:, 0].sum())
-        totals["correct5"] += int(hits.any(dim=1).sum())
-        totals["count"] += labels.numel()
-    return totals
+        hits = logits.topk(k, dim=1).indices.eq(labels[:, None])
+        totals["correct1"] += hits[:, 0].sum()
+        totals["correct5"] += hits.any(dim=1).sum()
+        count += labels.numel()
+    return {"loss_sum": float(totals["loss_sum"]), "correct1": int(totals["correct1"]),
+            "correct5": int(totals["correct5"]), "count": count}
 
 
 def epoch_metrics(train: dict, val: dict, num_classes: int) -> dict:

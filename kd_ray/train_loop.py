@@ -84,6 +84,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.run.seed + rank)
     device = ray.train.torch.get_device()
     amp = cfg.run.bf16 and device.type == "cuda"
+    nhwc = cfg.run.channels_last and device.type == "cuda"
+    fmt = torch.channels_last if nhwc else torch.preserve_format
 
     bundle = build_data(cfg.data, stage, cfg.run.seed)
     train_loader, sampler, val_loader = make_loaders(
@@ -91,12 +93,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     )
     arch, pretrained = stage_model(cfg, stage)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = build_model(arch, bundle.num_classes, pretrained=pretrained)
+    model = build_model(arch, bundle.num_classes, pretrained=pretrained).to(memory_format=fmt)
     model = ray.train.torch.prepare_model(model)  # DDP when world > 1
     loss_fn, needs_teacher = get_loss(cfg.distill.loss if stage == "distill" else "ce")
     teacher = None
     if needs_teacher:
         teacher, _ = load_teacher(cfg.distill.teacher_path, device=device)  # frozen, eval, no DDP
+        teacher = teacher.to(memory_format=fmt)
     epochs = stage_epochs(cfg, stage)
     optimizer, scheduler = build_optimizer(model, cfg.optim, len(train_loader), epochs)
     unwrapped = model.module if hasattr(model, "module") else model
@@ -117,9 +120,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         sampler.set_epoch(epoch)
         train_sums = train_one_epoch(
             model, train_loader, loss_fn, optimizer, epoch=epoch + 1, device=device,
-            loss_cfg=cfg.distill, teacher=teacher, scheduler=scheduler, amp=amp,
+            loss_cfg=cfg.distill, teacher=teacher, scheduler=scheduler, amp=amp, channels_last=nhwc,
         )
-        val_sums = evaluate(model, val_loader, device=device, amp=amp)
+        val_sums = evaluate(model, val_loader, device=device, amp=amp, channels_last=nhwc)
         metrics = epoch_metrics(all_sum(train_sums, device), all_sum(val_sums, device),
                                 bundle.num_classes)
         metrics.update(epoch=epoch + 1, epochs=epochs, lr=optimizer.param_groups[0]["lr"])

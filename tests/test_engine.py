@@ -72,18 +72,38 @@ def test_teacher_stays_frozen_and_in_eval_mode():
     assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
 
 
-def test_non_finite_loss_names_epoch_and_step():
+@pytest.mark.parametrize("check_every, steps_run", [(1, 3), (2, 4), (100, 4)])
+def test_non_finite_loss_names_epoch_and_step(check_every, steps_run):
+    """The first bad step is named also when the check runs only every few steps (GPU)."""
     calls = {"n": 0}
 
     def bad(s, t, labels, cfg):
         calls["n"] += 1
         value = F.cross_entropy(s, labels)
-        return {"loss": value * math.nan if calls["n"] == 3 else value}
+        return {"loss": value * math.nan if calls["n"] in (3, 4) else value}
 
     model = make_model()
-    with pytest.raises(NonFiniteLossError, match="epoch 4 step 2"):
+    with pytest.raises(NonFiniteLossError, match=r"^non-finite loss \(nan\) at epoch 4 step 2:"):
         train_one_epoch(model, DataLoader(blobs(), batch_size=16), bad,
-                        torch.optim.SGD(model.parameters(), lr=0.1), epoch=4, device=CPU)
+                        torch.optim.SGD(model.parameters(), lr=0.1), epoch=4, device=CPU,
+                        check_every=check_every)
+    assert calls["n"] == steps_run  # the loop stops at the first check after the bad step
+
+
+def test_channels_last_gives_the_same_sums():
+    from kd_ray.models import tiny_cnn
+
+    images = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    data = DataLoader(TensorDataset(images, torch.arange(32) % 3), batch_size=16)
+    runs = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = tiny_cnn(3).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        train = train_one_epoch(model, data, ce_loss, opt, epoch=1, device=CPU, channels_last=channels_last)
+        runs.append((train["loss_sum"], evaluate(model, data, device=CPU, channels_last=channels_last)))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-4)
+    assert runs[0][1]["correct1"] == runs[1][1]["correct1"]
 
 
 def test_epoch_metrics_from_summed_counters():
