@@ -104,7 +104,7 @@ def run_trial(params: dict, base: dict, sweep_dir: str) -> None:
     cfg.replace(run={"name": name}).save(run_dir / "config.yaml")
     with open(run_dir / STARTS_FILE, "a") as log:  # one line per (re)start of this trial
         log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()}\n")
-    callbacks = [EpochReportCallback(), MetricsCallback(str(run_dir), tensorboard=False)]
+    callbacks = [EpochReportCallback(cfg.sweep.metric), MetricsCallback(str(run_dir), tensorboard=False)]
     try:
         make_trainer(cfg, "distill", str(storage), name, callbacks).fit()
     except ray.train.TrainingFailedError as exc:
@@ -117,11 +117,17 @@ def _trial_dirname(trial) -> str:
 
 
 class EpochReportCallback(TuneReportCallback):
-    """Reports ``timesteps_total = epoch``: TensorBoard's step is the epoch, also after a resume."""
+    """Reports ``timesteps_total = epoch`` (TensorBoard's step is the epoch, also after a resume)
+    and the sweep's metric first (Tune's live table shows the first four metrics)."""
+
+    def __init__(self, metric: str):
+        super().__init__()
+        self.first = [metric, "val/top1", "val/loss", "train/loss"]
 
     def after_report(self, run_context, metrics, checkpoint):
-        first = dict(metrics[0], timesteps_total=metrics[0].get("epoch"))
-        super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+        row = {k: metrics[0][k] for k in self.first if k in metrics[0]}
+        row.update(metrics[0], timesteps_total=metrics[0].get("epoch"))
+        super().after_report(run_context, [row, *metrics[1:]], checkpoint)
 
 
 def make_tuner(cfg: Config, sweep_dir: Path, restore: bool = False):
@@ -133,8 +139,6 @@ def make_tuner(cfg: Config, sweep_dir: Path, restore: bool = False):
         tune.with_parameters(run_trial, base=cfg.to_dict(), sweep_dir=str(sweep_dir)),
         {"CPU": DRIVER_CPUS},
     )
-    # Columns of Tune's live trial table (it would otherwise pick the first four metrics).
-    trainable._progress_metrics = ["epoch", cfg.sweep.metric, "val/loss", "train/loss"]
     if restore:
         # Finished trials keep their results; unfinished and errored ones run again and
         # their Train runs resume from their last checkpoint.
