@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +72,26 @@ def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
     # Oversubscribe a small machine rather than wait forever for CPUs it does not have, plus
     # one logical CPU for the trials' tiny drivers so they never take a worker's place.
     # The dashboard (and its job server) stays on loopback unless run.dashboard_host says otherwise.
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed) + math.ceil(extra_cpus),
+    _pin_local_address()
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed) + math.ceil(extra_cpus),
              dashboard_host=cfg.run.dashboard_host, include_dashboard=True)
+
+
+def _pin_local_address() -> None:
+    """Give the local instance a known GCS port and put it in RAY_ADDRESS before it starts.
+
+    Ray's helper processes (Train's placement-group cleaner among them) find their cluster through
+    RAY_ADDRESS, else by scanning for running instances: with a second Ray instance on the machine
+    they cannot choose, and a sweep's finished trials would keep their CPUs forever. Processes
+    the local instance starts inherit this environment.
+    """
+    import ray.util
+
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
 
 
 def check_resources(cfg: Config) -> None:

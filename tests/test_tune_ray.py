@@ -113,9 +113,12 @@ def test_resumed_sweep_does_not_rerun_finished_trials(cli_env, tmp_path):
 
 
 def test_sweep_whose_every_trial_fails_exits_non_zero_with_the_first_error(cli_env, tmp_path):
+    """Run on a Ray instance of its own, beside the session's: two instances on one machine."""
     config = write_sweep(tmp_path, "allfail", {"distill.temperature": [1, 4]}, epochs=2, workers=1,
                          scheduler="none")
-    done = kd_ray(cli_env, "tune", "-c", config, "--set", "distill.loss=tests.plugins:nan_in_second_epoch")
+    env = {k: v for k, v in cli_env.items() if k != "RAY_ADDRESS"}
+    done = kd_ray(env, "tune", "-c", config, "--set", "distill.loss=tests.plugins:nan_in_second_epoch")
+    assert "Started a local Ray instance" in done.stdout + done.stderr
     assert done.returncode == 2
     error = done.stderr.strip().splitlines()[-1]
     assert error.startswith("kd-ray: error: every trial of the sweep failed; the first error: ")
