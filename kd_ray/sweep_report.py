@@ -31,7 +31,7 @@ def _pct(metric: str, value):
 
 
 def trial_rows(cfg: Config, sweep_dir: Path, trials: list[dict]) -> list[dict]:
-    """One row per trial, best first. ``trials``: {"name", "params", "error"} from Tune."""
+    """One row per trial, best first. ``trials``: {"name", "params", "error", "last"} from Tune."""
     from kd_ray.launch import read_history
     from kd_ray.tune import TRIALS_DIR
 
@@ -40,6 +40,9 @@ def trial_rows(cfg: Config, sweep_dir: Path, trials: list[dict]) -> list[dict]:
     rows = []
     for trial in trials:
         history = [h for h in read_history(Path(sweep_dir) / TRIALS_DIR / trial["name"]) if metric in h]
+        last = trial.get("last") or {}
+        if metric in last and last.get("epoch", 0) > (history[-1]["epoch"] if history else 0):
+            history.append(last)  # Tune heard of an epoch the trial had no time to log
         epochs = history[-1]["epoch"] if history else 0
         best = max(history, key=lambda h: sign * h[metric]) if history else None
         if trial["error"]:
@@ -138,7 +141,7 @@ def write_sweep_report(cfg: Config, sweep_dir, results) -> tuple[Path, str]:
 
     sweep_dir = Path(sweep_dir)
     trials = [{"name": Path(r.path).name, "params": {k: r.config.get(k) for k in cfg.sweep.space},
-               "error": trial_error(r)} for r in results]
+               "error": trial_error(r), "last": r.metrics} for r in results]
     if not trials:
         raise KdRayError(f"the sweep in {sweep_dir} ran no trials")
     rows = trial_rows(cfg, sweep_dir, trials)

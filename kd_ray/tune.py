@@ -104,7 +104,8 @@ def run_trial(params: dict, base: dict, sweep_dir: str) -> None:
     cfg.replace(run={"name": name}).save(run_dir / "config.yaml")
     with open(run_dir / STARTS_FILE, "a") as log:  # one line per (re)start of this trial
         log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()}\n")
-    callbacks = [EpochReportCallback(cfg.sweep.metric), MetricsCallback(str(run_dir), tensorboard=False)]
+    # metrics.jsonl first: Tune may stop the trial as soon as it hears of the last epoch.
+    callbacks = [MetricsCallback(str(run_dir), tensorboard=False), EpochReportCallback(cfg.sweep.metric)]
     try:
         make_trainer(cfg, "distill", str(storage), name, callbacks).fit()
     except ray.train.TrainingFailedError as exc:

@@ -85,7 +85,8 @@ def fake_results(tmp_path, runs):
     for name, t, a, accs, error in runs:
         write_history(tmp_path / "sw" / "trials" / name, accs)
         results.append(SimpleNamespace(path=str(tmp_path / "sw" / "tune" / name), error=error,
-                                       config={"distill.temperature": t, "distill.alpha": a}))
+                                       config={"distill.temperature": t, "distill.alpha": a},
+                                       metrics={"epoch": len(accs), "val/top1": accs[-1]} if accs else {}))
     return results
 
 
@@ -131,3 +132,12 @@ def test_continuous_space_is_plotted_as_a_scatter(tmp_path):
     assert plot_sweep(cfg, rows, tmp_path / "scatter.png")
     assert (tmp_path / "scatter.png").stat().st_size > 1000
     assert not plot_sweep(cfg, [{"T": 1, "alpha": 0.1, "final val/top1": None}], tmp_path / "none.png")
+
+
+def test_an_epoch_only_tune_heard_of_is_counted(tmp_path):
+    """Tune may stop a trial right after its last report, before metrics.jsonl got the line."""
+    cfg = sweep_cfg(tmp_path, space={"distill.temperature": [1]})
+    write_history(tmp_path / "sw" / "trials" / "trial-a", [0.2, 0.4])
+    last = {"epoch": 3, "val/top1": 0.5}
+    [row] = trial_rows(cfg, tmp_path / "sw", [{"name": "trial-a", "params": {}, "error": None, "last": last}])
+    assert (row["epochs"], row["final val/top1"], row["stop"]) == (3, 50.0, "completed")
