@@ -129,10 +129,15 @@ def connect(address: str | None):
         os.environ.pop("RAY_ADDRESS", None)
     elif not (os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")):
         address = DEFAULT_ADDRESS
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     try:
         return JobSubmissionClient(address)
+    except AuthenticationError as exc:
+        raise KdRayError(f"the job server at {address} refused us ({exc.message.splitlines()[0]}): "
+                         "it uses token auth, so copy the head's ~/.ray/auth_token here, or set "
+                         "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH") from None
     except ConnectionError as exc:
         raise KdRayError(f"no Ray job server at {address or 'the address in the environment'} "
                          f"({str(exc).splitlines()[0]}): start the cluster (`ray start --head` or "
