@@ -141,3 +141,14 @@ def test_an_epoch_only_tune_heard_of_is_counted(tmp_path):
     last = {"epoch": 3, "val/top1": 0.5}
     [row] = trial_rows(cfg, tmp_path / "sw", [{"name": "trial-a", "params": {}, "error": None, "last": last}])
     assert (row["epochs"], row["final val/top1"], row["stop"]) == (3, 50.0, "completed")
+
+
+def test_optuna_search_without_optuna_names_the_extra(monkeypatch, tmp_path):
+    import sys
+
+    from kd_ray.tune import make_tuner
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if not installed
+    monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 4.0})
+    with pytest.raises(ConfigError, match=r"pip install 'kd_ray\[optuna\]'"):
+        make_tuner(sweep_cfg(tmp_path, search="optuna"), tmp_path / "sw")
