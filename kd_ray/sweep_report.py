@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from kd_ray.config import Config, space_entry
+from kd_ray.config import Config
+from kd_ray.sweep_config import space_entry
 from kd_ray.errors import KdRayError
 
 T_KEY, ALPHA_KEY = "distill.temperature", "distill.alpha"

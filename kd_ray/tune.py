@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from kd_ray.config import Config, space_entry
+from kd_ray.config import Config
+from kd_ray.sweep_config import space_entry
 from kd_ray.errors import ConfigError, KdRayError
 from kd_ray.launch import ensure_ray, preflight, run_stage
 from kd_ray.tb_callback import MetricsCallback
@@ -188,7 +189,7 @@ def run_sweep(cfg: Config, train_teacher: bool = False):
         raise ConfigError(f"{sweep_dir} already holds a sweep: resume it with `kd-ray tune --resume "
                           f"{sweep_dir}`, or pick another run.name")
     ensure_ray(cfg, extra_cpus=DRIVER_CPUS)
-    max_concurrent = trials_that_fit(cfg)
+    trials_that_fit(cfg)  # a trial too big for the cluster fails now, not after the teacher
     if train_teacher:
         teacher = run_stage(cfg, "teacher", storage=str(sweep_dir), name="teacher")
         cfg = cfg.replace(distill={"teacher_path": teacher.summary["teacher_file"]})

@@ -1,5 +1,4 @@
 """Loss plugins used by the tests (loaded as "tests.plugins:my_loss")."""
-import torch
 import torch.nn.functional as F
 
 

@@ -1,6 +1,5 @@
 """Driver-side helpers of launch.py that need no Ray instance."""
 import pytest
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kd_ray.errors import DataError

@@ -1,0 +1,80 @@
+"""The ``sweep`` section of a config: what ``kd-ray tune`` searches and how (checked on the driver)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from kd_ray.errors import ConfigError
+
+SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+@dataclass
+class SweepConfig:
+    space: dict = field(default_factory=dict)
+    """What `kd-ray tune` searches: "section.key" -> a list (a grid), or one of
+    {grid: [..]}, {choice: [..]}, {uniform: [low, high]}, {loguniform: [low, high]},
+    {randint: [low, high]}."""
+    num_samples: int = 1
+    """Trials drawn (random, optuna); with grid keys, how often the whole grid is run."""
+    search: str = "random"
+    """random (Tune's grid + random variant generator) or optuna (TPE; pip install optuna)."""
+    scheduler: str = "asha"
+    """asha (stops weak trials after grace_period epochs) or none."""
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    metric: str = "val/top1"
+    mode: str = "max"
+    seed: int = 0
+    """Seed of the search (which values are drawn); every trial trains with run.seed."""
+    max_concurrent_trials: int = 0
+    """0 = as many trials at once as the cluster's CPUs (GPUs) fit."""
+
+    def __post_init__(self):
+        from kd_ray.config import _positive  # config.py imports this module first
+
+        if not isinstance(self.space, dict):
+            raise ConfigError("sweep.space must map config keys to values, e.g. "
+                              "{distill.temperature: [1, 2, 4], distill.alpha: {uniform: [0.1, 0.9]}}")
+        for key, spec in self.space.items():
+            space_entry(key, spec)
+        _positive(self, "num_samples")
+        _positive(self, "grace_period")
+        _choice(self, "search", ("random", "grid", "optuna"))
+        _choice(self, "scheduler", ("asha", "none"))
+        _choice(self, "mode", ("max", "min"))
+        if self.reduction_factor <= 1:
+            raise ConfigError("sweep.reduction_factor must be > 1 (ASHA keeps 1/factor per rung)")
+        if self.max_concurrent_trials < 0:
+            raise ConfigError("sweep.max_concurrent_trials must be >= 0 (0 = what the cluster fits)")
+
+
+def _choice(obj, name: str, allowed: tuple) -> None:
+    if getattr(obj, name) not in allowed:
+        raise ConfigError(f"sweep.{name} must be one of {', '.join(allowed)}, got {getattr(obj, name)!r}")
+
+
+def space_entry(key, spec) -> tuple[str, str, str, list]:
+    """Check one search-space entry; returns (section, field, kind, values)."""
+    from kd_ray.config import SECTIONS
+
+    section, _, name = str(key).partition(".")
+    fields = {f.name for f in dataclasses.fields(SECTIONS[section])} if section in SECTIONS else ()
+    if section == "sweep" or name not in fields:
+        raise ConfigError(f"sweep.space key {key!r} is not a config key; use section.key, e.g. "
+                          "distill.temperature, distill.alpha, optim.lr, distill.loss")
+    if isinstance(spec, list):
+        spec = {"grid": spec}
+    if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SPACE_KINDS):
+        raise ConfigError(f"sweep.space.{key} must be a list of values or one of "
+                          f"{{{'|'.join(SPACE_KINDS)}: [...]}}, got {spec!r}")
+    kind, values = next(iter(spec.items()))
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"sweep.space.{key}: {kind} needs a non-empty list, got {values!r}")
+    if kind in ("uniform", "loguniform", "randint"):
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if len(values) != 2 or not numeric or values[0] >= values[1]:
+            raise ConfigError(f"sweep.space.{key}: {kind} needs [low, high] with low < high, got {values}")
+        if kind == "loguniform" and values[0] <= 0:
+            raise ConfigError(f"sweep.space.{key}: loguniform needs low > 0, got {values[0]}")
+    return section, name, kind, values
