@@ -72,9 +72,16 @@ def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
     # Oversubscribe a small machine rather than wait forever for CPUs it does not have, plus
     # one logical CPU for the trials' tiny drivers so they never take a worker's place.
     # The dashboard (and its job server) stays on loopback unless run.dashboard_host says otherwise.
+    start_local_ray(num_cpus=max(os.cpu_count() or 1, needed) + math.ceil(extra_cpus),
+                    dashboard_host=cfg.run.dashboard_host, include_dashboard=True)
+
+
+def start_local_ray(**init_kwargs):
+    """``ray.init`` of a new local instance whose processes all know its address (see below)."""
+    import ray
+
     _pin_local_address()
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed) + math.ceil(extra_cpus),
-             dashboard_host=cfg.run.dashboard_host, include_dashboard=True)
+    return ray.init(address="local", **init_kwargs)
 
 
 def _pin_local_address() -> None:
@@ -114,7 +121,7 @@ def run_stage(cfg: Config, stage: str, storage: str | None = None, name: str | N
     from kd_ray.train_loop import stage_epochs
 
     cfg = preflight(cfg, stage)
-    storage = str(Path(storage or cfg.run.storage).resolve())
+    storage = str(Path(storage or cfg.run.storage).expanduser().resolve())
     name = name or cfg.run.name
     run_dir = Path(storage) / name
     done = finished_summary(run_dir, stage_epochs(cfg, stage))

@@ -20,7 +20,7 @@ def describe_setup(cfg: Config) -> str:
 
 def run_pipeline(cfg: Config, train_teacher: bool = True, distill: bool = True) -> tuple[Path, str]:
     """Run the stages under <storage>/<run.name>/ and write the comparison there."""
-    root = Path(cfg.run.storage).resolve() / cfg.run.name
+    root = Path(cfg.run.storage).expanduser().resolve() / cfg.run.name
     started = time.perf_counter()
     print(f"[kd_ray] pipeline {cfg.run.name}: {describe_setup(cfg)}", flush=True)
     teacher_path = cfg.distill.teacher_path

@@ -19,8 +19,12 @@ def ray_cluster():
     os.environ.update(RAY_TEST_ENV)
     import ray
 
-    context = ray.init(num_cpus=5, object_store_memory=256 * 2**20, dashboard_host="127.0.0.1",
-                       include_dashboard=True)
+    from kd_ray.launch import start_local_ray
+
+    # 5 CPUs: two 2-worker sweep trials and their drivers fit at once. start_local_ray puts the
+    # address in RAY_ADDRESS for Ray's own helpers, also when other Ray instances run here.
+    context = start_local_ray(num_cpus=5, object_store_memory=256 * 2**20,
+                              dashboard_host="127.0.0.1", include_dashboard=True)
     yield context.address_info["gcs_address"]
     ray.shutdown()  # stops only the instance this session started
 
