@@ -116,10 +116,15 @@ def write_report(out_dir, runs: list[dict]) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = comparison_rows(runs)
     table = markdown_table(rows)
-    (out_dir / "comparison.md").write_text(table + "\n")
-    with open(out_dir / "comparison.csv", "w", newline="") as f:
+    write_tables(out_dir / "comparison", rows, table)
+    plot_accuracy(runs, out_dir / "accuracy.png")
+    return table
+
+
+def write_tables(stem: Path, rows: list[dict], markdown: str) -> None:
+    """``<stem>.md`` (the markdown table) and ``<stem>.csv`` (the rows)."""
+    stem.with_suffix(".md").write_text(markdown + "\n")
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    plot_accuracy(runs, out_dir / "accuracy.png")
-    return table

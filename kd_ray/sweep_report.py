@@ -1,7 +1,6 @@
 """What a sweep leaves on the head node: summary table (md/csv), best.yaml, heatmap.png."""
 from __future__ import annotations
 
-import csv
 import math
 import statistics
 from pathlib import Path
@@ -11,6 +10,7 @@ import yaml
 from kd_ray.config import Config
 from kd_ray.sweep_config import space_entry
 from kd_ray.errors import KdRayError
+from kd_ray.report import write_tables
 
 T_KEY, ALPHA_KEY = "distill.temperature", "distill.alpha"
 
@@ -147,11 +147,7 @@ def write_sweep_report(cfg: Config, sweep_dir, results) -> tuple[Path, str]:
         raise KdRayError(f"the sweep in {sweep_dir} ran no trials")
     rows = trial_rows(cfg, sweep_dir, trials)
     table = markdown_table(rows)
-    (sweep_dir / "summary.md").write_text(table + "\n")
-    with open(sweep_dir / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_tables(sweep_dir / "summary", rows, table)
     plot_sweep(cfg, rows, sweep_dir / "heatmap.png")
     final = f"final {cfg.sweep.metric}"
     good = [r for r in rows if not r["stop"].startswith("error") and r[final] is not None]
