@@ -238,11 +238,18 @@ def raise_user_error(exc: Exception) -> None:
     """Re-raise the user-fixable error a worker hit, as one line, instead of Ray's wrapper."""
     failures = getattr(exc, "worker_failures", None) or {}
     for rank, failure in sorted(failures.items()):
-        seen = failure
-        while seen is not None:
-            if isinstance(seen, KdRayError):
-                raise type(seen)(f"{one_line(seen)} (rank {rank})") from exc
-            seen = seen.__cause__ or getattr(seen, "cause", None)
+        found = user_error_in(failure)
+        if found is not None:
+            raise type(found)(f"{one_line(found)} (rank {rank})") from exc
+
+
+def user_error_in(error: BaseException | None) -> KdRayError | None:
+    """Our own error inside Ray's wrappers (causes, RayTaskError(...) subclasses), if any."""
+    while error is not None:
+        if isinstance(error, KdRayError):
+            return error
+        error = error.__cause__ or getattr(error, "cause", None)
+    return None
 
 
 def one_line(error: Exception) -> str:

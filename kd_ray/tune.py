@@ -16,7 +16,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from kd_ray.config import Config
 from kd_ray.sweep_config import space_entry
-from kd_ray.errors import ConfigError, KdRayError
+from kd_ray.errors import ConfigError
 from kd_ray.launch import ensure_ray, preflight, run_stage
 from kd_ray.tb_callback import MetricsCallback
 
@@ -256,11 +256,8 @@ def first_error(results) -> str | None:
 
 def trial_error(result) -> str | None:
     """A failed trial's error as one line (our own errors without Ray's wrappers)."""
-    from kd_ray.launch import one_line
+    from kd_ray.launch import one_line, user_error_in
 
-    seen = result.error
-    while seen is not None:
-        if isinstance(seen, KdRayError):  # also Ray's RayTaskError(KdRayError) subclasses
-            return one_line(seen)
-        seen = seen.__cause__ or getattr(seen, "cause", None)
-    return one_line(result.error) if result.error is not None else None
+    if result.error is None:
+        return None
+    return one_line(user_error_in(result.error) or result.error)
