@@ -34,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--train-teacher", action="store_true",
                       help="train the teacher first (once), instead of using distill.teacher_path")
     tune.add_argument("--resume", metavar="SWEEP_DIR", help="finish an interrupted sweep")
+    cache = sub.add_parser("cache-teacher", help="compute the teacher's logits once into a Parquet cache",
+                           description="Runs distill.teacher_path over the training set (K augmented "
+                           "views per image with data.augment) on Ray workers; distill runs and sweep "
+                           "trials then read the logits instead of running the teacher.")
+    _config_args(cache)
+    cache.add_argument("--out", help="cache folder (default: distill.teacher_cache if a folder, "
+                       "else <run.storage>/teacher_cache)")
     demo = sub.add_parser("demo", help="the pipeline on the shipped MNIST subset, 3 seeds")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     report = sub.add_parser("report", help="remake the comparison table and plot from finished runs")
@@ -91,6 +98,14 @@ def run(args) -> int:
         print(f"\nSweep results ({sweep_dir}):\n{table}\n[kd_ray] best config: {sweep_dir}/best.yaml "
               f"(kd-ray distill -c {sweep_dir}/best.yaml); heatmap: {sweep_dir}/heatmap.png; "
               f"TensorBoard: tensorboard --logdir {sweep_dir}", flush=True)
+        return 0
+    if args.command == "cache-teacher":
+        from kd_ray.teacher_cache import cache_teacher
+
+        cfg, _ = _load(args)
+        path, manifest = cache_teacher(cfg, args.out)
+        print(f"[kd_ray] teacher cache ready: {path} ({manifest['rows']} rows, {manifest['samples']} "
+              f"images x {manifest['views']} view(s)); use it with --set distill.teacher_cache={path}")
         return 0
     if args.command in ("pipeline", "demo"):
         from kd_ray.config import load_config

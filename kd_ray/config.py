@@ -73,8 +73,22 @@ class DistillConfig:
     """Weight of the distillation term; 1 - alpha goes to cross-entropy on labels."""
     teacher_path: Optional[str] = None
     """Exported teacher file (teacher.pt from train-teacher)."""
+    teacher_cache: str = "auto"
+    """auto (compute the teacher's logits once, keep them in <storage>/teacher_cache), off (run the
+    teacher every step), or a folder from `kd-ray cache-teacher`."""
+    cache_views: int = 4
+    """Augmented views cached per image when data.augment is on (one per epoch, in turn)."""
+    cache_top_k: Optional[int] = None
+    """Store only the k largest logits and the others' total mass (for many classes)."""
+    cache_batch_size: int = 256
+    """Images per teacher forward pass while building the cache."""
 
     def __post_init__(self):
+        _positive(self, "cache_views")
+        _positive(self, "cache_top_k", allow_none=True)
+        _positive(self, "cache_batch_size")
+        if not self.teacher_cache:
+            raise ConfigError("distill.teacher_cache must be auto, off or a folder")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"distill.alpha must be in [0, 1], got {self.alpha}")
         if not self.temperature > 0:

@@ -48,8 +48,10 @@ def train_one_epoch(
     """Train ``model`` for one pass over ``loader``.
 
     ``loss_fn(student_logits, teacher_logits, labels, loss_cfg)`` returns a dict with "loss" and
-    its parts. The teacher, when given, runs without autograd and stays in eval mode.
-    Returns sums: ``loss_sum`` and ``<part>_sum`` weighted by batch size, ``images``, ``seconds``.
+    its parts. Batches are ``(inputs, labels)``, or ``(inputs, labels, teacher_logits)`` from a
+    teacher cache; otherwise the teacher, when given, runs without autograd and in eval mode.
+    Returns sums: ``loss_sum`` and ``<part>_sum`` weighted by batch size, ``images``, ``seconds``,
+    ``teacher_images`` (images the teacher ran on).
 
     Sums stay on the device, and a non-finite loss is looked for every ``check_every`` steps
     (default: every step on CPU, every 25 on GPU, where each look makes the GPU wait for the host).
@@ -62,16 +64,17 @@ def train_one_epoch(
     sums: dict[str, torch.Tensor] = {}
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     bad_value = torch.zeros((), device=device)
-    images = 0
+    images = teacher_images = 0
     start = time.perf_counter()
-    for step, (inputs, labels) in enumerate(loader):
+    for step, (inputs, labels, *cached) in enumerate(loader):
         inputs = to_device(inputs, device, channels_last)
         labels = labels.to(device, non_blocking=True)
         with autocast_for(device, amp):
-            teacher_logits = None
-            if teacher is not None:
+            teacher_logits = cached[0].to(device, non_blocking=True) if cached else None
+            if teacher is not None and not cached:
                 with torch.no_grad():
                     teacher_logits = teacher(inputs)
+                teacher_images += inputs.shape[0]
             student_logits = model(inputs)
             parts = loss_fn(student_logits, teacher_logits, labels, loss_cfg)
         loss = parts["loss"]
@@ -93,6 +96,7 @@ def train_one_epoch(
     _raise_if_non_finite(bad_step, bad_value, epoch)
     out = {key: float(value) for key, value in sums.items()}  # one wait for the GPU per epoch
     out["images"] = images
+    out["teacher_images"] = teacher_images
     out["seconds"] = time.perf_counter() - start
     return out
 
@@ -144,6 +148,7 @@ def epoch_metrics(train: dict, val: dict, num_classes: int) -> dict:
         metrics["val/top5"] = val["correct5"] / count
     metrics["perf/epoch_seconds"] = train["seconds"]
     metrics["perf/images_per_s"] = train["images"] / train["seconds"] if train["seconds"] else math.nan
+    metrics["perf/teacher_images"] = train.get("teacher_images", 0)  # 0 when logits are cached
     return metrics
 
 

@@ -130,6 +130,10 @@ def run_stage(cfg: Config, stage: str, storage: str | None = None, name: str | N
             print(f"[kd_ray] {name} already finished {done['epochs']} epochs; skipping "
                   f"(delete {run_dir} to train it again)", flush=True)
         return StageResult(stage, run_dir, done)
+    if stage == "distill":  # teacher logits once for all epochs (distill.teacher_cache)
+        from kd_ray.teacher_cache import resolve
+
+        cfg = resolve(cfg, Path(storage) / "teacher_cache")
     ensure_ray(cfg)
     check_resources(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)

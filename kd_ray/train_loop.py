@@ -18,6 +18,8 @@ from kd_ray.data import build_data
 from kd_ray.engine import build_optimizer, epoch_metrics, evaluate, train_one_epoch
 from kd_ray.losses import get_loss
 from kd_ray.models import build_model, load_teacher
+from kd_ray.teacher_cache import load as load_cache
+from kd_ray.views import CachedViews, ViewSampler
 
 STATE_FILE = "state.pt"
 
@@ -35,10 +37,22 @@ def stage_epochs(cfg: Config, stage: str) -> int:
     return cfg.optim.epochs
 
 
+def cached_logits_folder(cfg: Config, stage: str, needs_teacher: bool) -> str | None:
+    """The teacher cache the driver resolved for this run (launch/tune call teacher_cache.resolve)."""
+    folder = cfg.distill.teacher_cache
+    if stage != "distill" or not needs_teacher or folder in ("off", "auto"):
+        return None  # "auto" only reaches here from callers that skip resolve: run the teacher
+    return folder
+
+
 def make_loaders(bundle, batch_size: int, rank: int, world: int, seed: int, workers: int):
     """Shuffled, sharded training loader and an exact (unpadded) validation shard."""
     per_worker = max(1, batch_size // world)
-    sampler = DistributedSampler(bundle.train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    if isinstance(bundle.train, CachedViews):  # yields (view, sample) ids, a new view each epoch
+        sampler = ViewSampler(bundle.train, bundle.train.views, bundle.train.seed,
+                              num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    else:
+        sampler = DistributedSampler(bundle.train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     # drop_last keeps BatchNorm away from 1-image batches; tiny sets keep their only batch.
     drop_last = len(sampler) > per_worker
     train = DataLoader(bundle.train, batch_size=per_worker, sampler=sampler, drop_last=drop_last,
@@ -87,7 +101,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     nhwc = cfg.run.channels_last and device.type == "cuda"
     fmt = torch.channels_last if nhwc else torch.preserve_format
 
+    loss_fn, needs_teacher = get_loss(cfg.distill.loss if stage == "distill" else "ce")
+    cache = cached_logits_folder(cfg, stage, needs_teacher)
     bundle = build_data(cfg.data, stage, cfg.run.seed)
+    if cache:  # the teacher never runs: its logits for the replayed views come with each batch
+        bundle.train = CachedViews(bundle.train, load_cache(cache), cfg.data.split_seed)
     train_loader, sampler, val_loader = make_loaders(
         bundle, cfg.optim.batch_size, rank, world, cfg.run.seed, cfg.data.loader_workers
     )
@@ -95,9 +113,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(arch, bundle.num_classes, pretrained=pretrained).to(memory_format=fmt)
     model = ray.train.torch.prepare_model(model)  # DDP when world > 1
-    loss_fn, needs_teacher = get_loss(cfg.distill.loss if stage == "distill" else "ce")
     teacher = None
-    if needs_teacher:
+    if needs_teacher and not cache:
         teacher, _ = load_teacher(cfg.distill.teacher_path, device=device)  # frozen, eval, no DDP
         teacher = teacher.to(memory_format=fmt)
     epochs = stage_epochs(cfg, stage)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from kd_ray import teacher_cache
 from kd_ray.config import Config
 from kd_ray.sweep_config import space_entry
 from kd_ray.errors import ConfigError
@@ -193,6 +194,8 @@ def run_sweep(cfg: Config, train_teacher: bool = False):
     if train_teacher:
         teacher = run_stage(cfg, "teacher", storage=str(sweep_dir), name="teacher")
         cfg = cfg.replace(distill={"teacher_path": teacher.summary["teacher_file"]})
+    # Built once here; every trial reads it (T and alpha only change the loss).
+    cfg = teacher_cache.resolve(cfg, sweep_dir / "teacher_cache")
     cfg.save(sweep_dir / SWEEP_FILE)
     print(f"[kd_ray] sweep {cfg.run.name}: {_describe(cfg)}; results in {sweep_dir}", flush=True)
     results = make_tuner(cfg, sweep_dir).fit()
@@ -212,6 +215,7 @@ def resume_sweep(sweep_dir) -> tuple:
                           "pass the folder `kd-ray tune` printed")
     cfg = load_config(sweep_dir / SWEEP_FILE)
     ensure_ray(cfg, extra_cpus=DRIVER_CPUS)
+    teacher_cache.resolve(cfg, sweep_dir / "teacher_cache")  # still there and matching (or rebuilt)
     states = trial_states(sweep_dir)
     done = sum(status == "TERMINATED" for status in states.values())
     print(f"[kd_ray] resuming sweep {sweep_dir}: {done} of {planned_trials(cfg)} trials finished and kept; "
