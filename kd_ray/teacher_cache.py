@@ -144,7 +144,7 @@ def build(cfg: Config, path, want: dict | None = None, use_ray: bool = True) -> 
     want = want or wanted(cfg)
     samples, views = describe(cfg.data).train_count, want["transform"]["views"]
     total = samples * views
-    shards = min(cfg.run.num_workers, total)
+    shards = max(1, min(_free_workers(cfg) if use_ray else cfg.run.num_workers, total))
     bounds = np.linspace(0, total, shards + 1).astype(int)
     staging = path.with_name(path.name + ".building")
     shutil.rmtree(staging, ignore_errors=True)
@@ -171,12 +171,21 @@ def build(cfg: Config, path, want: dict | None = None, use_ray: bool = True) -> 
     return manifest
 
 
-def _run_on_ray(cfg: Config, jobs: list) -> list[dict]:
+def _free_workers(cfg: Config) -> int:
+    """Shards for the build: as many workers as the cluster holds (at least run.num_workers)."""
     import ray
 
     from kd_ray.launch import ensure_ray
 
     ensure_ray(cfg)  # started only now: a stale or bad input was refused before
+    have = ray.cluster_resources()
+    fits = have.get("GPU", 0) if cfg.run.use_gpu else have.get("CPU", 0) // cfg.run.cpus_per_worker
+    return max(cfg.run.num_workers, int(fits))
+
+
+def _run_on_ray(cfg: Config, jobs: list) -> list[dict]:
+    import ray
+
     task = ray.remote(build_shard).options(
         num_cpus=0 if cfg.run.use_gpu else cfg.run.cpus_per_worker,
         num_gpus=1 if cfg.run.use_gpu else 0, max_retries=1)

@@ -1,0 +1,245 @@
+"""Speed of distillation with the teacher-logit cache, and of kd_ray's Ray Train path, on CPU.
+
+Each figure is a ratio of two timings taken in this one run (the machine is shared and noisy):
+  B1  cached-logit KD step / student-only cross-entropy step (the floor)        target <= 1.05
+      (and online KD step / CE step, for reference)
+  B2  kd_ray TorchTrainer, 1 worker, steady-state images/s / plain PyTorch loop  target >= 0.95
+  B3  8-trial (T, alpha) sweep incl. the cache build / 8 x plain student run     target <= 1.15
+      (and the same sweep with the live teacher, for reference)
+Synthetic 32 px data; a resnet18 teacher (random weights: speed only) and the simple_cnn student;
+1 thread per worker on both sides.
+
+    python scripts/bench_kd.py [--quick] [--skip-live] [--out benchmarks/results.md]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from kd_ray import teacher_cache  # noqa: E402
+from kd_ray.config import Config  # noqa: E402
+from kd_ray.data import build_data  # noqa: E402
+from kd_ray.engine import build_optimizer, evaluate  # noqa: E402
+from kd_ray.losses import get_loss  # noqa: E402
+from kd_ray.models import build_model, export_teacher, load_teacher  # noqa: E402
+from kd_ray.views import CachedViews, ViewSampler  # noqa: E402
+
+TEACHER, STUDENT, BATCH = "resnet18", "simple_cnn", 64
+SPACE = {"distill.temperature": [1, 2, 4, 8], "distill.alpha": [0.5, 0.9]}
+
+
+def make_config(storage: Path, teacher: Path, images: int, epochs: int, **distill) -> Config:
+    return Config.from_dict({
+        "data": {"name": "synthetic", "synthetic_size": images, "image_size": 32},
+        "model": {"teacher": TEACHER, "student": STUDENT},
+        "distill": {"loss": "kd", "teacher_path": str(teacher), **distill},
+        "optim": {"epochs": epochs, "batch_size": BATCH, "lr": 0.02},
+        "run": {"storage": str(storage), "num_workers": 1, "threads_per_worker": 1},
+        "sweep": {"space": SPACE, "scheduler": "none"},
+    })
+
+
+def b1_steps(cfg: Config, steps: int) -> dict:
+    """Per-step seconds (batch fetch + forward + backward + update), the variants interleaved."""
+    torch.set_num_threads(cfg.run.threads_per_worker)
+    cache_dir = Path(cfg.run.storage) / "b1_cache"
+    teacher_cache.build(cfg, cache_dir, use_ray=False)
+    plain = build_data(cfg.data, "distill", 0).train
+    cached = CachedViews(plain, teacher_cache.load(cache_dir), cfg.data.split_seed)
+    teacher, _ = load_teacher(cfg.distill.teacher_path)
+    loaders = {
+        "ce": DataLoader(plain, batch_size=BATCH, shuffle=True, drop_last=True),
+        "cached": DataLoader(cached, batch_size=BATCH, drop_last=True,
+                             sampler=ViewSampler(cached, 1, 0, num_replicas=1, rank=0)),
+        "online": DataLoader(plain, batch_size=BATCH, shuffle=True, drop_last=True),
+    }
+    kd, _ = get_loss("kd")
+    ce, _ = get_loss("ce")
+    states = {}
+    for name in loaders:
+        torch.manual_seed(0)
+        model = build_model(STUDENT, 10)
+        states[name] = (model, torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9), iter(loaders[name]))
+
+    def step(name):
+        model, opt, batches = states[name]
+        start = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            states[name] = (model, opt, iter(loaders[name]))
+            batch = next(states[name][2])
+        inputs, labels = batch[0], batch[1]
+        if name == "ce":
+            loss = ce(model(inputs), None, labels, cfg.distill)["loss"]
+        else:
+            if name == "online":
+                with torch.no_grad():
+                    logits = teacher(inputs)
+            else:
+                logits = batch[2]
+            loss = kd(model(inputs), logits, labels, cfg.distill)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - start
+
+    times = {name: [] for name in loaders}
+    for i in range(steps + 5):  # 5 warm-up rounds; the order rotates so drift hits all alike
+        order = list(loaders)[i % 3:] + list(loaders)[:i % 3]
+        for name in order:
+            seconds = step(name)
+            if i >= 5:
+                times[name].append(seconds)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def plain_run(cfg: Config, epochs: int) -> dict:
+    """Student-only training in a plain PyTorch loop, this process, the workers' thread count."""
+    torch.set_num_threads(cfg.run.threads_per_worker)
+    started = time.perf_counter()
+    bundle = build_data(cfg.data, "student", cfg.run.seed)
+    train = DataLoader(bundle.train, batch_size=BATCH, shuffle=True, drop_last=True)
+    val = DataLoader(bundle.val, batch_size=BATCH * 2)
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(STUDENT, bundle.num_classes)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, len(train), epochs)
+    speeds = []
+    for _ in range(epochs):
+        model.train()
+        t0, images = time.perf_counter(), 0
+        for inputs, labels in train:
+            loss = F.cross_entropy(model(inputs), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            images += len(labels)
+        speeds.append(images / (time.perf_counter() - t0))
+        evaluate(model, val, device=torch.device("cpu"))
+    return {"wall": time.perf_counter() - started, "speeds": speeds}
+
+
+def steady(speeds: list[float]) -> float:
+    return statistics.median(speeds[1:] if len(speeds) > 1 else speeds)
+
+
+def b2_trainer(cfg: Config) -> dict:
+    from kd_ray.launch import read_history, run_stage
+
+    started = time.time()
+    result = run_stage(cfg, "student", name="b2-student")
+    history = read_history(result.run_dir)
+    first = history[0]
+    startup = first["time"] - started - first["perf/epoch_seconds"]
+    return {"speeds": [h["perf/images_per_s"] for h in history], "startup": startup,
+            "wall": time.time() - started}
+
+
+def b3_sweep(cfg: Config, name: str) -> dict:
+    from kd_ray.tune import run_sweep
+
+    started = time.perf_counter()
+    run_sweep(cfg.replace(run={"name": name}))
+    return {"wall": time.perf_counter() - started}
+
+
+def machine() -> str:
+    import ray
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return (f"{os.cpu_count()} CPU cores ({cpu}), {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: checks the script, not the speed")
+    parser.add_argument("--skip-live", action="store_true", help="skip the live-teacher reference sweep")
+    parser.add_argument("--min-plain-seconds", type=float, default=60.0)
+    parser.add_argument("--out", default=None, help="markdown file for the results "
+                        "(default benchmarks/results.md; none with --quick)")
+    args = parser.parse_args()
+    from kd_ray.launch import ensure_ray
+    from kd_ray.tune import DRIVER_CPUS, trials_that_fit
+
+    storage = Path(tempfile.mkdtemp(prefix="kd_ray_bench_kd_"))
+    torch.manual_seed(0)
+    teacher = storage / "teacher.pt"
+    export_teacher(teacher, build_model(TEACHER, 10), TEACHER, [f"class{c}" for c in range(10)], 32)
+    lines = [f"machine: {machine()}", f"teacher {TEACHER}, student {STUDENT}, 32 px synthetic, batch {BATCH}"]
+
+    def say(text: str) -> None:
+        lines.append(text)
+        print(f"[bench_kd] {text}", flush=True)
+
+    say(lines[0]), say(lines[1])
+    steps = 8 if args.quick else 30
+    b1 = b1_steps(make_config(storage, teacher, 2048, 1), steps)
+    r1, r1_online = b1["cached"] / b1["ce"], b1["online"] / b1["ce"]
+    say(f"B1 step ms (median of {steps}): CE {1e3 * b1['ce']:.2f}, cached KD {1e3 * b1['cached']:.2f}, "
+        f"online KD {1e3 * b1['online']:.2f}")
+
+    images = 1024 if args.quick else 8192
+    cfg = make_config(storage, teacher, images, 2 if args.quick else 5)
+    ensure_ray(cfg, extra_cpus=DRIVER_CPUS)  # once, with room for the sweep's trial drivers
+    trainer = b2_trainer(cfg)
+    plain = plain_run(cfg, cfg.optim.epochs)
+    r2 = steady(trainer["speeds"]) / steady(plain["speeds"])
+    say(f"B2 images/s per epoch: TorchTrainer {[round(s) for s in trainer['speeds']]}, plain "
+        f"{[round(s) for s in plain['speeds']]}; TorchTrainer start-up {trainer['startup']:.1f}s")
+
+    # B3: epochs enough for one plain student run to last --min-plain-seconds.
+    sweep_images = 1024 if args.quick else 8192
+    probe = plain_run(make_config(storage, teacher, sweep_images, 1), 1)
+    epochs = 2 if args.quick else max(2, math.ceil(args.min_plain_seconds / probe["wall"] * 1.1))
+    sweep_cfg = make_config(storage, teacher, sweep_images, epochs)
+    plain3 = plain_run(sweep_cfg, epochs)
+    at_once = trials_that_fit(sweep_cfg)
+    say(f"B3 plain student run: {epochs} epochs of {sweep_images} images, {plain3['wall']:.1f}s; "
+        f"sweep: 8 trials, {at_once} at a time on {os.cpu_count()} cores")
+    cached = b3_sweep(sweep_cfg, "b3-cached")
+    r3 = cached["wall"] / (8 * plain3["wall"])
+    say(f"B3 cached sweep (cache build included): {cached['wall']:.1f}s")
+    r3_live = None
+    if not args.skip_live:
+        live = b3_sweep(sweep_cfg.replace(distill={"teacher_cache": "off"}), "b3-live")
+        r3_live = live["wall"] / (8 * plain3["wall"])
+        say(f"B3 live-teacher sweep: {live['wall']:.1f}s")
+
+    rows = [("B1", "cached KD step / CE step", r1, "<= 1.05", r1 <= 1.05),
+            ("B1 ref", "online KD step / CE step", r1_online, "-", None),
+            ("B2", "TorchTrainer img/s / plain loop img/s", r2, ">= 0.95", r2 >= 0.95),
+            ("B3", "cached sweep / 8 x plain run", r3, "<= 1.15", r3 <= 1.15)]
+    if r3_live is not None:
+        rows.append(("B3 ref", "live-teacher sweep / 8 x plain run", r3_live, "-", None))
+    table = ["| | ratio | value | target | met |", "|---|---|---:|---|---|"]
+    table += [f"| {k} | {what} | {value:.3f} | {target} | {'-' if ok is None else 'yes' if ok else 'NO'} |"
+              for k, what, value, target, ok in rows]
+    print("\n".join(table), flush=True)
+    out = args.out or (None if args.quick else "benchmarks/results.md")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(f"# bench_kd ({time.strftime('%Y-%m-%d %H:%M')}, `python scripts/bench_kd.py`)\n\n"
+                             + "\n".join(f"- {line}" for line in lines) + "\n\n" + "\n".join(table) + "\n")
+        print(f"[bench_kd] wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
