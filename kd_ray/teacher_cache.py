@@ -269,7 +269,7 @@ class CachedLogits:
         import torch
 
         if self.dense is not None:
-            return torch.from_numpy(self.dense[view, index].astype(np.float32))
+            return torch.from_numpy(self.dense[view, index])  # float16; the loss upcasts it
         k = self.top_index.shape[-1]
         # The other classes share the stored mass equally: exact top-k probabilities at T = 1.
         full = np.full(self.num_classes, self.rest[view, index] - math.log(self.num_classes - k),
