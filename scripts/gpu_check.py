@@ -8,7 +8,6 @@ teacher-inference images/s. Run through scripts/gpu_check.sh.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -21,15 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kd_ray.engine import train_one_epoch  # noqa: E402
 from kd_ray.losses import get_loss  # noqa: E402
 from kd_ray.models import build_model  # noqa: E402
+from gpu_smoke import device_args, sync  # noqa: E402  (scripts/ is on sys.path when run)
 
 CLASSES = 1000
 KD_CFG = SimpleNamespace(temperature=4.0, alpha=0.9)
 FMT = torch.channels_last
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def make_batches(n, batch, size, device):
@@ -76,15 +71,7 @@ def images_per_s(fn, data) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = True
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    args, device, name = device_args(steps=40, size=224)
     print(f"torch {torch.__version__}, {name}; resnet50 -> resnet18, {args.size} px, batch {args.batch}, "
           f"bf16, channels_last, {args.steps} timed steps per row", flush=True)
     torch.manual_seed(0)

@@ -144,15 +144,22 @@ def checks(device) -> None:
     print(f"{backend} DDP step ok: {sums['images']} images, loss {sums['loss_sum'] / sums['images']:.4f}")
 
 
-def main() -> None:
+def device_args(steps: int, **extra: int) -> tuple[argparse.Namespace, torch.device, str]:
+    """--batch, --steps, --device (cpu: a dry run of the script itself) and ``--extra`` ints."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--device", default="cuda", help="cpu: a quick dry run of the script itself")
+    for flag, default in extra.items():
+        parser.add_argument(f"--{flag}", type=int, default=default)
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    return args, device, torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+
+
+def main() -> None:
+    args, device, name = device_args(steps=30)
     print(f"torch {torch.__version__}, {name}, batch {args.batch}, "
           f"{args.steps} timed steps per row")
     checks(device)
