@@ -26,7 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
              "distill": "train the student from the teacher in distill.teacher_path",
              "pipeline": "teacher, then baseline and distilled students per seed, then a comparison"}
     for name, text in helps.items():
-        _config_args(sub.add_parser(name, help=text, description=text))
+        stage = sub.add_parser(name, help=text, description=text)
+        _config_args(stage)
+        if name in STAGE_COMMANDS:
+            stage.add_argument("--new", action="store_true",
+                               help="run.name exists: start a fresh run beside it (<name>-2) instead of resuming")
     tune = sub.add_parser("tune", help="Ray Tune sweep of distillation (sweep section of the config)",
                           description="Sweep sweep.space (e.g. distill.temperature, distill.alpha); "
                           "every trial is a distributed distillation run.")
@@ -78,7 +82,7 @@ def run(args) -> int:
         from kd_ray.launch import run_stage
 
         cfg, _ = _load(args)
-        result = run_stage(cfg, STAGE_COMMANDS[args.command])
+        result = run_stage(cfg, STAGE_COMMANDS[args.command], new=args.new)
         top1 = result.summary["final"].get("val/top1")
         print(f"[kd_ray] done: val top-1 {100 * top1:.2f}% after {result.summary['epochs']} epochs; "
               f"results in {result.run_dir}")
@@ -145,10 +149,11 @@ def main(argv=None) -> int:
         print(f"kd-ray: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        if type(exc).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
+        if type(exc).__name__ not in ("RunFailedError", "TrainingFailedError", "WorkerGroupError",
+                                      "ControllerError"):
             raise
         lines = [line for line in str(exc).splitlines() if line.strip()]
-        print(f"kd-ray: error: training failed: {lines[-1] if lines else exc!r} (full log above; "
+        print(f"kd-ray: error: training failed: {lines[-1] if lines else repr(exc)} (full log above; "
               "finished epochs are kept: rerun the same command to resume)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

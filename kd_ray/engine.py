@@ -11,9 +11,12 @@ import time
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from kd_ray.errors import NonFiniteLossError
+from kd_ray.errors import KdRayError, NonFiniteLossError, PeerFailedError
+
+NO_STEP = 2**62  # "no bad step" in the MIN all-reduce of stop_together
 
 
 def autocast_for(device: torch.device, enabled: bool):
@@ -55,6 +58,8 @@ def train_one_epoch(
 
     Sums stay on the device, and a non-finite loss is looked for every ``check_every`` steps
     (default: every step on CPU, every 25 on GPU, where each look makes the GPU wait for the host).
+    Under torch.distributed each look is shared by all ranks (``stop_together``): a NaN loss or
+    a bad image on one rank stops every rank at the same step.
     """
     if check_every is None:
         check_every = 1 if device.type == "cpu" else 25
@@ -66,7 +71,10 @@ def train_one_epoch(
     bad_value = torch.zeros((), device=device)
     images = teacher_images = 0
     start = time.perf_counter()
-    for step, (inputs, labels, *cached) in enumerate(loader):
+    def check(error):  # reads bad_step and bad_value as they are at the time of the check
+        stop_together(error, device, bad_step, bad_value, epoch)
+
+    for step, (inputs, labels, *cached) in enumerate(_batches(loader, check_every, check)):
         inputs = to_device(inputs, device, channels_last)
         labels = labels.to(device, non_blocking=True)
         with autocast_for(device, amp):
@@ -81,8 +89,6 @@ def train_one_epoch(
         first_bad = ~torch.isfinite(loss.detach()) & (bad_step < 0)
         bad_step = torch.where(first_bad, step, bad_step)
         bad_value = torch.where(first_bad, loss.detach().float(), bad_value)
-        if (step + 1) % check_every == 0:
-            _raise_if_non_finite(bad_step, bad_value, epoch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -93,7 +99,6 @@ def train_one_epoch(
         for name, value in parts.items():
             key = f"{name}_sum"
             sums[key] = sums.get(key, 0.0) + torch.as_tensor(value).detach().float() * batch
-    _raise_if_non_finite(bad_step, bad_value, epoch)
     out = {key: float(value) for key, value in sums.items()}  # one wait for the GPU per epoch
     out["images"] = images
     out["teacher_images"] = teacher_images
@@ -101,13 +106,51 @@ def train_one_epoch(
     return out
 
 
-def _raise_if_non_finite(bad_step: torch.Tensor, bad_value: torch.Tensor, epoch: int) -> None:
-    step = int(bad_step)
-    if step >= 0:
-        raise NonFiniteLossError(
-            f"non-finite loss ({float(bad_value)}) at epoch {epoch} step {step}: "
-            "lower optim.lr or check the inputs and the loss"
-        )
+def _batches(loader, check_every: int, check: Callable):
+    """``loader``'s batches, with ``check(error)`` before every ``check_every``-th one and after
+    the last. A KdRayError while loading (a corrupt image) is kept for the next check; until then
+    this rank repeats its last good batch, so it joins the same collectives as the others (step 0
+    is always checked, so a good batch exists by then).
+    """
+    error, last, batches = None, None, iter(loader)
+    for step in range(len(loader)):
+        if error is None:
+            try:
+                last = next(batches)
+            except StopIteration:
+                break
+            except KdRayError as exc:
+                error = exc
+        if step % check_every == 0:
+            check(error)
+        yield last
+    check(error)
+
+
+def stop_together(error: Optional[Exception], device: torch.device, bad_step=None, bad_value=None,
+                  epoch: Optional[int] = None) -> None:
+    """Raise on every rank at once if any rank failed; return otherwise.
+
+    Every rank calls this at the same points. One small all-reduce shares the first step with a
+    non-finite loss (``bad_step``, -1 for none) and whether a rank holds a KdRayError, so that no
+    rank moves on to a collective that a failed rank will never join.
+    """
+    if bad_step is None:
+        bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    flags = torch.stack([torch.where(bad_step < 0, NO_STEP, bad_step),
+                         torch.tensor(-int(error is not None), device=device)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    first_bad, failed = flags.tolist()
+    if error is not None:
+        raise error
+    if first_bad != NO_STEP:
+        if int(bad_step) == first_bad:
+            raise NonFiniteLossError(f"non-finite loss ({float(bad_value)}) at epoch {epoch} step "
+                                     f"{first_bad}: lower optim.lr or check the inputs and the loss")
+        raise PeerFailedError(f"another rank had a non-finite loss at epoch {epoch} step {first_bad}")
+    if failed:
+        raise PeerFailedError("another rank stopped with an error")
 
 
 @torch.no_grad()

@@ -19,3 +19,11 @@ class TeacherError(KdRayError):
 
 class NonFiniteLossError(KdRayError):
     """Loss became NaN or inf; raised with the epoch and step."""
+
+
+class PeerFailedError(KdRayError):
+    """Another rank hit one of the errors above; this rank stops at the same step."""
+
+
+class RunFailedError(RuntimeError):
+    """Training failed after Ray's retries (run.max_failures); finished epochs are kept."""

@@ -9,9 +9,11 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from kd_ray import checkpoints
 from kd_ray.config import Config
-from kd_ray.errors import ConfigError, KdRayError
-from kd_ray.tb_callback import MetricsCallback, ProgressPrinter
+from kd_ray.errors import ConfigError, KdRayError, RunFailedError
+from kd_ray.recovery import check_resume, failure_message, fresh_name, quiet, raise_returned_error
+from kd_ray.tb_callback import MetricsCallback, ProgressPrinter, backfill, read_failures
 
 TEACHER_FILE = "teacher.pt"
 
@@ -114,8 +116,12 @@ def check_resources(cfg: Config) -> None:
 
 
 def run_stage(cfg: Config, stage: str, storage: str | None = None, name: str | None = None,
-              verbose: bool = True) -> StageResult:
-    """Train one stage (teacher, student or distill) and return where its results are."""
+              verbose: bool = True, new: bool = False) -> StageResult:
+    """Train one stage (teacher, student or distill) and return where its results are.
+
+    An existing run of the same name resumes from its last usable checkpoint; ``new`` starts a
+    fresh run beside it instead (``<name>-2``, ``<name>-3``, ...).
+    """
     import ray.train
 
     from kd_ray.train_loop import stage_epochs
@@ -123,6 +129,8 @@ def run_stage(cfg: Config, stage: str, storage: str | None = None, name: str | N
     cfg = preflight(cfg, stage)
     storage = str(Path(storage or cfg.run.storage).expanduser().resolve())
     name = name or cfg.run.name
+    if new:
+        name = fresh_name(Path(storage), name)
     run_dir = Path(storage) / name
     done = finished_summary(run_dir, stage_epochs(cfg, stage))
     if done is not None:
@@ -134,6 +142,7 @@ def run_stage(cfg: Config, stage: str, storage: str | None = None, name: str | N
         from kd_ray.teacher_cache import resolve
 
         cfg = resolve(cfg, Path(storage) / "teacher_cache")
+    resume = check_resume(cfg, stage, run_dir, warn=print if verbose else quiet)
     ensure_ray(cfg)
     check_resources(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -142,6 +151,13 @@ def run_stage(cfg: Config, stage: str, storage: str | None = None, name: str | N
     if verbose:
         print(f"[kd_ray] {label}: {stage_epochs(cfg, stage)} epochs on {cfg.run.num_workers} "
               f"worker(s), results in {run_dir}", flush=True)
+    if resume:
+        if verbose:
+            done = "epoch 1" if resume["epoch"] == 1 else f"epochs 1-{resume['epoch']}"
+            print(f"[kd_ray] resuming {name} from epoch {resume['epoch'] + 1} ({done} done, "
+                  f"{run_dir.name}/{resume['folder']}); --new starts a fresh run beside it", flush=True)
+        backfill(run_dir, resume.get("history", []))  # epochs whose metrics line was lost
+    failures_before = len(read_failures(run_dir))
     trainer = make_trainer(cfg, stage, storage, name, [MetricsCallback(str(run_dir))])
     try:
         if verbose:
@@ -151,7 +167,8 @@ def run_stage(cfg: Config, stage: str, storage: str | None = None, name: str | N
             result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise_user_error(exc)
-        raise
+        raise RunFailedError(failure_message(cfg, run_dir, failures_before, exc)) from exc
+    raise_returned_error(result)
     summary = summarize(cfg, stage, run_dir, result)
     return StageResult(stage, run_dir, summary)
 
@@ -159,13 +176,22 @@ def run_stage(cfg: Config, stage: str, storage: str | None = None, name: str | N
 def make_trainer(cfg: Config, stage: str, storage: str, name: str, callbacks: list):
     """The ``TorchTrainer`` of one stage; ``kd-ray tune`` builds each trial's with this too."""
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
+    from kd_ray import faults
     from kd_ray.train_loop import train_loop_per_worker
 
+    loop_config = {"config": cfg.to_dict(), "stage": stage, "run_dir": str(Path(storage) / name)}
+    plan = faults.from_env()  # the chaos suite's fault plan; never set in user runs
+    if plan:
+        loop_config["faults"] = plan
+    # Ray's own barrier in ray.train.report waits no longer than the process group does (its
+    # controller reads this variable from the driver's environment).
+    os.environ["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] = str(cfg.run.collective_timeout_s)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "stage": stage},
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(timeout_s=cfg.run.collective_timeout_s),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
             resources_per_worker=None if cfg.run.use_gpu else {"CPU": cfg.run.cpus_per_worker},
@@ -182,13 +208,12 @@ def make_trainer(cfg: Config, stage: str, storage: str, name: str, callbacks: li
 
 def summarize(cfg: Config, stage: str, run_dir: Path, result) -> dict:
     """Export the teacher (teacher stage) and write summary.json beside the run."""
-    import torch
-
     from kd_ray.models import build_model, count_params, export_teacher
-    from kd_ray.train_loop import STATE_FILE
 
-    with result.checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+    found = checkpoints.latest(run_dir, with_state=True, warn=quiet)
+    if found is None:
+        raise RunFailedError(f"{run_dir} holds no usable checkpoint after training; rerun to train again")
+    folder, _, state = found
     model = build_model(state["arch"], len(state["classes"]))
     model.load_state_dict(state["model"])
     history = read_history(run_dir)
@@ -201,7 +226,7 @@ def summarize(cfg: Config, stage: str, run_dir: Path, result) -> dict:
                   if isinstance(v, (int, float)) and k != "time"},
         "best_top1": max((h.get("val/top1", 0.0) for h in history), default=None),
         "images_per_s": statistics.median(speeds) if speeds else None,
-        "checkpoint": result.checkpoint.path,
+        "checkpoint": str(folder),
     }
     if stage == "distill":
         summary.update(loss=cfg.distill.loss, temperature=cfg.distill.temperature,

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,15 +11,18 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 import ray.train
 import ray.train.torch
 
+from kd_ray import checkpoints
 from kd_ray.config import Config
 from kd_ray.data import build_data
-from kd_ray.engine import build_optimizer, epoch_metrics, evaluate, train_one_epoch
+from kd_ray.engine import build_optimizer, epoch_metrics, evaluate, stop_together, train_one_epoch
+from kd_ray.errors import KdRayError, PeerFailedError
+from kd_ray.faults import Faults
 from kd_ray.losses import get_loss
 from kd_ray.models import build_model, load_teacher
 from kd_ray.teacher_cache import load as load_cache
 from kd_ray.views import CachedViews, ViewSampler
 
-STATE_FILE = "state.pt"
+STATE_FILE = checkpoints.STATE_FILE
 
 
 def stage_model(cfg: Config, stage: str) -> tuple[str, str | None]:
@@ -88,7 +89,8 @@ def _quiet_ray_train(level: str) -> None:
     logging.getLogger(context.__file__).setLevel(level)
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
+def train_loop_per_worker(loop_config: dict) -> dict | None:
+    """Train the stage; returns None, or the KdRayError that stopped every rank (for the driver)."""
     cfg = Config.from_dict(loop_config["config"])
     stage = loop_config["stage"]
     _quiet_ray_train(cfg.run.ray_log_level)
@@ -121,44 +123,73 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer, scheduler = build_optimizer(model, cfg.optim, len(train_loader), epochs)
     unwrapped = model.module if hasattr(model, "module") else model
 
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False)
+    run_dir = Path(loop_config["run_dir"])
+    faults = Faults(loop_config["faults"], rank) if loop_config.get("faults") else None  # tests only
+    say = print if rank == 0 else (lambda *args, **kwargs: None)
+    if rank == 0:
+        checkpoints.clean_partial(run_dir)  # the previous attempt's rank 0 is gone
+    # Every rank picks the same folder: the newest that passes its checks (then older ones).
+    start_epoch, history = 0, []
+    found = checkpoints.latest(run_dir, with_state=True, map_location=device, warn=say)
+    if found:
+        folder, manifest, state = found
         unwrapped.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch = state["epoch"]
-        if rank == 0:
-            print(f"[kd_ray] resuming {stage} from epoch {start_epoch}", flush=True)
+        start_epoch, history = state["epoch"], manifest.get("history", [])
+        say(f"[kd_ray] resuming {run_dir.name} from epoch {start_epoch + 1} ({folder.name})", flush=True)
+    if faults:
+        faults.event("attempt", start_epoch=start_epoch + 1)
 
-    for epoch in range(start_epoch, epochs):
-        sampler.set_epoch(epoch)
-        train_sums = train_one_epoch(
-            model, train_loader, loss_fn, optimizer, epoch=epoch + 1, device=device,
-            loss_cfg=cfg.distill, teacher=teacher, scheduler=scheduler, amp=amp, channels_last=nhwc,
-        )
-        val_sums = evaluate(model, val_loader, device=device, amp=amp, channels_last=nhwc)
-        metrics = epoch_metrics(all_sum(train_sums, device), all_sum(val_sums, device),
-                                bundle.num_classes)
-        metrics.update(epoch=epoch + 1, epochs=epochs, lr=optimizer.param_groups[0]["lr"])
-        state = {
-            "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "stage": stage,
-            "arch": arch, "classes": bundle.classes, "image_size": bundle.image_size,
-            "config": cfg.to_dict(),
-        }
-        _report(metrics, state if rank == 0 else None)
+    try:
+        for epoch in range(start_epoch, epochs):
+            sampler.set_epoch(epoch)
+            loader = faults.wrap(train_loader, epoch + 1) if faults else train_loader
+            train_sums = train_one_epoch(
+                model, loader, loss_fn, optimizer, epoch=epoch + 1, device=device, loss_cfg=cfg.distill,
+                teacher=teacher, scheduler=scheduler, amp=amp, channels_last=nhwc,
+            )
+            try:
+                val_sums, error = evaluate(model, val_loader, device=device, amp=amp, channels_last=nhwc), None
+            except KdRayError as exc:  # a corrupt val image: stop with the other ranks
+                val_sums, error = None, exc
+            stop_together(error, device)
+            metrics = epoch_metrics(all_sum(train_sums, device), all_sum(val_sums, device),
+                                    bundle.num_classes)
+            metrics.update(epoch=epoch + 1, epochs=epochs, lr=optimizer.param_groups[0]["lr"])
+            history.append(metrics)
+            state = {
+                "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "stage": stage,
+                "arch": arch, "classes": bundle.classes, "image_size": bundle.image_size,
+                "config": cfg.to_dict(),
+            }
+            _report(metrics, state if rank == 0 else None, run_dir, history)
+    except KdRayError as exc:
+        # Every rank got here at the same check (engine.stop_together). Ending normally with the
+        # error as the return value uses no Ray retry: a retry would fail the same way.
+        return shared_error(exc, world)
+    return None
 
 
-def _report(metrics: dict, state: dict | None) -> None:
-    """Every rank reports (it is a barrier); only rank 0 attaches the checkpoint."""
+def shared_error(exc: KdRayError, world: int) -> dict:
+    """The lowest rank's own error (not a PeerFailedError), the same on every rank."""
+    from kd_ray.launch import one_line
+
+    mine = None if isinstance(exc, PeerFailedError) else (type(exc).__name__, one_line(exc))
+    errors = [mine] * world
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_gather_object(errors, mine)
+    rank, (kind, message) = next(((r, e) for r, e in enumerate(errors) if e),
+                                 (0, (type(exc).__name__, one_line(exc))))
+    return {"error": kind, "message": f"{message} (rank {rank})"}
+
+
+def _report(metrics: dict, state: dict | None, run_dir: Path, history: list) -> None:
+    """Every rank reports (it is a barrier); rank 0 first writes the checkpoint where it stays."""
     if state is None:
         ray.train.report(metrics, checkpoint=None)
         return
-    with tempfile.TemporaryDirectory(prefix="kd_ray_ckpt_") as folder:
-        tmp = os.path.join(folder, STATE_FILE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, os.path.join(folder, STATE_FILE))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    folder = checkpoints.save(run_dir, state, history)  # atomic: whole folder or none
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint(str(folder)),
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)

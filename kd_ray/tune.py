@@ -97,6 +97,7 @@ def run_trial(params: dict, base: dict, sweep_dir: str) -> None:
     from ray import tune
 
     from kd_ray.launch import make_trainer, raise_user_error
+    from kd_ray.recovery import raise_returned_error
 
     cfg = apply_params(Config.from_dict(base), params)
     name = f"trial-{tune.get_context().get_trial_id()}"
@@ -109,10 +110,11 @@ def run_trial(params: dict, base: dict, sweep_dir: str) -> None:
     # metrics.jsonl first: Tune may stop the trial as soon as it hears of the last epoch.
     callbacks = [MetricsCallback(str(run_dir), tensorboard=False), EpochReportCallback(cfg.sweep.metric)]
     try:
-        make_trainer(cfg, "distill", str(storage), name, callbacks).fit()
+        result = make_trainer(cfg, "distill", str(storage), name, callbacks).fit()
     except ray.train.TrainingFailedError as exc:
         raise_user_error(exc)
         raise
+    raise_returned_error(result)  # a NaN loss or bad image stopped every worker (no retry used)
 
 
 def _trial_dirname(trial) -> str:

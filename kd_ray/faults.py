@@ -1,0 +1,103 @@
+"""Test-only fault injection for the chaos suite (``scripts/chaos.py``, ``tests/test_chaos.py``).
+
+Nothing here runs unless the driver's environment holds ``KD_RAY_FAULTS``, a JSON object that
+``launch.make_trainer`` copies into the workers' config::
+
+    {"dir": "/tmp/chaos/t1",
+     "faults": [{"kind": "raise", "rank": 1, "epoch": 2, "step": 1, "once": true}]}
+
+Kinds, each fired on ``rank`` just before training step ``step`` of ``epoch`` (1-based epoch):
+``raise`` (a RuntimeError), ``kill`` (SIGKILL of the worker process), ``stall`` (sleep
+``seconds``, default an hour, so the other ranks wait in a collective), ``sleep`` (the same, to
+hold a run at a known point), ``nan`` (the batch's images become NaN). ``once``: only the first
+time (a marker file in ``dir``), so a restarted attempt runs clean. Workers append what happened
+(attempt starts, epoch starts, faults) to ``dir/events.jsonl``; the chaos suite reads its figures
+from there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+ENV = "KD_RAY_FAULTS"
+EVENTS = "events.jsonl"
+KINDS = ("raise", "kill", "stall", "sleep", "nan")
+
+
+def from_env() -> dict | None:
+    """The fault plan in KD_RAY_FAULTS on the driver, checked; None when unset (every user run)."""
+    text = os.environ.get(ENV)
+    if not text:
+        return None
+    plan = json.loads(text)
+    if not isinstance(plan, dict) or "dir" not in plan:
+        raise ValueError(f"{ENV} must be a JSON object with 'dir' and 'faults'")
+    for fault in plan.get("faults", []):
+        if fault.get("kind") not in KINDS:
+            raise ValueError(f"{ENV}: unknown fault kind {fault.get('kind')!r}; one of {KINDS}")
+    return plan
+
+
+def read_events(folder) -> list[dict]:
+    path = Path(folder) / EVENTS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Faults:
+    """One worker's view of the plan: records events, fires the faults meant for its rank."""
+
+    def __init__(self, plan: dict, rank: int):
+        self.dir = Path(plan["dir"])
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rank = rank
+        self.faults = [f for f in plan.get("faults", []) if f.get("rank", 0) == rank]
+
+    def event(self, name: str, **fields) -> None:
+        row = {"event": name, "rank": self.rank, "pid": os.getpid(), "time": time.time(), **fields}
+        with open(self.dir / EVENTS, "a") as out:  # one short line: appends do not interleave
+            out.write(json.dumps(row) + "\n")
+
+    def wrap(self, loader, epoch: int):
+        """``loader`` with the faults of ``epoch`` fired before their steps."""
+        return _FaultyLoader(self, loader, epoch)
+
+    def before_step(self, epoch: int, step: int, batch):
+        if step == 0:
+            self.event("epoch_start", epoch=epoch)
+        for index, fault in enumerate(self.faults):
+            if fault.get("epoch", 1) != epoch or fault.get("step", 0) != step:
+                continue
+            marker = self.dir / f"fired-{self.rank}-{index}"
+            if fault.get("once") and marker.exists():
+                continue
+            marker.touch()
+            kind = fault["kind"]
+            self.event("fault", kind=kind, epoch=epoch, step=step)
+            if kind == "raise":
+                raise RuntimeError(f"chaos: injected failure on rank {self.rank} at epoch {epoch} step {step}")
+            if kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if kind in ("stall", "sleep"):
+                time.sleep(float(fault.get("seconds", 3600)))
+            if kind == "nan":
+                import torch
+
+                batch = (torch.full_like(batch[0], float("nan")), *batch[1:])
+        return batch
+
+
+class _FaultyLoader:
+    def __init__(self, faults: Faults, loader, epoch: int):
+        self.faults, self.loader, self.epoch = faults, loader, epoch
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for step, batch in enumerate(self.loader):
+            yield self.faults.before_step(self.epoch, step, batch)

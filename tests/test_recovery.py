@@ -1,0 +1,203 @@
+"""Checkpoints, resume bookkeeping and the ranks' agreement on errors, without Ray."""
+import datetime
+import json
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from kd_ray import checkpoints, faults
+from kd_ray.engine import train_one_epoch
+from kd_ray.errors import ConfigError, DataError, NonFiniteLossError, PeerFailedError
+from kd_ray.recovery import check_resume, failure_message, fresh_name, raise_returned_error
+from kd_ray.tb_callback import MetricsCallback, backfill, read_failures
+
+
+def state(epoch):
+    return {"model": {"w": torch.full((64,), float(epoch))}, "epoch": epoch, "arch": "tiny_cnn",
+            "classes": ["a", "b"], "stage": "student"}
+
+
+def history(epochs):
+    return [{"epoch": e, "epochs": 3, "train/loss": 1.0 / e, "val/top1": 0.1 * e} for e in epochs]
+
+
+def test_save_is_atomic_and_checked_on_load(tmp_path):
+    folder = checkpoints.save(tmp_path, state(1), history([1]))
+    assert folder.name.startswith("checkpoint_2") and not list(tmp_path.glob(".tmp_*"))
+    loaded, manifest = checkpoints.load(folder)
+    assert loaded["epoch"] == 1 and manifest["history"] == history([1])
+    path = folder / "state.pt"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(checkpoints.BadCheckpoint, match="truncated"):
+        checkpoints.read_manifest(folder)
+
+
+def test_latest_falls_back_to_the_previous_checkpoint_and_names_both(tmp_path):
+    older = checkpoints.save(tmp_path, state(1), history([1]))
+    newer = checkpoints.save(tmp_path, state(2), history([1, 2]))
+    (tmp_path / ".tmp_checkpoint_9999").mkdir()  # a writer killed mid-write: never a candidate
+    (tmp_path / "checkpoint_9999-half-copied").mkdir()  # no manifest: skipped too
+    (newer / "state.pt").write_bytes(b"")
+    warnings = []
+    folder, manifest, loaded = checkpoints.latest(tmp_path, with_state=True, warn=warnings.append)
+    assert folder == older and manifest["epoch"] == 1 and loaded["epoch"] == 1
+    assert len(warnings) == 2 and newer.name in warnings[1] and older.name in warnings[1]
+    checkpoints.clean_partial(tmp_path)
+    assert not (tmp_path / ".tmp_checkpoint_9999").exists()
+
+
+def test_unloadable_state_of_the_right_size_is_caught_when_loading(tmp_path):
+    older = checkpoints.save(tmp_path, state(1), [])
+    newer = checkpoints.save(tmp_path, state(2), [])
+    path = newer / "state.pt"
+    path.write_bytes(b"\0" * path.stat().st_size)  # same size, garbage: only torch.load sees it
+    assert checkpoints.latest(tmp_path, warn=lambda m: None)[0] == newer  # the driver's size check
+    assert checkpoints.latest(tmp_path, with_state=True, warn=lambda m: None)[0] == older
+
+
+def test_no_usable_checkpoint_starts_over_with_a_warning(tmp_path):
+    only = checkpoints.save(tmp_path, state(1), [])
+    (only / "manifest.json").write_text("{")
+    warnings = []
+    assert checkpoints.latest(tmp_path, warn=warnings.append) is None
+    assert only.name in warnings[0] and "epoch 1" in warnings[0]
+
+
+def test_callback_writes_each_epoch_once_and_backfill_restores_lost_lines(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    callback = MetricsCallback(str(tmp_path))
+    for row in history([1, 2]):
+        callback.after_report(None, [row], None)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n")  # driver died before epoch 2's line
+    assert [r["epoch"] for r in backfill(tmp_path, history([1, 2]))] == [2]
+    callback = MetricsCallback(str(tmp_path))  # a rerun's callback
+    for row in history([2, 3]):  # epoch 2 trained again after a restart
+        callback.after_report(None, [row], None)
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert sorted(e.step for e in acc.Scalars("val/top1")) == [1, 2, 3]
+
+
+def test_failures_are_logged_per_attempt_and_summed_up_in_one_line(tmp_path):
+    from kd_ray.config import Config
+
+    callback = MetricsCallback(str(tmp_path), tensorboard=False)
+    for _ in range(3):
+        callback.after_exception(None, {1: RuntimeError("boom\nchaos: injected"), 0: OSError("peer gone")})
+    assert len(read_failures(tmp_path)) == 3
+    message = failure_message(Config.from_dict({"run": {"max_failures": 2}}), tmp_path, 0, RuntimeError("x"))
+    assert message == ("3 attempt(s) failed (run.max_failures=2); first error: "
+                       "rank 0: OSError: peer gone")
+
+
+def test_returned_worker_error_is_raised_as_its_own_type():
+    class Result:
+        return_value = {"error": "DataError", "message": "cannot read image x.png (rank 1)"}
+
+    with pytest.raises(DataError, match=r"x.png \(rank 1\)"):
+        raise_returned_error(Result())
+    Result.return_value = None
+    raise_returned_error(Result())  # a normal end
+
+
+def test_resume_refuses_a_checkpoint_of_other_classes_and_new_goes_beside(tmp_path):
+    from kd_ray.config import load_config
+
+    cfg = load_config(overrides=["data.name=synthetic", "data.num_classes=3", "model.student=tiny_cnn"])
+    run = tmp_path / "run"
+    checkpoints.save(run, {**state(2), "classes": ["class0", "class1", "class2"]}, history([1, 2]))
+    assert check_resume(cfg, "student", run, warn=print)["epoch"] == 2
+    other = cfg.replace(data={"num_classes": 4})
+    with pytest.raises(ConfigError, match="--new"):
+        check_resume(other, "student", run)
+    assert fresh_name(tmp_path, "run") == "run-2" and fresh_name(tmp_path, "fresh") == "fresh"
+
+
+def test_fault_plan_is_checked(monkeypatch, tmp_path):
+    monkeypatch.delenv(faults.ENV, raising=False)
+    assert faults.from_env() is None
+    monkeypatch.setenv(faults.ENV, json.dumps({"dir": str(tmp_path), "faults": [{"kind": "explode"}]}))
+    with pytest.raises(ValueError, match="explode"):
+        faults.from_env()
+
+
+class Batches:
+    """8 steps of 4 images; ``bad`` = (step, kind) on this rank: a DataError or a NaN loss."""
+
+    def __init__(self, bad=None):
+        self.bad = bad
+
+    def __len__(self):
+        return 8
+
+    def __iter__(self):
+        for step in range(8):
+            if self.bad == (step, "data"):
+                raise DataError(f"cannot read image bad{step}.png")
+            x = torch.full((4, 3), math.nan) if self.bad == (step, "nan") else torch.randn(4, 3)
+            yield x, torch.zeros(4, dtype=torch.long)
+
+
+def _rank(rank, port, bad, check_every, out):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=20))
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+    steps = []
+
+    def loss(s, t, labels, cfg):
+        steps.append(len(steps))
+        return {"loss": F.cross_entropy(s, labels)}
+
+    try:
+        train_one_epoch(model, Batches(bad if rank == 1 else None), loss,
+                        torch.optim.SGD(model.parameters(), lr=0.1), epoch=2,
+                        device=torch.device("cpu"), check_every=check_every)
+        result = ["none", ""]
+    except Exception as exc:
+        result = [type(exc).__name__, str(exc)]
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"error": result, "steps": len(steps)}, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("bad, check_every, steps", [((3, "data"), 1, 3), ((3, "data"), 4, 4),
+                                                     ((3, "nan"), 1, 4), ((0, "data"), 4, 0)])
+def test_one_rank_failing_stops_both_at_the_same_step(tmp_path, bad, check_every, steps):
+    """Two gloo ranks with DDP: no rank is left waiting in the gradient all-reduce."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank, args=(port, bad, check_every, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["steps"] == r1["steps"] == steps  # both ran the same forward passes, then stopped
+    assert r0["error"][0] == PeerFailedError.__name__
+    if bad[1] == "data":
+        assert r1["error"] == [DataError.__name__, f"cannot read image bad{bad[0]}.png"]
+    else:
+        assert r1["error"][0] == NonFiniteLossError.__name__ and "epoch 2 step 3" in r1["error"][1]
+        assert "epoch 2 step 3" in r0["error"][1]
+
+
+def test_callback_writes_epochs_whose_report_was_lost_from_the_checkpoint_history(tmp_path):
+    """Rank 1 died right after epoch 1's checkpoint, before Ray took epoch 1's report."""
+    folder = checkpoints.save(tmp_path, state(2), history([1, 2]))
+
+    class Checkpoint:
+        path = str(folder)
+
+    callback = MetricsCallback(str(tmp_path), tensorboard=False)
+    callback.after_report(None, [history([2])[0]], Checkpoint())
+    callback.after_report(None, [history([3])[0]], None)
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
