@@ -142,8 +142,12 @@ class RunConfig:
     seed: int = 0
     seeds: list = field(default_factory=lambda: [0])
     """Seeds the pipeline runs the students with (mean and spread are reported)."""
-    max_failures: int = 0
-    """Worker-group restarts Ray Train may do (FailureConfig.max_failures)."""
+    max_failures: int = 3
+    """Worker-group restarts after a failure (a lost node, a killed worker), each from the last
+    checkpoint (FailureConfig.max_failures; -1 = no limit). Errors no retry can fix stop at once."""
+    collective_timeout_s: int = 600
+    """Seconds a rank waits in a collective (gradient all-reduce, metric sums, the report barrier)
+    before the attempt fails; must exceed the time rank 0 takes to write a checkpoint."""
     keep_checkpoints: int = 2
     """Newest epoch checkpoints kept per run (one is written every epoch)."""
     bf16: bool = True
@@ -160,6 +164,7 @@ class RunConfig:
         _positive(self, "num_workers")
         _positive(self, "threads_per_worker")
         _positive(self, "keep_checkpoints")
+        _positive(self, "collective_timeout_s")
         if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
             raise ConfigError(f"run.seeds must be a non-empty list of integers, got {self.seeds!r}")
         if self.max_failures < -1:
@@ -262,6 +267,8 @@ def _coerce(section_cls, section: str, key: str, value: Any) -> Any:
         return float(value)
     if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
+    if (section, key) == ("distill", "teacher_cache") and value is False:
+        return "off"  # YAML 1.1 reads a bare `off` as false
     expected = typing.get_origin(base) or base
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(
