@@ -180,3 +180,9 @@ def test_cli_refuses_a_stale_cache_before_ray_starts(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "transform/augmentation settings" in err and "kd-ray cache-teacher" in err
+
+
+@pytest.mark.parametrize("text", ["off", "'off'", "auto", "/data/cache"])
+def test_teacher_cache_setting_from_set(text):
+    value = load_config(overrides=[f"distill.teacher_cache={text}"]).distill.teacher_cache
+    assert value == text.strip("'")

@@ -1,0 +1,333 @@
+"""The chaos suite (test-only): kd-ray runs through failures, and what each failure costs.
+
+Every scenario trains on a small synthetic data set with 2 Ray workers, injects its fault
+through ``KD_RAY_FAULTS`` (see faults.py) or kills a process from outside, and returns a Row
+of figures and named checks. ``python scripts/chaos.py`` prints the rows as a table;
+``tests/test_chaos.py`` asserts the checks. The calling process must have joined a Ray
+instance; ``env`` is the environment for kd-ray subprocesses (its RAY_ADDRESS).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kd_ray import checkpoints
+from kd_ray.faults import ENV, read_events
+from kd_ray.launch import read_history
+from kd_ray.tb_callback import read_failures
+
+# Fast failure detection for a small local instance (see DESIGN.md).
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60",
+           "RAY_DEDUP_LOGS": "0"}
+SYNTHETIC = ["data.name=synthetic", "data.synthetic_size=256", "data.image_size=16",
+             "model.student=tiny_cnn", "model.teacher=tiny_cnn", "optim.batch_size=32",
+             "run.num_workers=2", "run.threads_per_worker=1", "distill.teacher_cache='off'"]
+STALL_TIMEOUT_S, STALL_MARGIN_S = 10, 30
+
+
+@dataclass
+class Row:
+    test: str
+    scenario: str
+    figures: dict = field(default_factory=dict)
+    checks: dict = field(default_factory=dict)  # what must hold -> whether it did
+    run_dir: Path | None = None
+
+    @property
+    def failed(self) -> list[str]:
+        return [name for name, ok in self.checks.items() if not ok]
+
+
+@dataclass
+class Outcome:
+    code: int
+    out: str
+    err: str
+    seconds: float
+
+    @property
+    def error(self) -> str:
+        lines = [line for line in self.err.splitlines() if line.startswith("kd-ray: error:")]
+        return lines[-1] if lines else ""
+
+    @property
+    def short_error(self) -> str:
+        text = self.error.removeprefix("kd-ray: error: ").removeprefix("training failed: ")
+        return text if len(text) <= 90 else text[:87] + "..."
+
+
+def settings(work: Path, name: str, *extra: str, base=SYNTHETIC) -> list[str]:
+    argv = []
+    for item in [*base, f"run.storage={work}", f"run.name={name}", *extra]:
+        argv += ["--set", item]
+    return argv
+
+
+def kd_ray(argv: list, env: dict, faults_dir=None, faults=(), inline=False, timeout=600) -> Outcome:
+    """One kd-ray command: in this process (``inline``) or as a subprocess, with a fault plan."""
+    plan = json.dumps({"dir": str(faults_dir), "faults": list(faults)}) if faults_dir else None
+    start = time.perf_counter()
+    if not inline:
+        env = {k: v for k, v in env.items() if k != ENV} | ({ENV: plan} if plan else {})
+        done = subprocess.run([sys.executable, "-m", "kd_ray.cli", *map(str, argv)], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        return Outcome(done.returncode, done.stdout, done.stderr, time.perf_counter() - start)
+    from kd_ray.cli import main
+
+    out, err, saved = io.StringIO(), io.StringIO(), os.environ.pop(ENV, None)
+    if plan:
+        os.environ[ENV] = plan
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main([str(a) for a in argv])
+            except SystemExit as exc:  # argparse refusing the command line
+                code = exc.code
+    finally:
+        os.environ.pop(ENV, None)
+        if saved is not None:
+            os.environ[ENV] = saved
+    return Outcome(code, out.getvalue(), err.getvalue(), time.perf_counter() - start)
+
+
+def resumed_line(out: str) -> str:
+    """The driver's "resuming <run> from epoch k" line, without its details."""
+    line = next((line for line in out.splitlines() if line.startswith("[kd_ray] resuming")), "")
+    return line.removeprefix("[kd_ray] ").split(" (")[0]
+
+
+def epochs_rerun(events: list) -> int:
+    """Epochs that rank 0 started more than once (work lost to a failure)."""
+    starts = [e["epoch"] for e in events if e["event"] == "epoch_start" and e["rank"] == 0]
+    return len(starts) - len(set(starts))
+
+
+def attempts(events: list) -> list[dict]:
+    return [e for e in events if e["event"] == "attempt" and e["rank"] == 0]
+
+
+def logged_epochs(run_dir: Path) -> list[int]:
+    """Epoch of every metrics.jsonl line, in order (a duplicate or a gap shows here)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["epoch"] for line in lines if line.strip()]
+
+
+def tensorboard_steps(run_dir: Path) -> dict[str, list[int]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return {tag: sorted(e.step for e in acc.Scalars(tag)) for tag in acc.Tags()["scalars"]}
+
+
+def t1_worker_raises(work: Path, env: dict) -> Row:
+    out = kd_ray(["train-student", *settings(work, "t1", "optim.epochs=3", "run.max_failures=1")], env, work / "t1-faults",
+                 [{"kind": "raise", "rank": 1, "epoch": 2, "step": 2, "once": True}], inline=True)
+    run_dir, events = work / "t1", read_events(work / "t1-faults")
+    restarts, rerun = len(read_failures(run_dir)), epochs_rerun(events)
+    return Row("T1", "rank 1 raises in epoch 2, max_failures=1",
+               {"exit": out.code, "restarts": restarts, "epochs re-run": rerun, "wall s": out.seconds},
+               {"run finishes": out.code == 0, "restarts = 1": restarts == 1, "epochs re-run <= 1": rerun <= 1,
+                "epochs 1-3 logged once": logged_epochs(run_dir) == [1, 2, 3]}, run_dir)
+
+
+def t2_fails_every_attempt(work: Path, env: dict) -> Row:
+    out = kd_ray(["train-student", *settings(work, "t2", "optim.epochs=2", "run.max_failures=2")], env, work / "t2-faults",
+                 [{"kind": "raise", "rank": 1, "epoch": 1, "step": 1}], inline=True)
+    tries = len(attempts(read_events(work / "t2-faults")))
+    shown = "rank 1: RuntimeError: chaos: injected failure on rank 1" in out.error
+    return Row("T2", "rank 1 fails on every attempt, max_failures=2",
+               {"exit": out.code, "attempts": tries, "wall s": out.seconds, "error": out.short_error},
+               {"3 attempts": tries == 3 and len(read_failures(work / "t2")) == 3,
+                "non-zero exit": out.code != 0, "first error shown": shown})
+
+
+def t3_worker_killed(work: Path, env: dict) -> Row:
+    out = kd_ray(["train-student", *settings(work, "t3", "optim.epochs=3", "run.max_failures=1")], env, work / "t3-faults",
+                 [{"kind": "kill", "rank": 1, "epoch": 2, "step": 3, "once": True}], inline=True)
+    run_dir, events = work / "t3", read_events(work / "t3-faults")
+    kill = next((e["time"] for e in events if e["event"] == "fault"), None)
+    again = next((e["time"] for e in events if kill and e["event"] == "epoch_start" and e["rank"] == 0
+                  and e["time"] > kill), None)
+    back = round(again - kill, 1) if kill and again else None
+    lost = epochs_rerun(events)
+    return Row("T3", "rank 1 SIGKILLed mid-epoch 2, max_failures=1",
+               {"exit": out.code, "s kill -> training": back, "epochs lost": lost, "wall s": out.seconds},
+               {"run finishes": out.code == 0, "restarted": back is not None, "epochs lost <= 1": lost <= 1,
+                "epochs 1-3 logged once": logged_epochs(run_dir) == [1, 2, 3]}, run_dir)
+
+
+def t4_driver_killed(work: Path, env: dict) -> Row:
+    argv = ["train-student", *settings(work, "t4", "optim.epochs=4")]
+    plan = json.dumps({"dir": str(work / "t4-faults"),  # holds the run in epoch 3 until the kill
+                       "faults": [{"kind": "sleep", "rank": 0, "epoch": 3, "step": 0, "seconds": 120, "once": True}]})
+    run_dir = work / "t4"
+    proc = subprocess.Popen([sys.executable, "-m", "kd_ray.cli", *argv], env=dict(env, **{ENV: plan}),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(read_history(run_dir)) < 2 and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = len(read_history(run_dir))
+    out = kd_ray(argv, dict(env, **{ENV: plan}), timeout=600)  # the same command again
+    resumed = "[kd_ray] resuming t4 from epoch 3 " in out.out
+    return Row("T4", "driver SIGKILLed after epoch 2, same command again",
+               {"epochs before kill": before, "rerun exit": out.code, "rerun s": out.seconds,
+                "rerun prints": resumed_line(out.out)},
+               {"killed after epoch 2": before == 2, "prints resuming t4 from epoch 3": resumed,
+                "rerun finishes": out.code == 0, "epochs 1-4 logged once": logged_epochs(run_dir) == [1, 2, 3, 4]},
+               run_dir)
+
+
+def t5_sweep_killed(work: Path, env: dict) -> Row:
+    from kd_ray.config import load_config
+    from kd_ray.tune import STARTS_FILE, trial_states
+
+    teacher = make_teacher(work / "t5-teacher.pt", [f"class{i}" for i in range(10)])
+    config = work / "t5.yaml"
+    load_config(overrides=[*SYNTHETIC, "optim.epochs=2", f"distill.teacher_path={teacher}", "run.name=t5",
+                           f"run.storage={work}", "sweep.space={distill.temperature: [1, 2, 4, 8]}",
+                           "sweep.scheduler=none", "sweep.max_concurrent_trials=1"]).save(config)
+    sweep_dir = work / "t5"
+    proc = subprocess.Popen([sys.executable, "-m", "kd_ray.cli", "tune", "-c", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    while "TERMINATED" not in trial_states(sweep_dir).values() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = [t for t, status in trial_states(sweep_dir).items() if status == "TERMINATED"]
+    out = kd_ray(["tune", "--resume", sweep_dir], env)
+    rerun = sum(len((sweep_dir / "trials" / f"trial-{t}" / STARTS_FILE).read_text().splitlines()) > 1
+                for t in finished)
+    done = sum(status == "TERMINATED" for status in trial_states(sweep_dir).values())
+    return Row("T5", "4-trial sweep driver SIGKILLed, tune --resume",
+               {"finished before kill": len(finished), "finished trials rerun": rerun, "resume exit": out.code,
+                "resume s": out.seconds, "trials done": done},
+               {">= 1 trial finished before the kill": 1 <= len(finished) < 4, "resume finishes": out.code == 0,
+                "0 finished trials rerun": rerun == 0, "all 4 trials done": done == 4})
+
+
+def t6_rank_stalls(work: Path, env: dict) -> Row:
+    before = alive_train_workers()
+    out = kd_ray(["train-student", *settings(work, "t6", "optim.epochs=2", "run.max_failures=0",
+                          f"run.collective_timeout_s={STALL_TIMEOUT_S}")], env, work / "t6-faults",
+                 [{"kind": "stall", "rank": 1, "epoch": 1, "step": 2, "seconds": 150}], inline=True)
+    ended = time.time()
+    stall = next((e["time"] for e in read_events(work / "t6-faults") if e["event"] == "fault"), None)
+    seconds = round(ended - stall, 1) if stall else None
+    left = alive_train_workers(wait_for=before)
+    return Row("T6", f"rank 1 stalls before a collective, timeout {STALL_TIMEOUT_S} s",
+               {"exit": out.code, "s stall -> attempt failed": seconds, "actors left": left,
+                "error": out.short_error},
+               {"attempt fails": out.code == 1,
+                f"within {STALL_TIMEOUT_S} + {STALL_MARGIN_S} s": seconds is not None
+                and seconds <= STALL_TIMEOUT_S + STALL_MARGIN_S, "no actors left": left == 0})
+
+
+def t7_truncated_checkpoint(work: Path, env: dict) -> Row:
+    first = kd_ray(["train-student", *settings(work, "t7", "optim.epochs=2")], env, inline=True)
+    newest, previous = checkpoints.folders(work / "t7")[:2]
+    state = newest / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    out = kd_ray(["train-student", *settings(work, "t7", "optim.epochs=3")], env, inline=True)
+    warned = any(newest.name in line and previous.name in line for line in out.out.splitlines())
+    resumed = "[kd_ray] resuming t7 from epoch 2 " in out.out
+    return Row("T7", "latest checkpoint truncated, rerun",
+               {"first exit": first.code, "exit": out.code, "rerun s": out.seconds,
+                "rerun prints": resumed_line(out.out)},
+               {"warning names both": warned, "resumes from the previous one": resumed,
+                "run finishes": out.code == 0, "epochs 1-3 logged once": logged_epochs(work / "t7") == [1, 2, 3]})
+
+
+def t8_bad_input(work: Path, env: dict) -> list[Row]:
+    """Each bad input: exit code, seconds to the error, Ray retries used (0 expected)."""
+    from kd_ray.data import write_synthetic_imagefolder
+
+    tree = write_synthetic_imagefolder(work / "t8-tree", num_classes=3, per_class=(16, 4), image_size=16)
+    folder = ["data.name=imagefolder", f"data.root={tree}", "data.image_size=16", "model.student=tiny_cnn",
+              "optim.batch_size=16", "run.num_workers=2", "distill.teacher_cache='off'"]
+    good = make_teacher(work / "t8-teacher.pt", ["class0", "class1", "class2"])
+    renamed = make_teacher(work / "t8-renamed.pt", ["class0", "class1", "cat"])
+    cases = [("missing teacher", "distill", [f"distill.teacher_path={work}/nowhere.pt"], tree, "nowhere.pt"),
+             ("wrong class count", "train-student", ["data.num_classes=5"], tree, "data.num_classes=5"),
+             ("renamed classes", "distill", [f"distill.teacher_path={renamed}"], tree, "'cat'"),
+             ("corrupt image", "train-student", [], _spoil(tree, work / "t8-corrupt", b"not a png"), "broken.png"),
+             ("zero-byte image", "train-student", [], _spoil(tree, work / "t8-empty", b""), "broken.png")]
+    rows = []
+    for i, (what, command, extra, root, needle) in enumerate(cases):
+        name = f"t8{'abcde'[i]}"
+        argv = [command, *settings(work, name, f"data.root={root}", f"distill.teacher_path={good}", *extra,
+                                   base=folder)]
+        rows.append(_bad_input_row(name, what, kd_ray(argv, env), work / name, needle))
+    nan = kd_ray(["train-student", *settings(work, "t8f", "optim.epochs=3")], env, work / "t8f-faults",
+                 [{"kind": "nan", "rank": 1, "epoch": 2, "step": 3}])
+    row = _bad_input_row("t8f", "NaN loss at epoch 2 step 3 (rank 1)", nan, work / "t8f", "epoch 2 step 3")
+    row.checks["epoch 1 kept"] = logged_epochs(work / "t8f") == [1]
+    return rows + [row]
+
+
+def _bad_input_row(name: str, what: str, out: Outcome, run_dir: Path, needle: str) -> Row:
+    retries = len(read_failures(run_dir))
+    return Row(name.upper(), what, {"exit": out.code, "s to error": out.seconds, "retries": retries,
+                                    "error": out.short_error},
+               {"exit 2": out.code == 2, "0 retries": retries == 0, f"names {needle}": needle in out.error,
+                "one line": out.err.count("kd-ray: error:") == 1})
+
+
+def t9_tensorboard(rows: list[Row]) -> Row:
+    """One point per epoch for each tag, after the restarts of T1 and T3."""
+    figures, checks = {}, {}
+    for row in rows:
+        steps = tensorboard_steps(row.run_dir)
+        bad = sorted(tag for tag, s in steps.items() if s != [1, 2, 3])
+        figures[f"{row.test} tags"] = len(steps)
+        figures[f"{row.test} tags off"] = len(bad)
+        checks[f"{row.test}: each tag at epochs 1, 2, 3 once"] = bool(steps) and not bad
+    return Row("T9", "TensorBoard after T1 and T3", figures, checks)
+
+
+def make_teacher(path: Path, classes: list[str]) -> Path:
+    import torch
+
+    from kd_ray.models import build_model, export_teacher
+
+    torch.manual_seed(0)
+    export_teacher(path, build_model("tiny_cnn", len(classes)), "tiny_cnn", classes, 16)
+    return path
+
+
+def _spoil(tree: Path, copy: Path, data: bytes) -> Path:
+    shutil.copytree(tree, copy)
+    (copy / "train" / "class1" / "broken.png").write_bytes(data)
+    return copy
+
+
+def alive_train_workers(wait_for: int | None = None, seconds: float = 20) -> int:
+    """Ray Train worker actors alive now (waiting up to ``seconds`` for at most ``wait_for``)."""
+    from ray.util.state import list_actors
+
+    deadline = time.time() + seconds
+    while True:
+        alive = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+        count = sum("RayTrainWorker" in (a.class_name or "") for a in alive)
+        if wait_for is None or count <= wait_for or time.time() > deadline:
+            return count if wait_for is None else count - wait_for
+        time.sleep(0.5)
+
+
+SCENARIOS = [t1_worker_raises, t2_fails_every_attempt, t3_worker_killed, t4_driver_killed,
+             t5_sweep_killed, t6_rank_stalls, t7_truncated_checkpoint, t8_bad_input]
+

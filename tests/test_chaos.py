@@ -1,0 +1,88 @@
+"""The chaos suite (kd_ray/chaos.py) as tests: T1-T9 of the README's "Failures and resuming".
+
+Each scenario is a real 2-worker Ray Train run on the session's Ray instance, with a fault
+injected through KD_RAY_FAULTS or a process killed from outside. What must hold is written once,
+as the checks of each scenario's Row (scripts/chaos.py prints the same rows with their figures).
+"""
+import os
+
+import pytest
+
+from kd_ray import chaos
+
+
+def check(row: chaos.Row) -> None:
+    assert not row.failed, f"{row.test} ({row.scenario}): failed {row.failed}; figures {row.figures}"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("chaos")
+
+
+@pytest.fixture(scope="module")
+def env(ray_cluster):
+    return dict(os.environ, **chaos.RAY_ENV, RAY_ADDRESS=ray_cluster, PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="module")
+def t1(work, env):
+    return chaos.t1_worker_raises(work, env)
+
+
+@pytest.fixture(scope="module")
+def t3(work, env):
+    return chaos.t3_worker_killed(work, env)
+
+
+@pytest.fixture(scope="module")
+def t8(work, env):
+    return chaos.t8_bad_input(work, env)
+
+
+def test_t1_worker_error_restarts_once_and_reruns_at_most_one_epoch(t1):
+    check(t1)
+    assert t1.figures["restarts"] == 1 and t1.figures["epochs re-run"] <= 1
+
+
+def test_t2_worker_failing_every_attempt_uses_three_attempts_and_shows_the_error(work, env):
+    row = chaos.t2_fails_every_attempt(work, env)
+    check(row)
+    assert row.figures["attempts"] == 3 and row.figures["exit"] == 1
+
+
+def test_t3_sigkilled_worker_loses_at_most_one_epoch(t3):
+    check(t3)
+    assert t3.figures["s kill -> training"] > 0
+
+
+def test_t4_killed_driver_resumes_at_epoch_3(work, env):
+    check(chaos.t4_driver_killed(work, env))
+
+
+def test_t5_resumed_sweep_reruns_no_finished_trial(work, env):
+    row = chaos.t5_sweep_killed(work, env)
+    check(row)
+    assert row.figures["finished trials rerun"] == 0
+
+
+def test_t6_stalled_rank_fails_the_attempt_within_the_timeout(work, env):
+    row = chaos.t6_rank_stalls(work, env)
+    check(row)
+    assert row.figures["s stall -> attempt failed"] <= chaos.STALL_TIMEOUT_S + chaos.STALL_MARGIN_S
+
+
+def test_t7_truncated_checkpoint_falls_back_to_the_previous_one(work, env):
+    check(chaos.t7_truncated_checkpoint(work, env))
+
+
+@pytest.mark.parametrize("case", range(6), ids=["missing-teacher", "class-count", "renamed-classes",
+                                                 "corrupt-image", "zero-byte-image", "nan-loss"])
+def test_t8_bad_input_exits_2_without_retries(t8, case):
+    row = t8[case]
+    check(row)
+    assert row.figures["exit"] == 2 and row.figures["retries"] == 0
+
+
+def test_t9_tensorboard_has_one_point_per_epoch_after_restarts(t1, t3):
+    check(chaos.t9_tensorboard([t1, t3]))
