@@ -57,12 +57,13 @@ def train_one_epoch(
     ``teacher_images`` (images the teacher ran on).
 
     Sums stay on the device, and a non-finite loss is looked for every ``check_every`` steps
-    (default: every step on CPU, every 25 on GPU, where each look makes the GPU wait for the host).
-    Under torch.distributed each look is shared by all ranks (``stop_together``): a NaN loss or
-    a bad image on one rank stops every rank at the same step.
+    (default: every step in a single CPU process; every 25 on GPU, where each look makes the GPU
+    wait for the host, and across ranks, where each look is a collective). Under torch.distributed
+    each look is shared by all ranks (``stop_together``): a NaN loss or a bad image on one rank
+    stops every rank at the same step.
     """
     if check_every is None:
-        check_every = 1 if device.type == "cpu" else 25
+        check_every = 1 if device.type == "cpu" and _world() == 1 else 25
     model.train()
     if teacher is not None:
         teacher.eval()  # a caller's model.train() must never flip the teacher's BatchNorm/dropout
@@ -127,6 +128,10 @@ def _batches(loader, check_every: int, check: Callable):
     check(error)
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def stop_together(error: Optional[Exception], device: torch.device, bad_step=None, bad_value=None,
                   epoch: Optional[int] = None) -> None:
     """Raise on every rank at once if any rank failed; return otherwise.
@@ -139,7 +144,7 @@ def stop_together(error: Optional[Exception], device: torch.device, bad_step=Non
         bad_step = torch.full((), -1, dtype=torch.long, device=device)
     flags = torch.stack([torch.where(bad_step < 0, NO_STEP, bad_step),
                          torch.tensor(-int(error is not None), device=device)])
-    if dist.is_available() and dist.is_initialized():
+    if _world() > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     first_bad, failed = flags.tolist()
     if error is not None:
