@@ -142,6 +142,13 @@ def stop_together(error: Optional[Exception], device: torch.device, bad_step=Non
     """
     if bad_step is None:
         bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    if _world() == 1:  # nobody to tell: one host read (this runs every step on CPU)
+        if error is not None:
+            raise error
+        if int(bad_step) >= 0:
+            raise NonFiniteLossError(f"non-finite loss ({float(bad_value)}) at epoch {epoch} step "
+                                     f"{int(bad_step)}: lower optim.lr or check the inputs and the loss")
+        return
     flags = torch.stack([torch.where(bad_step < 0, NO_STEP, bad_step),
                          torch.tensor(-int(error is not None), device=device)])
     if _world() > 1:
