@@ -132,6 +132,11 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _non_finite(bad_value: torch.Tensor, epoch, step: int) -> NonFiniteLossError:
+    return NonFiniteLossError(f"non-finite loss ({float(bad_value)}) at epoch {epoch} step {step}: "
+                              "lower optim.lr or check the inputs and the loss")
+
+
 def stop_together(error: Optional[Exception], device: torch.device, bad_step=None, bad_value=None,
                   epoch: Optional[int] = None) -> None:
     """Raise on every rank at once if any rank failed; return otherwise.
@@ -146,20 +151,17 @@ def stop_together(error: Optional[Exception], device: torch.device, bad_step=Non
         if error is not None:
             raise error
         if int(bad_step) >= 0:
-            raise NonFiniteLossError(f"non-finite loss ({float(bad_value)}) at epoch {epoch} step "
-                                     f"{int(bad_step)}: lower optim.lr or check the inputs and the loss")
+            raise _non_finite(bad_value, epoch, int(bad_step))
         return
     flags = torch.stack([torch.where(bad_step < 0, NO_STEP, bad_step),
                          torch.tensor(-int(error is not None), device=device)])
-    if _world() > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     first_bad, failed = flags.tolist()
     if error is not None:
         raise error
     if first_bad != NO_STEP:
         if int(bad_step) == first_bad:
-            raise NonFiniteLossError(f"non-finite loss ({float(bad_value)}) at epoch {epoch} step "
-                                     f"{first_bad}: lower optim.lr or check the inputs and the loss")
+            raise _non_finite(bad_value, epoch, first_bad)
         raise PeerFailedError(f"another rank had a non-finite loss at epoch {epoch} step {first_bad}")
     if failed:
         raise PeerFailedError("another rank stopped with an error")
