@@ -1,21 +1,45 @@
-"""The ``kd-ray`` command line: parse, call the library, print one-line errors, set exit codes."""
+"""The ``kd-ray`` command line: parse, check what needs no torch or Ray, call the library, print
+one-line errors, set exit codes.
+
+Heavy layers (torch, Ray) are imported inside ``run`` only, after the config and its paths
+passed their checks: ``kd-ray --help`` and bad input answer in a fraction of a second.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-from kd_ray.errors import KdRayError
+from kd_ray import log as kd_log
+from kd_ray.config import demo_config, load_config, read_args_file
+from kd_ray.config.checks import check_paths
+from kd_ray.errors import KdRayError, RunFailedError, one_line, user_error_in
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 STAGE_COMMANDS = {"train-teacher": "teacher", "train-student": "student", "distill": "distill"}
+log = kd_log.get("cli")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="YAML config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value; repeatable")
+                   help="override one config value; repeatable (section.key.name=value sets one "
+                        "entry of a mapping, e.g. distill.params.beta=2)")
     p.add_argument("--args-file", help="the original project's commandline_args.txt (JSON flags)")
+
+
+def _submit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="the head's dashboard URL (default: $RAY_API_SERVER_ADDRESS "
+                   "or $RAY_ADDRESS, else http://127.0.0.1:8265)")
+    p.add_argument("--head-dir", help="folder on the head that relative paths in the config "
+                   "(run.storage, data.root, distill.teacher_path) resolve against (default: "
+                   "$KD_RAY_HEAD_DIR on the head, else ~/kd_ray_jobs)")
+    p.add_argument("--python", help="interpreter on the head (default: $KD_RAY_PYTHON on the head, "
+                   "else `python` on its PATH)")
+    p.add_argument("--no-wait", action="store_true", help="submit and return without following")
+    p.add_argument("job_command", metavar="COMMAND",
+                   help="the kd-ray command to run: train-teacher, distill, pipeline, tune, ...")
+    p.add_argument("job_args", nargs=argparse.REMAINDER, metavar="...",
+                   help="its arguments, as for a local run (-c config.yaml --set ...)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,9 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src", help="folder with train/ and val/ class folders")
     convert.add_argument("dst", help="folder for <split>.parquet")
     convert.add_argument("--splits", default="train,val")
-    from kd_ray.submit import add_arguments as submit_arguments
-
-    submit_arguments(sub.add_parser(
+    _submit_args(sub.add_parser(
         "submit", help="run a kd-ray command as a Ray job on a cluster and follow its logs",
         usage="kd-ray submit [--address URL] [--head-dir DIR] COMMAND -c config.yaml [--set ...]",
         description="Runs COMMAND as a Ray job with this checkout as its working directory; "
@@ -65,96 +87,94 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args):
-    from kd_ray.config import load_config, read_args_file
-
-    cfg = load_config(args.config, args.overrides, args.args_file)
-    stages = read_args_file(args.args_file)[1] if args.args_file else {}
-    return cfg, stages
+def _load(args, stages=("teacher", "student", "distill")):
+    """The config and the args file's stage flags, with the paths checked (no torch, no Ray yet)."""
+    if args.command == "demo":
+        cfg, flags = load_config(demo_config(), args.overrides), {}
+    else:
+        cfg = load_config(args.config, args.overrides, args.args_file)
+        flags = read_args_file(args.args_file)[1] if args.args_file else {}
+    check_paths(cfg, stages)
+    return cfg, flags
 
 
 def run(args) -> int:
+    # Imports below are local on purpose: each command pays only for the layers it uses, after
+    # its input passed the checks above (torch takes ~4 s to import here, Ray ~7 s).
     if args.command == "submit":
-        from kd_ray.submit import submit_command
+        from kd_ray.cluster.submit import submit_command
 
         return submit_command(args)
     if args.command in STAGE_COMMANDS:
-        from kd_ray.launch import run_stage
+        cfg, _ = _load(args, (STAGE_COMMANDS[args.command],))
+        from kd_ray.cluster.stage import run_stage
 
-        cfg, _ = _load(args)
         result = run_stage(cfg, STAGE_COMMANDS[args.command], new=args.new)
         top1 = result.summary["final"].get("val/top1")
-        print(f"[kd_ray] done: val top-1 {100 * top1:.2f}% after {result.summary['epochs']} epochs; "
-              f"results in {result.run_dir}")
+        log.info(f"done: val top-1 {100 * top1:.2f}% after {result.summary['epochs']} epochs; "
+                 f"results in {result.run_dir}")
         if "teacher_file" in result.summary:
-            print(f"[kd_ray] teacher exported to {result.summary['teacher_file']}")
+            log.info(f"teacher exported to {result.summary['teacher_file']}")
         return 0
     if args.command == "tune":
-        from kd_ray.tune import resume_sweep, run_sweep
-
         if args.resume:
             if args.config or args.overrides or args.train_teacher:
                 raise KdRayError("--resume takes only the sweep folder: the sweep keeps its config")
+            from kd_ray.cluster.tune import resume_sweep
+
             sweep_dir, table = resume_sweep(args.resume)
         else:
-            cfg, stages = _load(args)
-            sweep_dir, table = run_sweep(cfg, args.train_teacher or stages.get("train_teacher", False))
-        print(f"\nSweep results ({sweep_dir}):\n{table}\n[kd_ray] best config: {sweep_dir}/best.yaml "
-              f"(kd-ray distill -c {sweep_dir}/best.yaml); heatmap: {sweep_dir}/heatmap.png; "
-              f"TensorBoard: tensorboard --logdir {sweep_dir}", flush=True)
+            cfg, flags = _load(args)
+            from kd_ray.cluster.tune import run_sweep
+
+            sweep_dir, table = run_sweep(cfg, args.train_teacher or flags.get("train_teacher", False))
+        print(f"\nSweep results ({sweep_dir}):\n{table}", flush=True)
+        log.info(f"best config: {sweep_dir}/best.yaml (kd-ray distill -c {sweep_dir}/best.yaml); "
+                 f"heatmap: {sweep_dir}/heatmap.png; TensorBoard: tensorboard --logdir {sweep_dir}")
         return 0
     if args.command == "cache-teacher":
-        from kd_ray.teacher_cache import cache_teacher
+        cfg, _ = _load(args, ("distill",))
+        from kd_ray.cluster.cache import cache_teacher
 
-        cfg, _ = _load(args)
         path, manifest = cache_teacher(cfg, args.out)
-        print(f"[kd_ray] teacher cache ready: {path} ({manifest['rows']} rows, {manifest['samples']} "
-              f"images x {manifest['views']} view(s)); use it with --set distill.teacher_cache={path}")
+        log.info(f"teacher cache ready: {path} ({manifest['rows']} rows, {manifest['samples']} "
+                 f"images x {manifest['views']} view(s)); use it with --set distill.teacher_cache={path}")
         return 0
     if args.command in ("pipeline", "demo"):
-        from kd_ray.config import load_config
-        from kd_ray.pipeline import run_pipeline
+        cfg, flags = _load(args)
+        from kd_ray.cluster.pipeline import run_pipeline
 
-        if args.command == "demo":
-            if not DEMO_CONFIG.is_file():
-                raise KdRayError(f"{DEMO_CONFIG} not found: run the demo from a checkout of kd_ray")
-            cfg, stages = load_config(DEMO_CONFIG, args.overrides), {}
-        else:
-            cfg, stages = _load(args)
-        root, table = run_pipeline(cfg, stages.get("train_teacher", True), stages.get("distill", True))
-        print(f"\nResults ({root}):\n{table}")
+        root, table = run_pipeline(cfg, flags.get("train_teacher", True), flags.get("distill", True))
+        print(f"\nResults ({root}):\n{table}", flush=True)
         return 0
     if args.command == "report":
-        from kd_ray.report import find_runs, write_report
+        from kd_ray.runs.report import find_runs, write_report
 
         out = args.out or args.run_dirs[0]
-        print(write_report(out, find_runs(args.run_dirs)))
-        print(f"[kd_ray] wrote {out}/comparison.md, comparison.csv and accuracy.png")
+        print(write_report(out, find_runs(args.run_dirs)), flush=True)
+        log.info(f"wrote {out}/comparison.md, comparison.csv and accuracy.png")
         return 0
     if args.command == "convert":
-        from kd_ray.data import convert_imagefolder_to_parquet
+        from kd_ray.data.parquet import convert_imagefolder_to_parquet
 
         rows = convert_imagefolder_to_parquet(args.src, args.dst, tuple(args.splits.split(",")))
         for split, count in rows.items():
-            print(f"[kd_ray] {split}: {count} images -> {Path(args.dst) / (split + '.parquet')}")
+            log.info(f"{split}: {count} images -> {Path(args.dst) / (split + '.parquet')}")
         return 0
     raise AssertionError(args.command)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    kd_log.configure()
     try:
         return run(args)
     except KdRayError as exc:
-        print(f"kd-ray: error: {exc}", file=sys.stderr)
+        print(f"kd-ray: error: {one_line(user_error_in(exc) or exc)}", file=sys.stderr)
         return 2
-    except Exception as exc:
-        if type(exc).__name__ not in ("RunFailedError", "TrainingFailedError", "WorkerGroupError",
-                                      "ControllerError"):
-            raise
-        lines = [line for line in str(exc).splitlines() if line.strip()]
-        print(f"kd-ray: error: training failed: {lines[-1] if lines else repr(exc)} (full log above; "
-              "finished epochs are kept: rerun the same command to resume)", file=sys.stderr)
+    except RunFailedError as exc:
+        print(f"kd-ray: error: training failed: {one_line(exc)} (full log above; finished epochs "
+              "are kept: rerun the same command to resume)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("kd-ray: interrupted; rerun the same command to resume from the last epoch", file=sys.stderr)

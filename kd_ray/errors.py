@@ -1,4 +1,11 @@
-"""Errors a user can fix. The CLI prints them as one line and exits non-zero."""
+"""Errors a user can fix, and the one place that finds them inside Ray's wrappers.
+
+The CLI prints a KdRayError as one line and exits 2; RunFailedError (retries used up) exits 1.
+Nothing here imports Ray: Ray's wrappers are walked through ``cause`` / ``__cause__``.
+"""
+from __future__ import annotations
+
+import re
 
 
 class KdRayError(Exception):
@@ -27,3 +34,66 @@ class PeerFailedError(KdRayError):
 
 class RunFailedError(RuntimeError):
     """Training failed after Ray's retries (run.max_failures); finished epochs are kept."""
+
+
+# The errors that may cross a process boundary as a worker's return value (see ``to_payload``).
+CROSSING = {cls.__name__: cls for cls in
+            (KdRayError, ConfigError, DataError, TeacherError, NonFiniteLossError, PeerFailedError)}
+
+
+def one_line(error: BaseException) -> str:
+    """The message itself, also when a DataLoader worker wrapped it in its traceback text."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    last = lines[-1] if lines else repr(error)
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
+def innermost(error: BaseException) -> BaseException:
+    """The error at the bottom of a chain of wrappers (Ray's ``cause``, Python's ``__cause__``)."""
+    while (getattr(error, "cause", None) or error.__cause__) is not None:
+        error = getattr(error, "cause", None) or error.__cause__
+    return error
+
+
+def user_error_in(error: BaseException | None) -> KdRayError | None:
+    """Our own error inside Ray's wrappers (causes, RayTaskError(...) subclasses), if any: the
+    innermost one, whose message is the plain line rather than a wrapper's traceback text."""
+    found = None
+    while error is not None:
+        if isinstance(error, KdRayError):
+            found = error
+        error = error.__cause__ or getattr(error, "cause", None)
+    return found
+
+
+def user_error_of_workers(worker_failures: dict) -> KdRayError | None:
+    """The first rank's KdRayError in ``{rank: error}`` (Ray's worker failures), as one line."""
+    for rank, failure in sorted(worker_failures.items()):
+        found = user_error_in(failure)
+        if found is not None:
+            return type(found)(f"{one_line(found)} (rank {rank})")
+    return None
+
+
+def describe(error: BaseException) -> str:
+    """``Type: last line`` of the innermost error inside Ray's wrappers (for failures.jsonl)."""
+    error = innermost(error)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    name = type(error).__name__.replace("RayTaskError(", "").rstrip(")")
+    last = re.sub(r"^\[[^\]]*\]\s*", "", lines[-1] if lines else "")  # gloo's "[/path/file.cc:545] "
+    if len(last) > 300:  # Ray's actor-death messages run to a paragraph
+        last = last[:297] + "..."
+    return last if last.startswith(name) else f"{name}: {last}"
+
+
+def to_payload(error: KdRayError) -> dict:
+    """A KdRayError as plain data, to return from a worker (a return value uses no Ray retry)."""
+    return {"error": type(error).__name__, "message": one_line(error)}
+
+
+def from_payload(value) -> KdRayError | None:
+    """The error ``to_payload`` encoded, or None when ``value`` holds none."""
+    if not (isinstance(value, dict) and value.get("error")):
+        return None
+    return CROSSING.get(value["error"], KdRayError)(value["message"])

@@ -1,7 +1,8 @@
-"""A name -> builder registry that refuses duplicates and lists choices in its errors."""
+"""A name -> object registry that refuses duplicates, lists choices, and loads ``pkg.module:attr`` plugins."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Generic, Iterator, TypeVar
+import importlib
+from typing import Any, Dict, Generic, Iterator, TypeVar
 
 from kd_ray.errors import ConfigError
 
@@ -25,9 +26,13 @@ class Registry(Generic[T]):
         return add(obj) if obj is not None else add
 
     def get(self, name: str) -> T:
+        """The registered object, or the plugin ``package.module:attribute`` imported."""
+        if is_plugin(name):
+            return import_object(name)
         if name not in self._items:
             raise ConfigError(
-                f"unknown {self.kind} {name!r}; choose one of: {', '.join(sorted(self._items))}"
+                f"unknown {self.kind} {name!r}; choose one of: {', '.join(sorted(self._items))} "
+                "(or a plugin 'package.module:attribute')"
             )
         return self._items[name]
 
@@ -35,23 +40,25 @@ class Registry(Generic[T]):
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._items
+        return name in self._items or is_plugin(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
 
-def import_object(spec: str) -> Callable:
-    """Import ``package.module:attribute`` (used for user plugins)."""
-    import importlib
+def is_plugin(name: str) -> bool:
+    return ":" in str(name)
 
+
+def import_object(spec: str) -> Any:
+    """Import ``package.module:attribute`` (user plugins)."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ConfigError(f"plugin {spec!r} must look like 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"cannot import {module_name!r} for plugin {spec!r}: {exc}") from exc
+        raise ConfigError(f"cannot import {module_name!r} for plugin {spec!r}: {exc}") from None
     try:
         return getattr(module, attr)
     except AttributeError:

@@ -4,25 +4,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from kd_ray.cluster.stage import run_stage
 from kd_ray.config import Config
-from kd_ray.launch import preflight, run_stage
-from kd_ray.report import find_runs, write_report
+from kd_ray.log import get
+from kd_ray.runs.report import find_runs, write_report
+from kd_ray.runs.stages import describe_setup, preflight
 
-
-def describe_setup(cfg: Config) -> str:
-    lpc = cfg.data.labels_per_class
-    labels = (f"{lpc} labels per class; the other training images form an unlabelled transfer set "
-              "that only the distillation loss sees" if lpc else "all training labels")
-    return (f"dataset {cfg.data.name}; teacher {cfg.model.teacher} trained on all labels; "
-            f"student {cfg.model.student} with {labels}; loss {cfg.distill.loss} "
-            f"(T={cfg.distill.temperature}, alpha={cfg.distill.alpha}); seeds {cfg.run.seeds}")
+log = get(__name__)
 
 
 def run_pipeline(cfg: Config, train_teacher: bool = True, distill: bool = True) -> tuple[Path, str]:
     """Run the stages under <storage>/<run.name>/ and write the comparison there."""
     root = Path(cfg.run.storage).expanduser().resolve() / cfg.run.name
     started = time.perf_counter()
-    print(f"[kd_ray] pipeline {cfg.run.name}: {describe_setup(cfg)}", flush=True)
+    log.info(f"pipeline {cfg.run.name}: {describe_setup(cfg)}")
     teacher_path = cfg.distill.teacher_path
     train_teacher = train_teacher or not teacher_path
     # Every stage's input is checked before the first one starts.
@@ -39,6 +34,6 @@ def run_pipeline(cfg: Config, train_teacher: bool = True, distill: bool = True) 
             dirs.append(run_stage(seeded, "distill", storage=str(root), name=f"distill-seed{seed}").run_dir)
     table = write_report(root, find_runs(dirs))
     minutes = (time.perf_counter() - started) / 60
-    print(f"[kd_ray] pipeline finished in {minutes:.1f} min; comparison in {root}/comparison.md, "
-          f"plot in {root}/accuracy.png, TensorBoard: tensorboard --logdir {root}", flush=True)
+    log.info(f"pipeline finished in {minutes:.1f} min; comparison in {root}/comparison.md, "
+             f"plot in {root}/accuracy.png, TensorBoard: tensorboard --logdir {root}")
     return root, table

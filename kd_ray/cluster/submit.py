@@ -1,7 +1,8 @@
 """``kd-ray submit``: run any kd-ray command as a Ray job, stream its logs, return its exit code.
 
 The job's working directory is this checkout (without .venv, results and caches), so the cluster
-runs the code you have here. Relative paths in the config would resolve inside Ray's temporary
+runs the code you have here; an installed kd_ray (no checkout) uploads the current folder as the
+working directory and the installed package beside it (``py_modules``). Relative paths in the config would resolve inside Ray's temporary
 copy of that directory on the head and vanish with it; submit points them at a folder on the head
 instead: ``--head-dir``, else ``$KD_RAY_HEAD_DIR`` as set on the head, else ``~/kd_ray_jobs``.
 The head's shell expands that when the job starts, so the client never needs the head's paths.
@@ -17,10 +18,17 @@ import time
 import uuid
 from pathlib import Path
 
-from kd_ray.errors import ConfigError, KdRayError
+from ray.exceptions import AuthenticationError
+from ray.job_submission import JobSubmissionClient
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+from kd_ray.config import PATH_KEYS, demo_config, load_config
+from kd_ray.errors import ConfigError, KdRayError
+from kd_ray.log import get
+
+log = get(__name__)
+
+PACKAGE = Path(__file__).resolve().parents[1]
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # cli.py shows it in --help too
 # Evaluated by the head's shell: the head (cluster.yaml) decides where results go.
 HEAD_DIR = '"${KD_RAY_HEAD_DIR:-$HOME/kd_ray_jobs}"'
 HEAD_PYTHON = '"${KD_RAY_PYTHON:-python}"'
@@ -29,21 +37,6 @@ EXCLUDES = ["/.venv", "/venv", ".git", "/results", "**/__pycache__", ".pytest_ca
             "/build", "/dist", "/.whl", "/.gl"]
 CONFIG_COMMANDS = ("train-teacher", "train-student", "distill", "pipeline", "tune", "demo")
 TOKEN_FILE = Path("~/.ray/auth_token").expanduser()
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", help="the head's dashboard URL (default: $RAY_API_SERVER_ADDRESS "
-                   f"or $RAY_ADDRESS, else {DEFAULT_ADDRESS})")
-    p.add_argument("--head-dir", help="folder on the head that relative paths in the config "
-                   "(run.storage, data.root, distill.teacher_path) resolve against (default: "
-                   "$KD_RAY_HEAD_DIR on the head, else ~/kd_ray_jobs)")
-    p.add_argument("--python", help="interpreter on the head (default: $KD_RAY_PYTHON on the head, "
-                   "else `python` on its PATH)")
-    p.add_argument("--no-wait", action="store_true", help="submit and return without following")
-    p.add_argument("job_command", metavar="COMMAND",
-                   help="the kd-ray command to run: train-teacher, distill, pipeline, tune, ...")
-    p.add_argument("job_args", nargs=argparse.REMAINDER, metavar="...",
-                   help="its arguments, as for a local run (-c config.yaml --set ...)")
 
 
 def head_path(path: str, head_dir: str | None) -> str:
@@ -67,17 +60,31 @@ def _inside_repo(path: str, what: str, workdir: Path) -> str:
     return full.relative_to(workdir).as_posix()
 
 
-def entrypoint(command: str, args: list[str], workdir: Path = REPO, head_dir: str | None = None,
+def source_root() -> Path | None:
+    """The checkout this kd_ray runs from, or None when it is installed (site-packages)."""
+    root = PACKAGE.parent
+    return root if (root / "pyproject.toml").is_file() and (root / ".git").exists() else None
+
+
+def upload(workdir: Path) -> dict:
+    """The job's runtime_env: ``workdir`` as its working directory, plus the installed package
+    when kd_ray is not part of it."""
+    env = {"working_dir": str(workdir), "excludes": EXCLUDES}
+    if not (workdir / "kd_ray").is_dir():
+        env["py_modules"] = [str(PACKAGE)]
+    return env
+
+
+def entrypoint(command: str, args: list[str], workdir: Path | None = None, head_dir: str | None = None,
                python: str | None = None) -> str:
     """The shell command the job runs on the head, with config paths made absolute there."""
+    workdir = workdir or source_root() or Path.cwd()
     if head_dir is not None and not (Path(head_dir).is_absolute() or head_dir.startswith("~")):
         raise ConfigError(f"--head-dir must be absolute or start with ~, got {head_dir!r}")
     words = [HEAD_PYTHON if python is None else shlex.quote(python), "-m", "kd_ray.cli",
              shlex.quote(command)]
     if command not in CONFIG_COMMANDS:
         return " ".join(words + [shlex.quote(a) for a in args])
-    from kd_ray.config import PATH_KEYS, load_config
-
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("-c", "--config")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
@@ -97,9 +104,9 @@ def entrypoint(command: str, args: list[str], workdir: Path = REPO, head_dir: st
         words += ["--set", shlex.quote(item)]
     words += [shlex.quote(a) for a in rest]
     # Checked here too: a bad config fails before anything is uploaded.
-    default = workdir / "configs" / "demo.yaml" if command == "demo" else None
-    config = known.config or default
-    cfg = load_config(workdir / config if config else None, known.overrides,
+    default = demo_config() if command == "demo" else None
+    config = workdir / known.config if known.config else default
+    cfg = load_config(config, known.overrides,
                       workdir / known.args_file if known.args_file else None)
     for section, key in PATH_KEYS:
         value = getattr(getattr(cfg, section, None), key, None)
@@ -129,9 +136,6 @@ def connect(address: str | None):
         os.environ.pop("RAY_ADDRESS", None)
     elif not (os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")):
         address = DEFAULT_ADDRESS
-    from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
-
     try:
         return JobSubmissionClient(address)
     except AuthenticationError as exc:
@@ -147,34 +151,36 @@ def connect(address: str | None):
 
 async def _follow(client, job_id: str) -> None:
     async for chunk in client.tail_job_logs(job_id):
-        print(chunk, end="", flush=True)
+        sys.stdout.write(chunk)  # the job's own output, as it is
+        sys.stdout.flush()
 
 
 def submit_command(args) -> int:
     command = args.job_command
     if command == "submit":
         raise ConfigError("`kd-ray submit submit` makes no sense: name the command to run")
-    line = entrypoint(command, list(args.job_args), REPO, args.head_dir, args.python)
+    workdir = source_root() or Path.cwd()
+    line = entrypoint(command, list(args.job_args), workdir, args.head_dir, args.python)
     mode = use_token_if_available()
     client = connect(args.address)
     job_id = f"kd_ray-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     client.submit_job(entrypoint=line, submission_id=job_id, metadata={"kd_ray_command": command},
-                      runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES})
+                      runtime_env=upload(workdir))
     where = client.get_address()
-    print(f"[kd_ray] submitted job {job_id} to {where} (auth: {mode})\n[kd_ray] entrypoint: {line}",
-          flush=True)
+    log.info(f"submitted job {job_id} to {where} (auth: {mode})")
+    log.info(f"entrypoint: {line}")
     if args.no_wait:
-        print(f"[kd_ray] follow it with: ray job logs -f {job_id} --address {where}")
+        log.info(f"follow it with: ray job logs -f {job_id} --address {where}")
         return 0
     try:
         try:
             asyncio.run(_follow(client, job_id))
         except RuntimeError as exc:  # the log stream dropped; the job goes on, so poll for it
-            print(f"[kd_ray] log stream ended early ({exc}); waiting for the job", flush=True)
+            log.info(f"log stream ended early ({exc}); waiting for the job")
         return wait_for_exit(client, job_id)
     except KeyboardInterrupt:
-        print(f"\nkd-ray: stopped following; job {job_id} keeps running. Stop it with: "
-              f"ray job stop {job_id} --address {where}", file=sys.stderr)
+        log.error(f"stopped following; job {job_id} keeps running. Stop it with: "
+                  f"ray job stop {job_id} --address {where}")
         return 130
 
 
@@ -183,14 +189,14 @@ def wait_for_exit(client, job_id: str) -> int:
     while not (info := client.get_job_info(job_id)).status.is_terminal():
         time.sleep(0.5)
     if info.status.value == "SUCCEEDED":
-        print(f"[kd_ray] job {job_id} succeeded", flush=True)
+        log.info(f"job {job_id} succeeded")
         return 0
     code = info.driver_exit_code if info.driver_exit_code not in (None, 0) else 1
     message = (info.message or "").strip().splitlines()
-    print(f"kd-ray: error: job {job_id} {info.status.value.lower()} (exit code {code})"
-          f"{': ' + message[0] if message else ''}", file=sys.stderr)
+    log.error(f"error: job {job_id} {info.status.value.lower()} (exit code {code})"
+              f"{': ' + message[0] if message else ''}")
     logs = client.get_job_logs(job_id)
     if code == 127 or "No module named 'kd_ray'" in logs or "No module named 'ray'" in logs:
-        print("kd-ray: hint: the head's `python` lacks Ray or kd_ray: start Ray from the activated "
-              "environment, set KD_RAY_PYTHON on the head, or pass --python", file=sys.stderr)
+        log.error("hint: the head's `python` lacks Ray or kd_ray: start Ray from the activated "
+                  "environment, set KD_RAY_PYTHON on the head, or pass --python")
     return code

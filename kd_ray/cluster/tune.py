@@ -1,7 +1,7 @@
 """``kd-ray tune``: a Ray Tune sweep whose every trial is a distributed distillation run.
 
 Train V2 pattern: the Tune trainable is a small driver (0.01 CPU) that builds the stage's
-``TorchTrainer`` (launch.make_trainer) with ``TuneReportCallback``; the trial's Train run is
+``TorchTrainer`` (stage.make_trainer) with ``TuneReportCallback``; the trial's Train run is
 ``<sweep>/trials/trial-<id>``, so a rerun trial resumes from its own checkpoints.
 """
 from __future__ import annotations
@@ -12,26 +12,34 @@ import os
 import time
 from pathlib import Path
 
+import ray
+import ray.train
+from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.logger import TBXLoggerCallback
 
-from kd_ray import teacher_cache
-from kd_ray.config import Config
-from kd_ray.sweep_config import space_entry
-from kd_ray.errors import ConfigError
-from kd_ray.launch import ensure_ray, preflight, run_stage
-from kd_ray.tb_callback import MetricsCallback
+from kd_ray.cluster.cache import resolve_cache
+from kd_ray.cluster.callbacks import MetricsCallback
+from kd_ray.cluster.session import ensure_ray
+from kd_ray.cluster.stage import make_trainer, raise_returned_error, raise_user_error, run_stage
+from kd_ray.config import Config, load_config
+from kd_ray.config.sweep import apply_params, planned_trials, space_entry
+from kd_ray.errors import ConfigError, one_line, user_error_in
+from kd_ray.log import get
+from kd_ray.methods import method_class
+from kd_ray.models import MODELS
+from kd_ray.runs.stages import preflight
+from kd_ray.runs.sweep_report import TRIALS_DIR, write_sweep_report
 
+log = get(__name__)
 SWEEP_FILE = "sweep.yaml"  # the resolved config a sweep ran with; --resume reads it
 TUNE_DIR = "tune"  # Tune's experiment folder (trial state, TensorBoard files per trial)
-TRIALS_DIR = "trials"  # one Ray Train run per trial (checkpoints, metrics.jsonl, config.yaml)
 DRIVER_CPUS = 0.01  # a trial's own driver; 0 is refused by Ray
 STARTS_FILE = "starts.log"
 
 
 def search_space(cfg: Config) -> dict:
     """Tune's param_space from ``sweep.space`` (grid keys become choices under optuna)."""
-    from ray import tune
-
     space = {}
     for key, spec in cfg.sweep.space.items():
         _, _, kind, values = space_entry(key, spec)
@@ -44,20 +52,8 @@ def search_space(cfg: Config) -> dict:
     return space
 
 
-def apply_params(cfg: Config, params: dict) -> Config:
-    """The config of one trial: the base with the sampled values set."""
-    changes: dict = {}
-    for key, value in params.items():
-        section, name, _, _ = space_entry(key, [value])
-        changes.setdefault(section, {})[name] = value
-    return cfg.replace(**changes)
-
-
 def check_sweep(cfg: Config, train_teacher: bool) -> Config:
     """Every bad input the driver can see, before Ray starts: space, values, data, teacher."""
-    from kd_ray.losses import get_loss
-    from kd_ray.models import MODELS
-
     if not cfg.sweep.space:
         raise ConfigError("sweep.space is empty: name what to search, e.g. --set "
                           "'sweep.space={distill.temperature: [1, 2, 4, 8], distill.alpha: [0.1, 0.5, 0.9]}'")
@@ -65,7 +61,7 @@ def check_sweep(cfg: Config, train_teacher: bool) -> Config:
         _, _, kind, values = space_entry(key, spec)
         for value in values if kind in ("grid", "choice") else values[:2]:
             trial = apply_params(cfg, {key: value})  # e.g. alpha=1.5 fails here
-            get_loss(trial.distill.loss)  # and an unknown loss or student here
+            method_class(trial.distill.loss)  # and an unknown loss or student here
             MODELS.get(trial.model.student)
     if train_teacher:
         preflight(cfg, "teacher")
@@ -74,8 +70,6 @@ def check_sweep(cfg: Config, train_teacher: bool) -> Config:
 
 def trials_that_fit(cfg: Config) -> int:
     """How many trials the cluster runs at once; a ConfigError when not even one fits."""
-    import ray
-
     resources = ray.cluster_resources()
     if cfg.run.use_gpu:
         kind, per_trial = "GPU", float(cfg.run.num_workers)
@@ -93,12 +87,6 @@ def trials_that_fit(cfg: Config) -> int:
 
 def run_trial(params: dict, base: dict, sweep_dir: str) -> None:
     """The Tune trainable: one distillation run with this trial's values."""
-    import ray.train
-    from ray import tune
-
-    from kd_ray.launch import make_trainer, raise_user_error
-    from kd_ray.recovery import raise_returned_error
-
     cfg = apply_params(Config.from_dict(base), params)
     name = f"trial-{tune.get_context().get_trial_id()}"
     storage = Path(sweep_dir) / TRIALS_DIR
@@ -137,9 +125,6 @@ class EpochReportCallback(TuneReportCallback):
 
 def make_tuner(cfg: Config, sweep_dir: Path, restore: bool = False):
     """The Tuner of a new sweep, or of the interrupted one in ``sweep_dir`` (``restore``)."""
-    from ray import tune
-    from ray.tune.logger import TBXLoggerCallback
-
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg.to_dict(), sweep_dir=str(sweep_dir)),
         {"CPU": DRIVER_CPUS},
@@ -173,7 +158,7 @@ def make_tuner(cfg: Config, sweep_dir: Path, restore: bool = False):
 
 
 def _optuna(seed: int):
-    try:
+    try:  # local: an optional extra
         import optuna
         from ray.tune.search.optuna import OptunaSearch
     except ImportError:
@@ -184,8 +169,6 @@ def _optuna(seed: int):
 
 def run_sweep(cfg: Config, train_teacher: bool = False):
     """Check, train the teacher once (optional), run every trial, write the summary."""
-    from kd_ray.sweep_report import write_sweep_report
-
     cfg = check_sweep(cfg, train_teacher)
     sweep_dir = Path(cfg.run.storage) / cfg.run.name
     if (sweep_dir / TUNE_DIR).exists():
@@ -197,33 +180,28 @@ def run_sweep(cfg: Config, train_teacher: bool = False):
         teacher = run_stage(cfg, "teacher", storage=str(sweep_dir), name="teacher")
         cfg = cfg.replace(distill={"teacher_path": teacher.summary["teacher_file"]})
     # Built once here; every trial reads it (T and alpha only change the loss).
-    cfg = teacher_cache.resolve(cfg, sweep_dir / "teacher_cache")
+    cfg = resolve_cache(cfg, sweep_dir / "teacher_cache")
     cfg.save(sweep_dir / SWEEP_FILE)
-    print(f"[kd_ray] sweep {cfg.run.name}: {_describe(cfg)}; results in {sweep_dir}", flush=True)
+    log.info(f"sweep {cfg.run.name}: {_describe(cfg)}; results in {sweep_dir}")
     results = make_tuner(cfg, sweep_dir).fit()
-    return write_sweep_report(cfg, sweep_dir, results)
+    return write_sweep_report(cfg, sweep_dir, trial_results(cfg, results))
 
 
 def resume_sweep(sweep_dir) -> tuple:
     """Finish an interrupted sweep with the config it started with."""
-    from ray import tune
-
-    from kd_ray.config import load_config
-    from kd_ray.sweep_report import write_sweep_report
-
     sweep_dir = Path(sweep_dir).resolve()
     if not (sweep_dir / SWEEP_FILE).is_file() or not tune.Tuner.can_restore(str(sweep_dir / TUNE_DIR)):
         raise ConfigError(f"{sweep_dir} holds no sweep to resume (no {SWEEP_FILE} or Tune state); "
                           "pass the folder `kd-ray tune` printed")
     cfg = load_config(sweep_dir / SWEEP_FILE)
     ensure_ray(cfg, extra_cpus=DRIVER_CPUS)
-    teacher_cache.resolve(cfg, sweep_dir / "teacher_cache")  # still there and matching (or rebuilt)
+    resolve_cache(cfg, sweep_dir / "teacher_cache")  # still there and matching (or rebuilt)
     states = trial_states(sweep_dir)
     done = sum(status == "TERMINATED" for status in states.values())
-    print(f"[kd_ray] resuming sweep {sweep_dir}: {done} of {planned_trials(cfg)} trials finished and kept; "
-          "the others run (again) from their last checkpoint", flush=True)
+    log.info(f"resuming sweep {sweep_dir}: {done} of {planned_trials(cfg.sweep)} trials finished and "
+             "kept; the others run (again) from their last checkpoint")
     results = make_tuner(cfg, sweep_dir, restore=True).fit()
-    return write_sweep_report(cfg, sweep_dir, results)
+    return write_sweep_report(cfg, sweep_dir, trial_results(cfg, results))
 
 
 def trial_states(sweep_dir) -> dict[str, str]:
@@ -238,32 +216,22 @@ def trial_states(sweep_dir) -> dict[str, str]:
     return states
 
 
-def planned_trials(cfg: Config) -> int:
-    """num_samples, times every grid's size (Tune's variant generator runs the full grid)."""
-    n = cfg.sweep.num_samples
-    if cfg.sweep.search != "optuna":
-        for key, spec in cfg.sweep.space.items():
-            _, _, kind, values = space_entry(key, spec)
-            n *= len(values) if kind == "grid" else 1
-    return n
-
-
 def _describe(cfg: Config) -> str:
     keys = ", ".join(f"{k}={v}" for k, v in cfg.sweep.space.items())
     sched = (f"ASHA (grace {cfg.sweep.grace_period}, factor {cfg.sweep.reduction_factor:g})"
              if cfg.sweep.scheduler == "asha" else "no early stopping")
-    return (f"{keys}; {planned_trials(cfg)} trials of {cfg.optim.epochs} epochs on "
+    return (f"{keys}; {planned_trials(cfg.sweep)} trials of {cfg.optim.epochs} epochs on "
             f"{cfg.run.num_workers} worker(s) each, {sched}")
 
 
-def first_error(results) -> str | None:
-    return next((e for e in map(trial_error, results) if e), None)
+def trial_results(cfg: Config, results) -> list[dict]:
+    """Tune's results as the plain rows ``runs.sweep_report`` reads."""
+    return [{"name": Path(r.path).name, "params": {k: r.config.get(k) for k in cfg.sweep.space},
+             "error": trial_error(r), "last": r.metrics} for r in results]
 
 
 def trial_error(result) -> str | None:
     """A failed trial's error as one line (our own errors without Ray's wrappers)."""
-    from kd_ray.launch import one_line, user_error_in
-
     if result.error is None:
         return None
     return one_line(user_error_in(result.error) or result.error)

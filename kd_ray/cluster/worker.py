@@ -1,89 +1,60 @@
 """The per-worker function Ray Train runs on every rank: build, resume, loop, report."""
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, Subset
-
 import ray.train
 import ray.train.torch
+import torch
+import torch.distributed as dist
 
-from kd_ray import checkpoints
+from kd_ray import log as kd_log
+from kd_ray.cache import load as load_cache
 from kd_ray.config import Config
 from kd_ray.data import build_data
-from kd_ray.engine import build_optimizer, epoch_metrics, evaluate, stop_together, train_one_epoch
-from kd_ray.errors import KdRayError, PeerFailedError
-from kd_ray.faults import Faults
-from kd_ray.losses import get_loss
+from kd_ray.data.views import CachedViews
+from kd_ray.engine import (all_sum, build_optimizer, checkpoints, epoch_metrics, evaluate, make_loaders,
+                           stop_together, train_one_epoch)
+from kd_ray.errors import KdRayError, PeerFailedError, to_payload
+from kd_ray.methods import TrainStep, build_method
 from kd_ray.models import build_model, load_teacher
-from kd_ray.teacher_cache import load as load_cache
-from kd_ray.views import CachedViews, ViewSampler
+from kd_ray.runs.stages import stage_epochs, stage_method, stage_model
 
-STATE_FILE = checkpoints.STATE_FILE
-
-
-def stage_model(cfg: Config, stage: str) -> tuple[str, str | None]:
-    """(architecture, pretrained weights) of the model a stage trains."""
-    if stage == "teacher":
-        return cfg.model.teacher, cfg.model.teacher_pretrained
-    return cfg.model.student, cfg.model.student_pretrained
+log = kd_log.get(__name__)
+FAULTS_ENV = "KD_RAY_FAULTS"  # the chaos suite's fault plan (tests only)
+FAULTS_MODULE = "kd_ray.testing.faults"  # imported by name, and only when that plan is set
 
 
-def stage_epochs(cfg: Config, stage: str) -> int:
-    if stage == "teacher" and cfg.optim.teacher_epochs:
-        return cfg.optim.teacher_epochs
-    return cfg.optim.epochs
+class Hooks:
+    """Points where tests may act on a worker (the chaos suite's fault plan); no-ops otherwise."""
+
+    def attempt(self, start_epoch: int) -> None:
+        pass
+
+    def loader(self, loader, epoch: int):
+        return loader
 
 
-def cached_logits_folder(cfg: Config, stage: str, needs_teacher: bool) -> str | None:
-    """The teacher cache the driver resolved for this run (launch/tune call teacher_cache.resolve)."""
+def worker_hooks(loop_config: dict, rank: int) -> Hooks:
+    plan = loop_config.get("faults")
+    if not plan:
+        return Hooks()
+    return importlib.import_module(FAULTS_MODULE).Faults(plan, rank)
+
+
+def cached_logits_folder(cfg: Config, stage: str) -> str | None:
+    """The teacher cache the driver resolved for this run (cluster.cache.resolve_cache)."""
     folder = cfg.distill.teacher_cache
-    if stage != "distill" or not needs_teacher or folder in ("off", "auto"):
+    if stage != "distill" or folder in ("off", "auto"):
         return None  # "auto" only reaches here from callers that skip resolve: run the teacher
     return folder
 
 
-def make_loaders(bundle, batch_size: int, rank: int, world: int, seed: int, workers: int):
-    """Shuffled, sharded training loader and an exact (unpadded) validation shard."""
-    per_worker = max(1, batch_size // world)
-    if isinstance(bundle.train, CachedViews):  # yields (view, sample) ids, a new view each epoch
-        sampler = ViewSampler(bundle.train, bundle.train.views, bundle.train.seed,
-                              num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    else:
-        sampler = DistributedSampler(bundle.train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    # drop_last keeps BatchNorm away from 1-image batches; tiny sets keep their only batch.
-    drop_last = len(sampler) > per_worker
-    train = DataLoader(bundle.train, batch_size=per_worker, sampler=sampler, drop_last=drop_last,
-                       num_workers=workers, persistent_workers=workers > 0)
-    # Every val image is seen exactly once across ranks, so summed counts give exact accuracy.
-    shard = Subset(bundle.val, range(rank, len(bundle.val), world))
-    val = DataLoader(shard, batch_size=per_worker * 2, num_workers=workers)
-    return train, sampler, val
-
-
-def all_sum(values: dict, device: torch.device, max_keys=("seconds",)) -> dict:
-    """Add counters across ranks (wall seconds take the slowest rank)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    keys = sorted(values)
-    summed = [k for k in keys if k not in max_keys]
-    maxed = [k for k in keys if k in max_keys]
-    out = {}
-    for names, op in ((summed, dist.ReduceOp.SUM), (maxed, dist.ReduceOp.MAX)):
-        if not names:
-            continue
-        t = torch.tensor([float(values[k]) for k in names], dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=op)
-        out.update(zip(names, t.tolist()))
-    return out
-
-
 def _quiet_ray_train(level: str) -> None:
     """Ray's LoggingConfig misses the per-report INFO line, whose logger is named by file path."""
-    from ray.train.v2._internal.execution import context
+    from ray.train.v2._internal.execution import context  # local: Ray's internals, used once
 
     logging.getLogger("ray.train").setLevel(level)
     logging.getLogger(context.__file__).setLevel(level)
@@ -97,14 +68,15 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     torch.set_num_threads(cfg.run.threads_per_worker)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    kd_log.configure(logging.INFO if rank == 0 else logging.ERROR)  # one rank speaks for all
     torch.manual_seed(cfg.run.seed + rank)
     device = ray.train.torch.get_device()
     amp = cfg.run.bf16 and device.type == "cuda"
     nhwc = cfg.run.channels_last and device.type == "cuda"
     fmt = torch.channels_last if nhwc else torch.preserve_format
 
-    loss_fn, needs_teacher = get_loss(cfg.distill.loss if stage == "distill" else "ce")
-    cache = cached_logits_folder(cfg, stage, needs_teacher)
+    method = build_method(cfg.distill, stage_method(cfg, stage))
+    cache = cached_logits_folder(cfg, stage) if method.teacher == "logits" else None
     bundle = build_data(cfg.data, stage, cfg.run.seed)
     if cache:  # the teacher never runs: its logits for the replayed views come with each batch
         bundle.train = CachedViews(bundle.train, load_cache(cache), cfg.data.split_seed)
@@ -112,45 +84,49 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         bundle, cfg.optim.batch_size, rank, world, cfg.run.seed, cfg.data.loader_workers
     )
     arch, pretrained = stage_model(cfg, stage)
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = build_model(arch, bundle.num_classes, pretrained=pretrained).to(memory_format=fmt)
-    model = ray.train.torch.prepare_model(model)  # DDP when world > 1
+    torch.manual_seed(cfg.run.seed)  # identical initial weights (student and extras) on every rank
+    student = build_model(arch, bundle.num_classes, pretrained=pretrained)
     teacher = None
-    if needs_teacher and not cache:
+    if method.teacher is not None and not cache:
         teacher, _ = load_teacher(cfg.distill.teacher_path, device=device)  # frozen, eval, no DDP
         teacher = teacher.to(memory_format=fmt)
+    try:
+        method.setup(student, teacher, bundle.val[0][0][None])  # e.g. a regressor sized by a layer
+    except KdRayError as exc:  # a bad layer name or image: every rank stops here alike
+        return shared_error(exc, world)
+    step = TrainStep(student, method).to(memory_format=fmt)
+    step = ray.train.torch.prepare_model(step)  # DDP (student + the method's extras) when world > 1
+    unwrapped = step.module if hasattr(step, "module") else step
     epochs = stage_epochs(cfg, stage)
-    optimizer, scheduler = build_optimizer(model, cfg.optim, len(train_loader), epochs)
-    unwrapped = model.module if hasattr(model, "module") else model
+    optimizer, scheduler = build_optimizer(step, cfg.optim, len(train_loader), epochs)
 
     run_dir = Path(loop_config["run_dir"])
-    faults = Faults(loop_config["faults"], rank) if loop_config.get("faults") else None  # tests only
-    say = print if rank == 0 else (lambda *args, **kwargs: None)
+    hooks = worker_hooks(loop_config, rank)
     if rank == 0:
         checkpoints.clean_partial(run_dir)  # the previous attempt's rank 0 is gone
     # Every rank picks the same folder: the newest that passes its checks (then older ones).
     start_epoch, history = 0, []
-    found = checkpoints.latest(run_dir, with_state=True, map_location=device, warn=say)
+    found = checkpoints.latest(run_dir, with_state=True, map_location=device)
     if found:
         folder, manifest, state = found
-        unwrapped.load_state_dict(state["model"])
+        unwrapped.student.load_state_dict(state["model"])
+        unwrapped.method.load_state_dict(state.get("method", {}))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"], manifest.get("history", [])
-        say(f"[kd_ray] resuming {run_dir.name} from epoch {start_epoch + 1} ({folder.name})", flush=True)
-    if faults:
-        faults.event("attempt", start_epoch=start_epoch + 1)
+        log.info(f"resuming {run_dir.name} from epoch {start_epoch + 1} ({folder.name})")
+    hooks.attempt(start_epoch + 1)
 
     try:
         for epoch in range(start_epoch, epochs):
             sampler.set_epoch(epoch)
-            loader = faults.wrap(train_loader, epoch + 1) if faults else train_loader
             train_sums = train_one_epoch(
-                model, loader, loss_fn, optimizer, epoch=epoch + 1, device=device, loss_cfg=cfg.distill,
+                step, hooks.loader(train_loader, epoch + 1), optimizer, epoch=epoch + 1, device=device,
                 teacher=teacher, scheduler=scheduler, amp=amp, channels_last=nhwc,
             )
             try:
-                val_sums, error = evaluate(model, val_loader, device=device, amp=amp, channels_last=nhwc), None
+                val_sums, error = evaluate(unwrapped.student, val_loader, device=device, amp=amp,
+                                           channels_last=nhwc), None
             except KdRayError as exc:  # a corrupt val image: stop with the other ranks
                 val_sums, error = None, exc
             stop_together(error, device)
@@ -159,10 +135,10 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             metrics.update(epoch=epoch + 1, epochs=epochs, lr=optimizer.param_groups[0]["lr"])
             history.append(metrics)
             state = {
-                "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "stage": stage,
-                "arch": arch, "classes": bundle.classes, "image_size": bundle.image_size,
-                "config": cfg.to_dict(),
+                "model": unwrapped.student.state_dict(), "method": unwrapped.method.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch + 1, "stage": stage, "arch": arch, "classes": bundle.classes,
+                "image_size": bundle.image_size, "config": cfg.to_dict(),
             }
             _report(metrics, state if rank == 0 else None, run_dir, history)
     except KdRayError as exc:
@@ -173,16 +149,13 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
 
 
 def shared_error(exc: KdRayError, world: int) -> dict:
-    """The lowest rank's own error (not a PeerFailedError), the same on every rank."""
-    from kd_ray.launch import one_line
-
-    mine = None if isinstance(exc, PeerFailedError) else (type(exc).__name__, one_line(exc))
+    """The lowest rank's own error (not a PeerFailedError) as a payload, the same on every rank."""
+    mine = None if isinstance(exc, PeerFailedError) else to_payload(exc)
     errors = [mine] * world
     if world > 1 and dist.is_available() and dist.is_initialized():
         dist.all_gather_object(errors, mine)
-    rank, (kind, message) = next(((r, e) for r, e in enumerate(errors) if e),
-                                 (0, (type(exc).__name__, one_line(exc))))
-    return {"error": kind, "message": f"{message} (rank {rank})"}
+    rank, payload = next(((r, e) for r, e in enumerate(errors) if e), (0, to_payload(exc)))
+    return {**payload, "message": f"{payload['message']} (rank {rank})"}
 
 
 def _report(metrics: dict, state: dict | None, run_dir: Path, history: list) -> None:

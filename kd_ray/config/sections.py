@@ -1,20 +1,13 @@
-"""Run configuration: dataclass sections, YAML files, ``--set section.key=value`` overrides.
+"""The config sections (dataclasses with a docstring under each field) and their value checks.
 
-Everything here is checked on the driver, before any Ray worker starts.
+Every check here needs neither torch nor Ray, so bad values are refused as soon as the CLI starts.
 """
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
-from kd_ray.args_file import read_args_file
 from kd_ray.errors import ConfigError
-from kd_ray.sweep_config import SweepConfig
 
 STAGES = ("teacher", "student", "distill")
 
@@ -43,10 +36,10 @@ class DataConfig:
     """Training images of the synthetic set (validation gets a quarter as many)."""
 
     def __post_init__(self):
-        _positive(self, "image_size", allow_none=True)
-        _positive(self, "num_classes", allow_none=True)
-        _positive(self, "labels_per_class", allow_none=True)
-        _positive(self, "synthetic_size")
+        positive(self, "image_size", allow_none=True)
+        positive(self, "num_classes", allow_none=True)
+        positive(self, "labels_per_class", allow_none=True)
+        positive(self, "synthetic_size")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.loader_workers < 0:
@@ -67,7 +60,10 @@ class ModelConfig:
 @dataclass
 class DistillConfig:
     loss: str = "kd"
-    """kd, mse_logits, ce, or a plugin 'package.module:function'."""
+    """The distillation method: kd, mse_logits, ce, or a plugin 'package.module:Class' (a
+    Distiller subclass) or 'package.module:function' (a loss over logits)."""
+    params: dict = field(default_factory=dict)
+    """Method-specific settings, checked by the method (e.g. a plugin's weights or layer names)."""
     temperature: float = 4.0
     alpha: float = 0.9
     """Weight of the distillation term; 1 - alpha goes to cross-entropy on labels."""
@@ -84,9 +80,11 @@ class DistillConfig:
     """Images per teacher forward pass while building the cache."""
 
     def __post_init__(self):
-        _positive(self, "cache_views")
-        _positive(self, "cache_top_k", allow_none=True)
-        _positive(self, "cache_batch_size")
+        positive(self, "cache_views")
+        positive(self, "cache_top_k", allow_none=True)
+        positive(self, "cache_batch_size")
+        if not isinstance(self.params, dict):
+            raise ConfigError(f"distill.params must be a mapping, got {self.params!r}")
         if not self.teacher_cache:
             raise ConfigError("distill.teacher_cache must be auto, off or a folder")
         if not 0.0 <= self.alpha <= 1.0:
@@ -121,9 +119,9 @@ class OptimConfig:
             raise ConfigError(f"optim.schedule must be cosine, step or none, got {self.schedule!r}")
         if not self.lr > 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
-        _positive(self, "epochs")
-        _positive(self, "teacher_epochs", allow_none=True)
-        _positive(self, "batch_size")
+        positive(self, "epochs")
+        positive(self, "teacher_epochs", allow_none=True)
+        positive(self, "batch_size")
         if self.warmup_epochs < 0:
             raise ConfigError("optim.warmup_epochs must be >= 0")
 
@@ -161,10 +159,10 @@ class RunConfig:
     """Where a local Ray instance's dashboard and job server listen (0.0.0.0 = every interface)."""
 
     def __post_init__(self):
-        _positive(self, "num_workers")
-        _positive(self, "threads_per_worker")
-        _positive(self, "keep_checkpoints")
-        _positive(self, "collective_timeout_s")
+        positive(self, "num_workers")
+        positive(self, "threads_per_worker")
+        positive(self, "keep_checkpoints")
+        positive(self, "collective_timeout_s")
         if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
             raise ConfigError(f"run.seeds must be a non-empty list of integers, got {self.seeds!r}")
         if self.max_failures < -1:
@@ -176,145 +174,20 @@ class RunConfig:
 PATH_KEYS = [("data", "root"), ("model", "teacher_pretrained"), ("model", "student_pretrained"),
              ("distill", "teacher_path"), ("run", "storage")]
 
-SECTIONS = {
+# The sections a training run reads; the sweep section (sweep.py) searches over their keys.
+RUN_SECTIONS = {
     "data": DataConfig,
     "model": ModelConfig,
     "distill": DistillConfig,
     "optim": OptimConfig,
     "run": RunConfig,
-    "sweep": SweepConfig,
 }
 
 
-@dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "Config":
-        if not isinstance(raw, dict):
-            raise ConfigError("a config must be a mapping of sections: " + ", ".join(SECTIONS))
-        unknown = set(raw) - set(SECTIONS)
-        if unknown:
-            raise ConfigError(
-                f"unknown config section(s) {sorted(unknown)}; valid sections: {', '.join(SECTIONS)}"
-            )
-        parts = {}
-        for name, section_cls in SECTIONS.items():
-            values = raw.get(name) or {}
-            if not isinstance(values, dict):
-                raise ConfigError(f"config section {name!r} must be a mapping")
-            valid = {f.name for f in dataclasses.fields(section_cls)}
-            bad = set(values) - valid
-            if bad:
-                raise ConfigError(
-                    f"unknown key(s) {', '.join(f'{name}.{k}' for k in sorted(bad))}; "
-                    f"valid keys in {name}: {', '.join(sorted(valid))}"
-                )
-            coerced = {k: _coerce(section_cls, name, k, v) for k, v in values.items()}
-            parts[name] = section_cls(**coerced)
-        return cls(**parts)
-
-    def save(self, path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-    def with_absolute_paths(self) -> "Config":
-        """Workers run in another folder: make file paths absolute on the driver (URIs stay)."""
-        changes: dict = {}
-        for section, key in PATH_KEYS:
-            value = getattr(getattr(self, section), key)
-            if value and "://" not in value:
-                changes.setdefault(section, {})[key] = str(Path(value).expanduser().resolve())
-        return self.replace(**changes) if changes else self
-
-    def replace(self, **sections: dict) -> "Config":
-        """A copy with some fields changed: ``cfg.replace(run={"seed": 1})``."""
-        raw = self.to_dict()
-        for name, values in sections.items():
-            raw[name].update(values)
-        return Config.from_dict(raw)
-
-
-def _positive(obj, name: str, allow_none: bool = False) -> None:
+def positive(obj, name: str, allow_none: bool = False) -> None:
     value = getattr(obj, name)
     if value is None and allow_none:
         return
     section = type(obj).__name__.replace("Config", "").lower()
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{section}.{name} must be a positive integer, got {value!r}")
-
-
-def _coerce(section_cls, section: str, key: str, value: Any) -> Any:
-    """Check ``value`` against the field's annotation; ints are accepted for floats."""
-    hints = typing.get_type_hints(section_cls)
-    hint = hints[key]
-    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
-    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{section}.{key} may not be null")
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if (section, key) == ("distill", "teacher_cache") and value is False:
-        return "off"  # YAML 1.1 reads a bare `off` as false
-    expected = typing.get_origin(base) or base
-    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ConfigError(
-            f"{section}.{key} must be {getattr(expected, '__name__', expected)}, got {value!r}"
-        )
-    return value
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply ``section.key=value`` strings; values are parsed as YAML (``4``, ``true``, ``[1,2]``)."""
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        parts = key.strip().split(".")
-        if not sep or len(parts) != 2 or not all(parts):
-            raise ConfigError(f"--set expects section.key=value, got {item!r}")
-        section, name = parts
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise ConfigError(f"config section {section!r} must be a mapping")
-        raw[section][name] = yaml.safe_load(text) if text.strip() else None
-    return raw
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    for section, values in extra.items():
-        if isinstance(values, dict) and isinstance(base.get(section), dict):
-            base[section].update(values)
-        else:
-            base[section] = values
-    return base
-
-
-def load_config(path=None, overrides=(), args_file=None) -> Config:
-    """YAML file (optional), then the args file (optional), then ``--set`` overrides."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found; see configs/ for examples")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
-    if args_file is not None:
-        raw = _merge(raw, read_args_file(args_file)[0])
-    raw = apply_overrides(raw, list(overrides))
-    return Config.from_dict(raw)

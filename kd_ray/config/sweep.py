@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from kd_ray.config.sections import RUN_SECTIONS, positive
 from kd_ray.errors import ConfigError
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -31,15 +32,13 @@ class SweepConfig:
     """0 = as many trials at once as the cluster's CPUs (GPUs) fit."""
 
     def __post_init__(self):
-        from kd_ray.config import _positive  # config.py imports this module first
-
         if not isinstance(self.space, dict):
             raise ConfigError("sweep.space must map config keys to values, e.g. "
                               "{distill.temperature: [1, 2, 4], distill.alpha: {uniform: [0.1, 0.9]}}")
         for key, spec in self.space.items():
             space_entry(key, spec)
-        _positive(self, "num_samples")
-        _positive(self, "grace_period")
+        positive(self, "num_samples")
+        positive(self, "grace_period")
         _choice(self, "search", ("random", "grid", "optuna"))
         _choice(self, "scheduler", ("asha", "none"))
         _choice(self, "mode", ("max", "min"))
@@ -56,11 +55,9 @@ def _choice(obj, name: str, allowed: tuple) -> None:
 
 def space_entry(key, spec) -> tuple[str, str, str, list]:
     """Check one search-space entry; returns (section, field, kind, values)."""
-    from kd_ray.config import SECTIONS
-
     section, _, name = str(key).partition(".")
-    fields = {f.name for f in dataclasses.fields(SECTIONS[section])} if section in SECTIONS else ()
-    if section == "sweep" or name not in fields:
+    fields = {f.name for f in dataclasses.fields(RUN_SECTIONS[section])} if section in RUN_SECTIONS else ()
+    if name not in fields:
         raise ConfigError(f"sweep.space key {key!r} is not a config key; use section.key, e.g. "
                           "distill.temperature, distill.alpha, optim.lr, distill.loss")
     if isinstance(spec, list):
@@ -78,3 +75,22 @@ def space_entry(key, spec) -> tuple[str, str, str, list]:
         if kind == "loguniform" and values[0] <= 0:
             raise ConfigError(f"sweep.space.{key}: loguniform needs low > 0, got {values[0]}")
     return section, name, kind, values
+
+
+def apply_params(cfg, params: dict):
+    """The config of one trial: ``cfg`` (a Config) with the sampled values set, and checked."""
+    changes: dict = {}
+    for key, value in params.items():
+        section, name, _, _ = space_entry(key, [value])
+        changes.setdefault(section, {})[name] = value
+    return cfg.replace(**changes)
+
+
+def planned_trials(sweep: SweepConfig) -> int:
+    """num_samples, times every grid's size (Tune's variant generator runs the full grid)."""
+    n = sweep.num_samples
+    if sweep.search != "optuna":
+        for key, spec in sweep.space.items():
+            _, _, kind, values = space_entry(key, spec)
+            n *= len(values) if kind == "grid" else 1
+    return n

@@ -16,6 +16,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+import torch
+
+from kd_ray.log import get
+
+log = get(__name__)
+
 STATE_FILE = "state.pt"
 MANIFEST = "manifest.json"
 PREFIX = "checkpoint_"
@@ -40,8 +46,6 @@ def _write(path: Path, write: Callable) -> None:
 
 def save(run_dir, state: dict, history: list) -> Path:
     """Write ``state`` and the manifest under a temporary name, then rename the folder."""
-    import torch
-
     run_dir = Path(run_dir)
     final = run_dir / new_name()
     tmp = run_dir / (TMP + final.name)
@@ -73,8 +77,6 @@ def read_manifest(folder) -> dict:
 
 def load(folder, map_location="cpu") -> tuple[dict, dict]:
     """(state, manifest) of a checkpoint that passes the checks and loads."""
-    import torch
-
     manifest = read_manifest(folder)
     try:
         state = torch.load(Path(folder) / STATE_FILE, map_location=map_location, weights_only=False)
@@ -89,7 +91,7 @@ def folders(run_dir) -> list[Path]:
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
-def latest(run_dir, with_state: bool = False, map_location="cpu", warn: Callable = print):
+def latest(run_dir, with_state: bool = False, map_location="cpu"):
     """(folder, manifest, state or None) of the newest usable checkpoint, or None.
 
     Each newer checkpoint that fails its checks is skipped with a warning naming it and the one
@@ -106,12 +108,12 @@ def latest(run_dir, with_state: bool = False, map_location="cpu", warn: Callable
             bad.append((folder, exc))
             continue
         for skipped, why in bad:
-            warn(f"[kd_ray] warning: checkpoint {skipped} is unusable: {why}; using the previous "
-                 f"one, {folder.name} (epoch {manifest['epoch']})")
+            log.warning(f"checkpoint {skipped} is unusable: {why}; using the previous one, "
+                        f"{folder.name} (epoch {manifest['epoch']})")
         return folder, manifest, state
     for skipped, why in bad:
-        warn(f"[kd_ray] warning: checkpoint {skipped} is unusable: {why}; no older checkpoint "
-             "is left, so training starts at epoch 1")
+        log.warning(f"checkpoint {skipped} is unusable: {why}; no older checkpoint is left, so "
+                    "training starts at epoch 1")
     return None
 
 

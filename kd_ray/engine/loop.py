@@ -34,27 +34,26 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -
 
 
 def train_one_epoch(
-    model: torch.nn.Module,
+    step_module: torch.nn.Module,
     loader,
-    loss_fn: Callable,
     optimizer: torch.optim.Optimizer,
     *,
     epoch: int,
     device: torch.device,
-    loss_cfg=None,
     teacher: Optional[torch.nn.Module] = None,
     scheduler=None,
     amp: bool = False,
     channels_last: bool = False,
     check_every: Optional[int] = None,
 ) -> dict:
-    """Train ``model`` for one pass over ``loader``.
+    """Train for one pass over ``loader``.
 
-    ``loss_fn(student_logits, teacher_logits, labels, loss_cfg)`` returns a dict with "loss" and
-    its parts. Batches are ``(inputs, labels)``, or ``(inputs, labels, teacher_logits)`` from a
-    teacher cache; otherwise the teacher, when given, runs without autograd and in eval mode.
-    Returns sums: ``loss_sum`` and ``<part>_sum`` weighted by batch size, ``images``, ``seconds``,
-    ``teacher_images`` (images the teacher ran on).
+    ``step_module(inputs, labels, epoch, teacher=..., cached=...)`` returns a dict with "loss" and
+    its parts: a ``methods.TrainStep`` (student + method), possibly wrapped in DDP. Batches are
+    ``(inputs, labels)``, or ``(inputs, labels, teacher_logits)`` from a teacher cache; otherwise
+    the teacher, when given, runs without autograd and in eval mode. Returns sums: ``loss_sum``
+    and ``<part>_sum`` weighted by batch size, ``images``, ``seconds``, ``teacher_images``
+    (images the teacher ran on).
 
     Sums stay on the device, and a non-finite loss is looked for every ``check_every`` steps
     (default: every step in a single CPU process; every 25 on GPU, where each look makes the GPU
@@ -64,7 +63,7 @@ def train_one_epoch(
     """
     if check_every is None:
         check_every = 1 if device.type == "cpu" and _world() == 1 else 25
-    model.train()
+    step_module.train()
     if teacher is not None:
         teacher.eval()  # a caller's model.train() must never flip the teacher's BatchNorm/dropout
     sums: dict[str, torch.Tensor] = {}
@@ -78,14 +77,11 @@ def train_one_epoch(
     for step, (inputs, labels, *cached) in enumerate(_batches(loader, check_every, check)):
         inputs = to_device(inputs, device, channels_last)
         labels = labels.to(device, non_blocking=True)
+        logits = cached[0].to(device, non_blocking=True) if cached else None
         with autocast_for(device, amp):
-            teacher_logits = cached[0].to(device, non_blocking=True) if cached else None
-            if teacher is not None and not cached:
-                with torch.no_grad():
-                    teacher_logits = teacher(inputs)
-                teacher_images += inputs.shape[0]
-            student_logits = model(inputs)
-            parts = loss_fn(student_logits, teacher_logits, labels, loss_cfg)
+            parts = step_module(inputs, labels, epoch, teacher=teacher, cached=logits)
+        if teacher is not None and logits is None:
+            teacher_images += inputs.shape[0]
         loss = parts["loss"]
         first_bad = ~torch.isfinite(loss.detach()) & (bad_step < 0)
         bad_step = torch.where(first_bad, step, bad_step)
@@ -207,28 +203,3 @@ def epoch_metrics(train: dict, val: dict, num_classes: int) -> dict:
     metrics["perf/images_per_s"] = train["images"] / train["seconds"] if train["seconds"] else math.nan
     metrics["perf/teacher_images"] = train.get("teacher_images", 0)  # 0 when logits are cached
     return metrics
-
-
-def build_optimizer(model: torch.nn.Module, optim_cfg, steps_per_epoch: int, epochs: int):
-    """SGD or AdamW plus a per-iteration schedule: linear warm-up, then cosine or step decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if optim_cfg.name == "sgd":
-        optimizer = torch.optim.SGD(
-            params, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay
-        )
-    else:
-        optimizer = torch.optim.AdamW(params, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
-    total = max(1, steps_per_epoch * epochs)
-    warmup = min(int(optim_cfg.warmup_epochs * steps_per_epoch), total - 1)
-    sched = torch.optim.lr_scheduler
-    if optim_cfg.schedule == "cosine":
-        main = sched.CosineAnnealingLR(optimizer, T_max=total - warmup)
-    elif optim_cfg.schedule == "step":
-        step = max(1, optim_cfg.step_size * steps_per_epoch)
-        main = sched.StepLR(optimizer, step_size=step, gamma=optim_cfg.gamma)
-    else:
-        main = sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    if warmup == 0:
-        return optimizer, main
-    ramp = sched.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
-    return optimizer, sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])

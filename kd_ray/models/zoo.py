@@ -1,22 +1,20 @@
-"""Model registry (torchvision classifiers + small CNNs), weight loading and the teacher file."""
+"""Model registry: torchvision classifiers and small CNNs (``pkg.module:fn`` plugins too), local weights."""
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-from kd_ray.errors import ConfigError, TeacherError
+from kd_ray.config.checks import PRETRAINED_FIX
+from kd_ray.errors import ConfigError
 from kd_ray.registry import Registry
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)  # a child of the "kd_ray" logger
 
 MODELS = Registry("model")
-TEACHER_FORMAT = "kd_ray-teacher-v1"
 
 TORCHVISION_NAMES = (
     "resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2",
@@ -86,7 +84,7 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _strip_prefixes(state: dict) -> dict:
+def strip_prefixes(state: dict) -> dict:
     # DDP saves "module.x", torch.compile saves "_orig_mod.x".
     out = {}
     for key, value in state.items():
@@ -97,7 +95,6 @@ def _strip_prefixes(state: dict) -> dict:
     return out
 
 
-PRETRAINED_FIX = "give a local .pt/.pth file (weights are never downloaded)"
 
 
 def require_file(path, error, what: str, fix: str) -> Path:
@@ -108,7 +105,7 @@ def require_file(path, error, what: str, fix: str) -> Path:
     return path
 
 
-def _load_file(path, error, what: str, fix: str):
+def load_file(path, error, what: str, fix: str):
     """torch.load a local file (tensors only), with one-line errors of class ``error``."""
     path = require_file(path, error, what, fix)
     try:
@@ -122,7 +119,7 @@ def load_weights(model: nn.Module, path, arch: str = "model") -> list[str]:
 
     Returns the skipped keys (e.g. a 1000-class ImageNet head loaded into a 7-class model).
     """
-    raw = _load_file(path, ConfigError, "pretrained weights", PRETRAINED_FIX)
+    raw = load_file(path, ConfigError, "pretrained weights", PRETRAINED_FIX)
     if isinstance(raw, dict):
         for key in ("state_dict", "model"):
             if isinstance(raw.get(key), dict):
@@ -130,7 +127,7 @@ def load_weights(model: nn.Module, path, arch: str = "model") -> list[str]:
                 break
     if not isinstance(raw, dict):
         raise ConfigError(f"pretrained weights {path} hold no state_dict")
-    state = _strip_prefixes(raw)
+    state = strip_prefixes(raw)
     own = model.state_dict()
     fits = {k: v for k, v in state.items()
             if k in own and torch.is_tensor(v) and v.shape == own[k].shape}
@@ -146,85 +143,11 @@ def load_weights(model: nn.Module, path, arch: str = "model") -> list[str]:
 
 
 def build_model(name: str, num_classes: int, pretrained: str | None = None) -> nn.Module:
+    """A registered architecture (or a ``pkg.module:fn`` plugin taking num_classes) with fresh or
+    local pretrained weights."""
     model = MODELS.get(name)(num_classes)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model {name!r} built a {type(model).__name__}, not a torch.nn.Module")
     if pretrained:
         load_weights(model, pretrained, arch=name)
     return model
-
-
-def export_teacher(path, model: nn.Module, arch: str, classes: list[str], image_size: int,
-                   extra: dict | None = None) -> None:
-    """Save the single teacher file the distill stage reads (written atomically)."""
-    state = {k: v.detach().cpu() for k, v in _strip_prefixes(model.state_dict()).items()}
-    payload = {
-        "format": TEACHER_FORMAT, "arch": arch, "num_classes": len(classes),
-        "classes": list(classes), "image_size": image_size,
-        "state_dict": state, "extra": dict(extra or {}),
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Temp file in the same folder so os.replace is atomic: readers never see half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _read_teacher(path) -> dict:
-    data = _load_file(path, TeacherError, "teacher file",
-                      "run `kd-ray train-teacher` first or set distill.teacher_path")
-    if not isinstance(data, dict) or data.get("format") != TEACHER_FORMAT:
-        raise TeacherError(
-            f"{path} is not a kd_ray teacher file (format {TEACHER_FORMAT}); "
-            "export one with `kd-ray train-teacher`"
-        )
-    if data.get("arch") not in MODELS:
-        raise TeacherError(f"teacher file {path} uses unknown architecture {data.get('arch')!r}")
-    return data
-
-
-def read_teacher_info(path) -> dict:
-    """Everything in the teacher file except the weights (for driver-side checks)."""
-    return {k: v for k, v in _read_teacher(path).items() if k != "state_dict"}
-
-
-def load_teacher(path, device="cpu") -> tuple[nn.Module, dict]:
-    """Build the teacher, load its weights strictly, freeze it and put it in eval mode."""
-    data = _read_teacher(path)
-    info = {k: v for k, v in data.items() if k != "state_dict"}
-    model = MODELS.get(info["arch"])(info["num_classes"])
-    try:
-        model.load_state_dict(data["state_dict"], strict=True)
-    except RuntimeError as exc:
-        raise TeacherError(
-            f"teacher file {path} does not fit {info['arch']}: {exc}".splitlines()[0]
-        ) from None
-    model.to(device).eval().requires_grad_(False)
-    return model, info
-
-
-def _describe(classes: list) -> str:
-    names = [str(c) for c in classes]
-    return ", ".join(names) if len(names) <= 6 else f"{names[0]}..{names[-1]}"
-
-
-def check_teacher_matches(info: dict, classes: list[str]) -> None:
-    """Raise TeacherError if the teacher's classes are not the dataset's (count and order)."""
-    teacher = [str(c) for c in info.get("classes", [])]
-    data = [str(c) for c in classes]
-    fix = "train the teacher on this dataset or point distill.teacher_path at a matching teacher"
-    if len(teacher) != len(data):
-        raise TeacherError(
-            f"teacher has {len(teacher)} classes ({_describe(teacher)}) but the dataset has "
-            f"{len(data)} ({_describe(data)}): {fix}"
-        )
-    if teacher != data:
-        i = next(i for i, (a, b) in enumerate(zip(teacher, data)) if a != b)
-        raise TeacherError(
-            f"teacher classes differ from the dataset's: class {i} is {teacher[i]!r} for the "
-            f"teacher but {data[i]!r} in the dataset: {fix}"
-        )

@@ -7,14 +7,13 @@ import statistics
 from pathlib import Path
 
 from kd_ray.errors import KdRayError
+from kd_ray.runs.files import read_history
 
 ROLE_NAMES = {"teacher": "teacher", "student": "student, labels only", "distill": "student, distilled"}
 ROLE_ORDER = ("teacher", "student", "distill")
 
 
 def load_run(run_dir) -> dict:
-    from kd_ray.launch import read_history
-
     run_dir = Path(run_dir)
     path = run_dir / "summary.json"
     if not path.is_file():
@@ -77,7 +76,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def plot_accuracy(runs: list[dict], path) -> None:
     """Validation top-1 per epoch: mean over seeds per model, min-max band."""
-    import matplotlib
+    import matplotlib  # local: slow to import, and only plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,22 +1,61 @@
-"""What a rerun continues from, and how a failed run ends: on the driver, before and after fit().
-
-A rerun of a run name resumes from its newest usable checkpoint (checked here, so a checkpoint
-of another model or class list stops before any worker starts); ``--new`` starts a fresh run
-beside it. Errors a retry cannot fix come back from the workers as the train function's return
-value (no retry used); other failures are retried by Ray and summed up in one line.
-"""
+"""What a stage trains and needs, checked on the driver before any worker starts: the model and
+epochs of a stage, the inputs (data, registries, teacher file), what a rerun continues from, and
+how a failed run is summed up in one line. No Ray here."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from kd_ray import checkpoints
 from kd_ray.config import Config
-from kd_ray.errors import ConfigError, KdRayError
-from kd_ray.tb_callback import read_failures
+from kd_ray.config.checks import check_paths
+from kd_ray.data import describe
+from kd_ray.engine import checkpoints
+from kd_ray.errors import ConfigError
+from kd_ray.log import get
+from kd_ray.methods import build_method
+from kd_ray.models import MODELS, check_teacher_matches, read_teacher_info
+from kd_ray.runs.files import read_failures
+
+log = get(__name__)
 
 
-def quiet(*args, **kwargs) -> None:
-    pass
+def stage_model(cfg: Config, stage: str) -> tuple[str, str | None]:
+    """(architecture, pretrained weights) of the model a stage trains."""
+    if stage == "teacher":
+        return cfg.model.teacher, cfg.model.teacher_pretrained
+    return cfg.model.student, cfg.model.student_pretrained
+
+
+def stage_epochs(cfg: Config, stage: str) -> int:
+    if stage == "teacher" and cfg.optim.teacher_epochs:
+        return cfg.optim.teacher_epochs
+    return cfg.optim.epochs
+
+
+def stage_method(cfg: Config, stage: str) -> str:
+    """The method a stage trains with: labels only for the teacher and the baseline student."""
+    return cfg.distill.loss if stage == "distill" else "ce"
+
+
+def preflight(cfg: Config, stage: str, teacher_pending: bool = False) -> Config:
+    """Catch bad input on the driver, before any worker starts. Returns the config to run.
+
+    ``teacher_pending``: the teacher file is still to be trained (pipeline), so skip its checks.
+    """
+    check_paths(cfg, (stage,))
+    cfg = cfg.with_absolute_paths()
+    MODELS.get(stage_model(cfg, stage)[0])
+    method = build_method(cfg.distill, stage_method(cfg, stage))  # checks distill.params too
+    needs_teacher = method.teacher is not None
+    info = describe(cfg.data)
+    if stage == "distill" and needs_teacher and not teacher_pending:
+        if not cfg.distill.teacher_path:
+            raise ConfigError("distill needs a teacher: set distill.teacher_path to a teacher.pt "
+                              "from `kd-ray train-teacher`, or run `kd-ray pipeline`")
+        teacher = read_teacher_info(cfg.distill.teacher_path)
+        check_teacher_matches(teacher, info.classes)
+        if cfg.data.image_size is None and teacher.get("image_size"):
+            cfg = cfg.replace(data={"image_size": teacher["image_size"]})
+    return cfg
 
 
 def fresh_name(storage: Path, name: str) -> str:
@@ -26,20 +65,17 @@ def fresh_name(storage: Path, name: str) -> str:
     n = 2
     while (storage / f"{name}-{n}").exists():
         n += 1
-    print(f"[kd_ray] {storage / name} exists; --new starts {name}-{n} beside it", flush=True)
+    log.info(f"{storage / name} exists; --new starts {name}-{n} beside it")
     return f"{name}-{n}"
 
 
-def check_resume(cfg: Config, stage: str, run_dir: Path, warn=print) -> dict | None:
+def check_resume(cfg: Config, stage: str, run_dir: Path) -> dict | None:
     """The manifest (plus ``folder``) of the checkpoint a rerun continues from, or None.
 
     Checked on the driver, before any worker starts: a checkpoint of another model or class
     list is a ConfigError (a retry could never load it).
     """
-    from kd_ray.data import describe
-    from kd_ray.train_loop import stage_model
-
-    found = checkpoints.latest(run_dir, warn=warn)
+    found = checkpoints.latest(run_dir)
     if found is None:
         return None
     folder, manifest, _ = found
@@ -53,18 +89,6 @@ def check_resume(cfg: Config, stage: str, run_dir: Path, warn=print) -> dict | N
             + ("" if had == classes or len(had) != len(classes) else " (other class names)")
             + ": start a fresh run beside it with --new, or pick another run.name")
     return {**manifest, "folder": folder.name}
-
-
-def raise_returned_error(result) -> None:
-    """Raise the KdRayError that stopped every worker at once (see train_loop.shared_error)."""
-    from kd_ray import errors
-
-    value = getattr(result, "return_value", None)
-    if isinstance(value, dict) and value.get("error"):
-        cls = getattr(errors, value["error"], None)
-        if not (isinstance(cls, type) and issubclass(cls, KdRayError)):
-            cls = KdRayError
-        raise cls(value["message"])
 
 
 def failure_message(cfg: Config, run_dir: Path, before: int, exc: Exception) -> str:
@@ -87,3 +111,12 @@ def failure_message(cfg: Config, run_dir: Path, before: int, exc: Exception) -> 
 def _collateral(error: str) -> bool:
     return any(mark in error for mark in ("gloo", "NCCL", "Connection reset by peer",
                                           "Connection closed by peer"))
+
+
+def describe_setup(cfg: Config) -> str:
+    lpc = cfg.data.labels_per_class
+    labels = (f"{lpc} labels per class; the other training images form an unlabelled transfer set "
+              "that only the distillation loss sees" if lpc else "all training labels")
+    return (f"dataset {cfg.data.name}; teacher {cfg.model.teacher} trained on all labels; "
+            f"student {cfg.model.student} with {labels}; loss {cfg.distill.loss} "
+            f"(T={cfg.distill.temperature}, alpha={cfg.distill.alpha}); seeds {cfg.run.seeds}")

@@ -8,9 +8,14 @@ from pathlib import Path
 import yaml
 
 from kd_ray.config import Config
-from kd_ray.sweep_config import space_entry
+from kd_ray.config.sweep import apply_params, space_entry
 from kd_ray.errors import KdRayError
-from kd_ray.report import write_tables
+from kd_ray.log import get
+from kd_ray.runs.files import read_history
+from kd_ray.runs.report import write_tables
+
+log = get(__name__)
+TRIALS_DIR = "trials"  # one Ray Train run per trial (checkpoints, metrics.jsonl, config.yaml)
 
 T_KEY, ALPHA_KEY = "distill.temperature", "distill.alpha"
 
@@ -33,9 +38,6 @@ def _pct(metric: str, value):
 
 def trial_rows(cfg: Config, sweep_dir: Path, trials: list[dict]) -> list[dict]:
     """One row per trial, best first. ``trials``: {"name", "params", "error", "last"} from Tune."""
-    from kd_ray.launch import read_history
-    from kd_ray.tune import TRIALS_DIR
-
     metric, budget = cfg.sweep.metric, cfg.optim.epochs
     sign = 1 if cfg.sweep.mode == "max" else -1
     rows = []
@@ -77,8 +79,6 @@ def markdown_table(rows: list[dict]) -> str:
 
 def best_config(cfg: Config, params: dict) -> dict:
     """The best trial's config as a plain distillation config (no sweep section)."""
-    from kd_ray.tune import apply_params
-
     best = apply_params(cfg, params).replace(run={"name": f"{cfg.run.name}-best"})
     raw = best.to_dict()
     raw.pop("sweep")
@@ -87,7 +87,7 @@ def best_config(cfg: Config, params: dict) -> dict:
 
 def plot_sweep(cfg: Config, rows: list[dict], path) -> bool:
     """Heatmap of the final metric over (T, alpha) for discrete values, else a scatter."""
-    import matplotlib
+    import matplotlib  # local: slow to import, and only plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -136,15 +136,15 @@ def plot_sweep(cfg: Config, rows: list[dict], path) -> bool:
     return True
 
 
-def write_sweep_report(cfg: Config, sweep_dir, results) -> tuple[Path, str]:
-    """Write summary.md/.csv, best.yaml and heatmap.png; raise if every trial failed."""
-    from kd_ray.tune import first_error, trial_error
+def write_sweep_report(cfg: Config, sweep_dir, trials: list[dict]) -> tuple[Path, str]:
+    """Write summary.md/.csv, best.yaml and heatmap.png; raise if every trial failed.
 
+    ``trials``: one {"name", "params", "error" (one line or None), "last" (last metrics)} per trial.
+    """
     sweep_dir = Path(sweep_dir)
-    trials = [{"name": Path(r.path).name, "params": {k: r.config.get(k) for k in cfg.sweep.space},
-               "error": trial_error(r), "last": r.metrics} for r in results]
     if not trials:
         raise KdRayError(f"the sweep in {sweep_dir} ran no trials")
+    first_error = next((t["error"] for t in trials if t["error"]), None)
     rows = trial_rows(cfg, sweep_dir, trials)
     table = markdown_table(rows)
     write_tables(sweep_dir / "summary", rows, table)
@@ -152,11 +152,10 @@ def write_sweep_report(cfg: Config, sweep_dir, results) -> tuple[Path, str]:
     final = f"final {cfg.sweep.metric}"
     good = [r for r in rows if not r["stop"].startswith("error") and r[final] is not None]
     if not good:
-        raise KdRayError(f"every trial of the sweep failed; the first error: {first_error(results)} "
+        raise KdRayError(f"every trial of the sweep failed; the first error: {first_error} "
                          f"(table in {sweep_dir / 'summary.md'})")
     if len(good) < len(rows):
-        print(f"[kd_ray] warning: {len(rows) - len(good)} of {len(rows)} trials failed; the first "
-              f"error: {first_error(results)}", flush=True)
+        log.warning(f"{len(rows) - len(good)} of {len(rows)} trials failed; the first error: {first_error}")
     best = next(t for t in trials if t["name"] == good[0]["trial"])
     (sweep_dir / "best.yaml").write_text(
         f"# Best trial of sweep {cfg.run.name}: {best['name']} "

@@ -1,7 +1,8 @@
 """Test-only fault injection for the chaos suite (``scripts/chaos.py``, ``tests/test_chaos.py``).
 
-Nothing here runs unless the driver's environment holds ``KD_RAY_FAULTS``, a JSON object that
-``launch.make_trainer`` copies into the workers' config::
+kd_ray imports this module only when the driver's environment holds ``KD_RAY_FAULTS``, a JSON
+object that ``cluster.stage.make_trainer`` copies into the workers' config; each worker then
+uses ``Faults`` as its hooks (``cluster.worker.Hooks``)::
 
     {"dir": "/tmp/chaos/t1",
      "faults": [{"kind": "raise", "rank": 1, "epoch": 2, "step": 1, "once": true}]}
@@ -21,6 +22,8 @@ import os
 import signal
 import time
 from pathlib import Path
+
+import torch
 
 ENV = "KD_RAY_FAULTS"
 EVENTS = "events.jsonl"
@@ -62,7 +65,10 @@ class Faults:
         with open(self.dir / EVENTS, "a") as out:  # one short line: appends do not interleave
             out.write(json.dumps(row) + "\n")
 
-    def wrap(self, loader, epoch: int):
+    def attempt(self, start_epoch: int) -> None:
+        self.event("attempt", start_epoch=start_epoch)
+
+    def loader(self, loader, epoch: int):
         """``loader`` with the faults of ``epoch`` fired before their steps."""
         return _FaultyLoader(self, loader, epoch)
 
@@ -85,8 +91,6 @@ class Faults:
             if kind in ("stall", "sleep"):
                 time.sleep(float(fault.get("seconds", 3600)))
             if kind == "nan":
-                import torch
-
                 batch = (torch.full_like(batch[0], float("nan")), *batch[1:])
         return batch
 

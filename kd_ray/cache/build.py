@@ -1,0 +1,136 @@
+"""Building and choosing a teacher cache: the teacher over every replayed view, in shards.
+
+The shards run wherever ``run_shards`` sends them (here in this process; as Ray tasks from the
+cluster layer). Nothing here imports Ray.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from kd_ray.cache.store import (MANIFEST, encode, mismatch, num_views, read_manifest, check, serves,
+                                wanted)
+from kd_ray.config import Config
+from kd_ray.data import build_data, describe
+from kd_ray.data.views import ReplayViews
+from kd_ray.engine import autocast_for, to_device
+from kd_ray.log import get
+from kd_ray.methods import method_class
+from kd_ray.models import load_teacher
+
+log = get(__name__)
+ShardRunner = Callable[[Config, list], list]
+Builder = Callable[[Config, Path, dict], dict]
+
+
+def resolve(cfg: Config, default_dir, build_cache: Builder | None = None) -> Config:
+    """The config workers run with: ``distill.teacher_cache`` a checked folder, or ``off``.
+
+    ``auto`` keeps the cache in ``default_dir`` and (re)builds it when absent or stale; an
+    explicit folder is built when absent and refused when stale. ``build_cache(cfg, path, want)``
+    builds (default: ``build`` in this process; the cluster layer passes its Ray build).
+    """
+    setting = cfg.distill.teacher_cache
+    method = method_class(cfg.distill.loss)
+    if setting == "off" or method.teacher is None:
+        return cfg.replace(distill={"teacher_cache": "off"})
+    if not serves(method):
+        log.info(f"distill.loss={cfg.distill.loss} reads teacher features: the teacher runs live "
+                 "every step and the teacher cache is not used")
+        return cfg.replace(distill={"teacher_cache": "off"})
+    path = Path(default_dir if setting == "auto" else setting).expanduser().resolve()
+    want = wanted(cfg)
+    manifest = read_manifest(path)
+    if manifest is not None or (path.exists() and setting != "auto"):
+        reason = mismatch(manifest, want)
+        if reason is None:
+            log.info(f"teacher cache {path}: {manifest['rows']} logit rows, up to date")
+            return cfg.replace(distill={"teacher_cache": str(path)})
+        if setting != "auto":
+            check(path, want)
+        log.info(f"teacher cache {path}: {reason}; rebuilding")
+    (build_cache or build)(cfg, path, want)
+    return cfg.replace(distill={"teacher_cache": str(path)})
+
+
+def run_here(cfg: Config, jobs: list) -> list[dict]:
+    """Shards one after the other in this process (tests, and callers without Ray)."""
+    return [build_shard(*job) for job in jobs]
+
+
+def build(cfg: Config, path, want: dict | None = None, run_shards: ShardRunner = run_here,
+          workers: int | None = None) -> dict:
+    """Run the teacher over every (sample, view) in shards, then write the manifest last.
+
+    ``run_shards(cfg, jobs)`` runs ``build_shard(*job)`` for each job (the cluster layer passes
+    one that runs them as Ray tasks); ``workers``: shards to cut (default run.num_workers).
+    """
+    path = Path(path)
+    want = want or wanted(cfg)
+    samples, views = describe(cfg.data).train_count, want["transform"]["views"]
+    total = samples * views
+    shards = max(1, min(workers or cfg.run.num_workers, total))
+    bounds = np.linspace(0, total, shards + 1).astype(int)
+    staging = path.with_name(path.name + ".building")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    log.info(f"teacher cache: {samples} images x {views} view(s) through the teacher on "
+             f"{shards} worker(s) -> {path}")
+    started = time.perf_counter()
+    jobs = [(cfg.to_dict(), k, int(bounds[k]), int(bounds[k + 1]), str(staging)) for k in range(shards)]
+    stats = run_shards(cfg, jobs)
+    seconds = time.perf_counter() - started
+    rows = sum(s["rows"] for s in stats)
+    manifest = dict(want, rows=rows, samples=samples, views=views, num_classes=stats[0]["classes"],
+                    teacher_forwards=sum(s["forwards"] for s in stats), shards=shards,
+                    teacher_path=str(cfg.distill.teacher_path), build_seconds=round(seconds, 2),
+                    created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(path, ignore_errors=True)
+    staging.rename(path)  # the finished cache appears at once, manifest included
+    size = sum(f.stat().st_size for f in path.glob("part-*.parquet"))
+    log.info(f"teacher cache: {rows} rows in {seconds:.1f}s ({rows / max(seconds, 1e-9):.0f} "
+             f"images/s), {size / 2**20:.1f} MiB on disk")
+    return manifest
+
+
+def build_shard(cfg_dict: dict, shard: int, start: int, stop: int, folder: str) -> dict:
+    """Teacher logits of flat ids [start, stop) (flat id = view * N + sample) as one Parquet file."""
+    cfg = Config.from_dict(cfg_dict)
+    torch.set_num_threads(cfg.run.threads_per_worker)
+    device = torch.device("cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu")
+    nhwc = cfg.run.channels_last and device.type == "cuda"
+    teacher, _ = load_teacher(cfg.distill.teacher_path, device=device)
+    if nhwc:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    forwards = [0]
+    teacher.register_forward_pre_hook(lambda _m, args: forwards.__setitem__(0, forwards[0] + len(args[0])))
+    replay = ReplayViews(build_data(cfg.data, "distill", cfg.run.seed).train, num_views(cfg),
+                         cfg.data.split_seed)
+    loader = DataLoader(Subset(replay, range(start, stop)), batch_size=cfg.distill.cache_batch_size,
+                        num_workers=cfg.data.loader_workers)
+    top_k = cfg.distill.cache_top_k
+    columns: dict[str, list] = {"sample": [], "view": [], "logits": []}
+    with torch.inference_mode():
+        for images, _labels, index, view in loader:
+            with autocast_for(device, cfg.run.bf16):
+                logits = teacher(to_device(images, device, nhwc))
+            columns["sample"].append(index.numpy())
+            columns["view"].append(view.numpy().astype(np.int32))
+            columns["logits"].append(logits.float().cpu().numpy())
+    logits = np.concatenate(columns["logits"])
+    table = {"sample": np.concatenate(columns["sample"]), "view": np.concatenate(columns["view"])}
+    table.update(encode(logits, top_k))
+    pq.write_table(pa.table(table), Path(folder) / f"part-{shard:05d}.parquet")
+    return {"rows": len(logits), "forwards": forwards[0], "classes": logits.shape[1]}
+
+

@@ -1,0 +1,65 @@
+"""Join the Ray cluster in RAY_ADDRESS, or start a local instance sized for the run."""
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import ray
+import ray.util
+
+from kd_ray.config import Config
+from kd_ray.errors import ConfigError
+
+
+def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local one sized for this run.
+
+    ``extra_cpus``: CPUs beyond the workers' (a Tune trial's own driver).
+    """
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local use; clusters set their own
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    # A laptop-sized local instance has no preemption to watch for.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    needed = math.ceil(cfg.run.num_workers * cfg.run.cpus_per_worker)
+    # Oversubscribe a small machine rather than wait forever for CPUs it does not have, plus
+    # one logical CPU for the trials' tiny drivers so they never take a worker's place.
+    # The dashboard (and its job server) stays on loopback unless run.dashboard_host says otherwise.
+    start_local_ray(num_cpus=max(os.cpu_count() or 1, needed) + math.ceil(extra_cpus),
+                    dashboard_host=cfg.run.dashboard_host, include_dashboard=True)
+
+
+def start_local_ray(**init_kwargs):
+    """``ray.init`` of a new local instance whose processes all know its address (see below)."""
+    _pin_local_address()
+    return ray.init(address="local", **init_kwargs)
+
+
+def _pin_local_address() -> None:
+    """Give the local instance a known GCS port and put it in RAY_ADDRESS before it starts.
+
+    Ray's helper processes (Train's placement-group cleaner among them) find their cluster through
+    RAY_ADDRESS, else by scanning for running instances: with a second Ray instance on the machine
+    they cannot choose, and a sweep's finished trials would keep their CPUs forever. Processes
+    the local instance starts inherit this environment.
+    """
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+
+
+def check_resources(cfg: Config) -> None:
+    """A run too big for the cluster is refused at once (Ray would wait for it forever)."""
+    resources = ray.cluster_resources()
+    kind = "GPU" if cfg.run.use_gpu else "CPU"
+    per_worker = 1.0 if cfg.run.use_gpu else cfg.run.cpus_per_worker
+    needed, have = cfg.run.num_workers * per_worker, resources.get(kind, 0.0)
+    if needed > have:
+        raise ConfigError(f"run.num_workers={cfg.run.num_workers} needs {needed:g} {kind} but the "
+                          f"cluster has {have:g}: lower run.num_workers or add nodes")

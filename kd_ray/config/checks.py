@@ -1,0 +1,34 @@
+"""Checks of the files a run reads that need no torch or Ray: the CLI runs them first, so a wrong
+path is refused in a fraction of a second (the deeper checks, which open the data and the
+teacher file, follow in ``runs.stages.preflight``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from kd_ray.errors import ConfigError, DataError
+
+PRETRAINED_FIX = "give a local .pt/.pth file (weights are never downloaded)"
+
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+def check_paths(cfg, stages=("teacher", "student", "distill")) -> None:
+    """Refuse a ``data.root`` or pretrained-weights file that does not exist, and a storage
+    folder that cannot be made (a regular file on its path)."""
+    root = cfg.data.root
+    if root is not None and not is_uri(root) and not Path(root).expanduser().is_dir():
+        raise DataError(f"data.root {root} not found: set data.root to the folder that holds the "
+                        f"dataset's splits ({cfg.data.train_split}, {cfg.data.val_split})")
+    for stage in stages:
+        weights = cfg.model.teacher_pretrained if stage == "teacher" else cfg.model.student_pretrained
+        if weights and not is_uri(weights) and not Path(weights).expanduser().is_file():
+            raise ConfigError(f"pretrained weights {weights} not found; {PRETRAINED_FIX}")
+    storage = Path(cfg.run.storage).expanduser()
+    for folder in (storage, *storage.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"run.storage {cfg.run.storage}: {folder} is a file, not a folder: "
+                                  "set run.storage to a folder")
+            break

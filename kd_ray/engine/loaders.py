@@ -1,0 +1,43 @@
+"""Data loaders of one DDP rank, and counters summed across ranks (plain torch.distributed)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from kd_ray.data.views import CachedViews, ViewSampler
+
+
+def make_loaders(bundle, batch_size: int, rank: int, world: int, seed: int, workers: int):
+    """Shuffled, sharded training loader and an exact (unpadded) validation shard."""
+    per_worker = max(1, batch_size // world)
+    if isinstance(bundle.train, CachedViews):  # yields (view, sample) ids, a new view each epoch
+        sampler = ViewSampler(bundle.train, bundle.train.views, bundle.train.seed,
+                              num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    else:
+        sampler = DistributedSampler(bundle.train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    # drop_last keeps BatchNorm away from 1-image batches; tiny sets keep their only batch.
+    drop_last = len(sampler) > per_worker
+    train = DataLoader(bundle.train, batch_size=per_worker, sampler=sampler, drop_last=drop_last,
+                       num_workers=workers, persistent_workers=workers > 0)
+    # Every val image is seen exactly once across ranks, so summed counts give exact accuracy.
+    shard = Subset(bundle.val, range(rank, len(bundle.val), world))
+    val = DataLoader(shard, batch_size=per_worker * 2, num_workers=workers)
+    return train, sampler, val
+
+
+def all_sum(values: dict, device: torch.device, max_keys=("seconds",)) -> dict:
+    """Add counters across ranks (wall seconds take the slowest rank)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    keys = sorted(values)
+    summed = [k for k in keys if k not in max_keys]
+    maxed = [k for k in keys if k in max_keys]
+    out = {}
+    for names, op in ((summed, dist.ReduceOp.SUM), (maxed, dist.ReduceOp.MAX)):
+        if not names:
+            continue
+        t = torch.tensor([float(values[k]) for k in names], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=op)
+        out.update(zip(names, t.tolist()))
+    return out

@@ -1,0 +1,176 @@
+"""The Distiller interface: a distillation method as an object (after timm's distillation task
+and mdistiller's distillers).
+
+A method says what it needs from the teacher (``teacher``: logits, named features, or nothing),
+owns its trainable extras (submodules of the Distiller: ``TrainStep`` puts them in DDP with the
+student, the optimizer trains them, checkpoints keep them), checks its own ``distill.params``
+(its ``Params`` dataclass), and returns ``{"loss": ..., part: ...}`` from the labels, the
+student's and the teacher's outputs and the epoch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import torch
+from torch import nn
+
+from kd_ray.config.load import coerce_field
+from kd_ray.errors import ConfigError
+from kd_ray.registry import Registry
+
+METHODS = Registry("loss")  # the config key is distill.loss
+TEACHER_NEEDS = ("logits", "features", None)
+
+
+@dataclass
+class Outputs:
+    """What a model gave for a batch: logits, and the outputs of the hooked layers by name."""
+    logits: Optional[torch.Tensor]
+    features: dict = field(default_factory=dict)
+
+
+class Distiller(nn.Module):
+    """Base class of distillation methods. Subclasses set the class attributes and ``forward``."""
+
+    teacher: ClassVar[Optional[str]] = "logits"
+    """"logits" (the teacher cache can serve it), "features" (a live teacher, with the outputs of
+    ``teacher_layers``), or None (labels only: no teacher is loaded)."""
+    Params: ClassVar[Optional[type]] = None
+    """A dataclass of the method's settings, filled from ``distill.params`` and checked there."""
+
+    def __init__(self, cfg, params=None):
+        super().__init__()
+        self.cfg = cfg  # the distill config section: temperature, alpha, ...
+        self.params = params
+
+    @property
+    def student_layers(self) -> tuple:
+        """Module paths of the student whose outputs reach ``forward`` as ``student.features``."""
+        return ()
+
+    @property
+    def teacher_layers(self) -> tuple:
+        """Module paths of the teacher whose outputs reach ``forward`` as ``teacher.features``."""
+        return ()
+
+    def setup(self, student: nn.Module, teacher: Optional[nn.Module], sample: torch.Tensor) -> None:
+        """Build extras that depend on the models (e.g. a regressor sized by a layer's channels);
+        called once per worker, before DDP, with a batch of one input image."""
+
+    def forward(self, student: Outputs, teacher: Optional[Outputs], labels: torch.Tensor,
+                epoch: int) -> dict:
+        raise NotImplementedError
+
+    def loss(self, student_logits, teacher_logits, labels, epoch: int = 1) -> dict:
+        """``forward`` for logits alone (tests, simple callers)."""
+        teacher = None if teacher_logits is None else Outputs(teacher_logits)
+        return self(Outputs(student_logits), teacher, labels, epoch)
+
+
+class LossFunction(Distiller):
+    """A plain loss ``fn(student_logits, teacher_logits, labels, cfg) -> dict`` as a method."""
+
+    fn = None
+
+    @classmethod
+    def of(cls, fn, name: str) -> type:
+        needs = "logits" if getattr(fn, "needs_teacher", True) else None
+        return type(f"LossFunction[{name}]", (cls,), {"fn": staticmethod(fn), "teacher": needs})
+
+    def forward(self, student, teacher, labels, epoch):
+        return self.fn(student.logits, teacher.logits if teacher else None, labels, self.cfg)
+
+
+def method_class(name: str) -> type:
+    """The Distiller class registered (or plugged in as ``pkg.module:attr``) under ``name``."""
+    obj = METHODS.get(name)
+    if isinstance(obj, type) and issubclass(obj, Distiller):
+        if obj.teacher not in TEACHER_NEEDS:
+            raise ConfigError(f"method {name!r}: teacher must be one of {TEACHER_NEEDS}, got {obj.teacher!r}")
+        return obj
+    if callable(obj) and not isinstance(obj, type):
+        return LossFunction.of(obj, name)
+    raise ConfigError(f"loss plugin {name!r} is not callable nor a kd_ray Distiller subclass")
+
+
+def needs_teacher(name: str) -> bool:
+    return method_class(name).teacher is not None
+
+
+def check_params(cls: type, params: dict, name: str):
+    """``distill.params`` as the method's Params dataclass; one-line errors name the valid keys."""
+    if cls.Params is None:
+        if params:
+            raise ConfigError(f"distill.loss={name} takes no distill.params, got {sorted(params)}")
+        return None
+    valid = {f.name for f in dataclasses.fields(cls.Params)}
+    bad = set(params) - valid
+    if bad:
+        raise ConfigError(f"unknown distill.params key(s) {sorted(bad)} for distill.loss={name}; "
+                          f"valid keys: {', '.join(sorted(valid))}")
+    values = {k: coerce_field(cls.Params, "distill.params", k, v) for k, v in params.items()}
+    return cls.Params(**values)
+
+
+def build_method(distill_cfg, name: str | None = None) -> Distiller:
+    """The method of ``distill.loss`` (or ``name``) with its checked params."""
+    name = name or distill_cfg.loss
+    cls = method_class(name)
+    return cls(distill_cfg, check_params(cls, dict(distill_cfg.params or {}), name))
+
+
+class FeatureTap:
+    """Forward hooks that keep the outputs of named submodules during a forward pass."""
+
+    def __init__(self, model: nn.Module, names):
+        self.model, self.names, self.features, self._hooks = model, tuple(names), {}, []
+
+    def __enter__(self):
+        modules = dict(self.model.named_modules())
+        for name in self.names:
+            if name not in modules:
+                raise ConfigError(f"layer {name!r} is not in {type(self.model).__name__}; some of its "
+                                  f"layers: {', '.join(list(n for n in modules if n)[:12])}")
+            self._hooks.append(modules[name].register_forward_hook(self._keep(name)))
+        return self
+
+    def _keep(self, name):
+        def hook(_module, _inputs, output):
+            self.features[name] = output
+        return hook
+
+    def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
+def run_model(model: nn.Module, inputs: torch.Tensor, layers) -> Outputs:
+    if not layers:
+        return Outputs(model(inputs))
+    with FeatureTap(model, layers) as tap:
+        logits = model(inputs)
+    return Outputs(logits, tap.features)
+
+
+class TrainStep(nn.Module):
+    """The student plus the method's trainable extras: the one module DDP wraps and the optimizer
+    trains. The teacher is an argument, never a submodule: it stays frozen, unwrapped and out of
+    the checkpoint."""
+
+    def __init__(self, student: nn.Module, method: Distiller):
+        super().__init__()
+        self.student, self.method = student, method
+
+    def forward(self, inputs, labels, epoch: int, teacher: Optional[nn.Module] = None,
+                cached: Optional[torch.Tensor] = None) -> dict:
+        teacher_out = None
+        if cached is not None:
+            teacher_out = Outputs(cached)
+        elif teacher is not None:
+            with torch.no_grad():
+                teacher_out = run_model(teacher, inputs, self.method.teacher_layers)
+        student_out = run_model(self.student, inputs, self.method.student_layers)
+        return self.method(student_out, teacher_out, labels, epoch)

@@ -1,0 +1,115 @@
+"""The files a run leaves beside its checkpoints: metrics.jsonl (one line per epoch), failures.jsonl
+(one line per failed attempt), summary.json, TensorBoard scalars. Readers and writers, no Ray."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from kd_ray.engine.checkpoints import MANIFEST
+
+METRICS_FILE = "metrics.jsonl"
+FAILURES_FILE = "failures.jsonl"  # one line per failed attempt: time and each rank's error
+SUMMARY_FILE = "summary.json"
+
+
+def checkpoint_history(checkpoint) -> list:
+    """Per-epoch metrics kept in a checkpoint's manifest (empty when there is none to read)."""
+    try:
+        return json.loads((Path(checkpoint.path) / MANIFEST).read_text()).get("history", [])
+    except (AttributeError, TypeError, OSError, ValueError):
+        return []
+
+
+def write_scalars(writer, row: dict) -> None:
+    """One TensorBoard point per metric; the step is the epoch."""
+    epoch = int(row.get("epoch", 0))
+    for key, value in row.items():
+        if key not in ("epoch", "epochs", "time") and isinstance(value, (int, float)) and math.isfinite(value):
+            writer.add_scalar(key, value, global_step=epoch)
+    writer.flush()
+
+
+def append_metrics(run_dir, row: dict) -> None:
+    row = {**row, "time": time.time()}
+    with open(Path(run_dir) / METRICS_FILE, "a") as out:
+        out.write(json.dumps(row) + "\n")
+
+
+def written_epochs(run_dir) -> set:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return set()
+    return {json.loads(line)["epoch"] for line in path.read_text().splitlines() if line.strip()}
+
+
+def backfill(run_dir, history: list, tensorboard: bool = True) -> list:
+    """Write the epochs of a checkpoint's ``history`` that metrics.jsonl or TensorBoard lack.
+
+    Returns the rows missing from metrics.jsonl. Each file is checked on its own: the driver
+    may have died between writing one and the other.
+    """
+    have = written_epochs(run_dir)
+    missing = [row for row in history if row.get("epoch") not in have]
+    for row in missing:
+        append_metrics(run_dir, row)
+    if tensorboard:
+        folder = Path(run_dir) / "tensorboard"
+        logged = tensorboard_epochs(folder)
+        rows = [row for row in history if row.get("epoch") not in logged]
+        if rows:
+            from torch.utils.tensorboard import SummaryWriter  # local: slow, rarely needed
+
+            with SummaryWriter(log_dir=str(folder)) as writer:
+                for row in rows:
+                    write_scalars(writer, row)
+    return missing
+
+
+def tensorboard_epochs(folder: Path) -> set:
+    """Steps (epochs) with a scalar in the event files of ``folder``."""
+    if not folder.is_dir():
+        return set()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # local: slow
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {event.step for tag in acc.Tags()["scalars"] for event in acc.Scalars(tag)}
+
+
+def read_failures(run_dir) -> list[dict]:
+    path = Path(run_dir) / FAILURES_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+
+
+def append_failure(run_dir, errors: dict) -> None:
+    with open(Path(run_dir) / FAILURES_FILE, "a") as out:
+        out.write(json.dumps({"time": time.time(), "errors": errors}) + "\n")
+
+
+def read_history(run_dir) -> list[dict]:
+    """Per-epoch metrics written by the callback; a resumed run's later lines win."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    by_epoch = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_epoch[row["epoch"]] = row
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def finished_summary(run_dir: Path, epochs: int) -> dict | None:
+    """The summary of a run that already trained ``epochs`` epochs, else None."""
+    path = Path(run_dir) / SUMMARY_FILE
+    if path.is_file():
+        summary = json.loads(path.read_text())
+        if summary.get("epochs", 0) >= epochs:
+            return summary
+    return None

@@ -1,0 +1,50 @@
+"""A finished stage's summary.json, and the teacher file a teacher stage exports."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from kd_ray.config import Config
+from kd_ray.engine import checkpoints
+from kd_ray.errors import RunFailedError
+from kd_ray.models import build_model, count_params, export_teacher
+from kd_ray.runs.files import SUMMARY_FILE, read_history
+
+TEACHER_FILE = "teacher.pt"
+
+
+def summarize(cfg: Config, stage: str, run_dir: Path, last_metrics: dict | None = None) -> dict:
+    """Export the teacher (teacher stage) and write summary.json beside the run.
+
+    ``last_metrics``: the last report, used when metrics.jsonl has no line (nothing left to train).
+    """
+    found = checkpoints.latest(run_dir, with_state=True)
+    if found is None:
+        raise RunFailedError(f"{run_dir} holds no usable checkpoint after training; rerun to train again")
+    folder, _, state = found
+    model = build_model(state["arch"], len(state["classes"]))
+    model.load_state_dict(state["model"])
+    history = read_history(run_dir)
+    speeds = [h["perf/images_per_s"] for h in history if math.isfinite(h["perf/images_per_s"])]
+    summary = {
+        "stage": stage, "run": run_dir.name, "arch": state["arch"], "params": count_params(model),
+        "seed": cfg.run.seed, "epochs": state["epoch"], "classes": state["classes"],
+        # The last epoch's metrics (history survives a resume that had nothing left to train).
+        "final": {k: v for k, v in (history[-1] if history else last_metrics or {}).items()
+                  if isinstance(v, (int, float)) and k != "time"},
+        "best_top1": max((h.get("val/top1", 0.0) for h in history), default=None),
+        "images_per_s": statistics.median(speeds) if speeds else None,
+        "checkpoint": str(folder),
+    }
+    if stage == "distill":
+        summary.update(loss=cfg.distill.loss, temperature=cfg.distill.temperature,
+                       alpha=cfg.distill.alpha, teacher=cfg.distill.teacher_path)
+    if stage == "teacher":
+        path = run_dir / TEACHER_FILE
+        export_teacher(path, model, state["arch"], state["classes"], state["image_size"],
+                       extra={"run": str(run_dir), "val_top1": summary["final"].get("val/top1")})
+        summary["teacher_file"] = str(path)
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
