@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+FAST := not ray and not chaos and not cluster
 
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install demo test clean
+.PHONY: install demo lint test test-fast clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +24,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/kd-ray demo
 
-test: $(STAMP)
+# The import contracts in pyproject.toml: layers, Ray only in kd_ray.cluster, no cycles.
+lint: $(STAMP)
+	$(BIN)/lint-imports
+
+# Everything (CI runs this): contracts, then unit, Ray, chaos and cluster tests.
+test: lint
 	$(BIN)/python -m pytest -q
+
+# Under a minute: no Ray instance, no chaos, no clusters.
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "$(FAST)"
 
 clean:
 	rm -rf results .pytest_cache

@@ -1,7 +1,7 @@
-"""The chaos suite (test-only): kd-ray runs through failures, and what each failure costs.
+"""The chaos suite: kd-ray runs through failures, and what each failure costs.
 
 Every scenario trains on a small synthetic data set with 2 Ray workers, injects its fault
-through ``KD_RAY_FAULTS`` (see faults.py) or kills a process from outside, and returns a Row
+through ``KD_RAY_FAULTS`` (see kd_ray/testing/faults.py) or kills a process from outside, and returns a Row
 of figures and named checks. ``python scripts/chaos.py`` prints the rows as a table;
 ``tests/test_chaos.py`` asserts the checks. The calling process must have joined a Ray
 instance; ``env`` is the environment for kd-ray subprocesses (its RAY_ADDRESS).
@@ -20,10 +20,9 @@ from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kd_ray import checkpoints
-from kd_ray.faults import ENV, read_events
-from kd_ray.launch import read_history
-from kd_ray.tb_callback import read_failures
+from kd_ray.engine import checkpoints
+from kd_ray.runs.files import read_failures, read_history
+from kd_ray.testing.faults import ENV, read_events
 
 # Fast failure detection for a small local instance (see DESIGN.md).
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
@@ -193,7 +192,7 @@ def t4_driver_killed(work: Path, env: dict) -> Row:
 
 def t5_sweep_killed(work: Path, env: dict) -> Row:
     from kd_ray.config import load_config
-    from kd_ray.tune import STARTS_FILE, trial_states
+    from kd_ray.cluster.tune import STARTS_FILE, trial_states
 
     teacher = make_teacher(work / "t5-teacher.pt", [f"class{i}" for i in range(10)])
     config = work / "t5.yaml"

@@ -1,7 +1,24 @@
-"""Shared fixtures. Ray starts at most once per test session, only for tests that ask for it."""
+"""Shared fixtures. Ray starts at most once per test session, only for tests that ask for it.
+
+Tests that use a Ray fixture are marked ``ray`` (``cluster`` for the multi-node ones) here, so
+``make test-fast`` (``-m "not ray and not chaos and not cluster"``) never starts Ray.
+"""
 import os
 
 import pytest
+
+from kd_ray import log
+
+log.configure()  # the CLI's console format, so tests read the same lines a user sees
+
+MARK_BY_FIXTURE = {"ray_cluster": "ray", "cli_env": "ray", "cluster_env": "cluster"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture, mark in MARK_BY_FIXTURE.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(mark)
 
 # Fast failure detection and no token auth for the local test cluster (see DESIGN.md).
 RAY_TEST_ENV = {
@@ -19,7 +36,7 @@ def ray_cluster():
     os.environ.update(RAY_TEST_ENV)
     import ray
 
-    from kd_ray.launch import start_local_ray
+    from kd_ray.cluster.session import start_local_ray
 
     # 5 CPUs: two 2-worker sweep trials and their drivers fit at once. start_local_ray puts the
     # address in RAY_ADDRESS for Ray's own helpers, also when other Ray instances run here.

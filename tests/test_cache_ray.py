@@ -4,7 +4,7 @@ import json
 import torch
 import yaml
 
-from kd_ray.launch import read_history
+from kd_ray.runs.files import read_history
 from kd_ray.models import build_model, export_teacher
 from test_tune_ray import kd_ray
 

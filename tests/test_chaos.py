@@ -1,4 +1,4 @@
-"""The chaos suite (kd_ray/chaos.py) as tests: T1-T9 of the README's "Failures and resuming".
+"""The chaos suite (tests/chaos_scenarios.py) as tests: T1-T9 of the README's "Failures and resuming".
 
 Each scenario is a real 2-worker Ray Train run on the session's Ray instance, with a fault
 injected through KD_RAY_FAULTS or a process killed from outside. What must hold is written once,
@@ -8,7 +8,9 @@ import os
 
 import pytest
 
-from kd_ray import chaos
+import chaos_scenarios as chaos
+
+pytestmark = [pytest.mark.chaos, pytest.mark.ray]
 
 
 def check(row: chaos.Row) -> None:

@@ -20,14 +20,15 @@ def tree(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def no_ray(monkeypatch):
     """These errors must be raised before any Ray instance is started or joined."""
-    import kd_ray.launch
-    import kd_ray.tune
+    import kd_ray.cluster.cache
+    import kd_ray.cluster.stage
+    import kd_ray.cluster.tune
 
     def fail(*args, **kwargs):
         raise AssertionError("Ray was started for bad input")
 
-    monkeypatch.setattr(kd_ray.launch, "ensure_ray", fail)
-    monkeypatch.setattr(kd_ray.tune, "ensure_ray", fail)
+    for module in (kd_ray.cluster.stage, kd_ray.cluster.tune, kd_ray.cluster.cache):
+        monkeypatch.setattr(module, "ensure_ray", fail)
 
 
 def teacher_file(tmp_path, classes):

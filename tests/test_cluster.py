@@ -26,7 +26,7 @@ from packaging.requirements import Requirement
 
 from conftest import RAY_TEST_ENV
 from kd_ray.errors import ConfigError
-from kd_ray.submit import entrypoint, use_token_if_available
+from kd_ray.cluster.submit import entrypoint, use_token_if_available
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).with_name("ray")
@@ -120,7 +120,7 @@ def test_submit_points_relative_paths_at_the_head_dir_and_keeps_absolute_ones():
 
 
 def test_submit_uses_a_token_when_there_is_one(monkeypatch, tmp_path):
-    monkeypatch.setattr("kd_ray.submit.TOKEN_FILE", tmp_path / "none")
+    monkeypatch.setattr("kd_ray.cluster.submit.TOKEN_FILE", tmp_path / "none")
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(name, raising=False)
     assert use_token_if_available() == "disabled"
@@ -313,7 +313,7 @@ import json, os, sys
 import ray
 from ray.cluster_utils import Cluster
 from kd_ray.config import load_config
-from kd_ray.launch import run_stage
+from kd_ray.cluster.stage import run_stage
 
 out, teacher, ports = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 common = dict(num_cpus=1, object_store_memory=100 * 2**20, temp_dir=os.path.join(os.environ["RAY_TMPDIR"], "ray"))

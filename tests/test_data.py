@@ -172,3 +172,12 @@ def test_corrupt_image(folder):
     index = [str(p) for p, _ in b.train.raw.samples].index(str(bad))
     with pytest.raises(DataError, match=f"cannot read image {re.escape(str(bad))}.*delete or replace"):
         b.train[index]
+
+
+def test_dataset_plugin_by_module_path():
+    cfg = DataConfig(name="tests.plugins:two_blobs", image_size=8)
+    info = describe(cfg)
+    assert info.classes == ["dark", "bright"] and (info.train_count, info.val_count) == (32, 8)
+    bundle = build_data(cfg, "teacher", 0)
+    image, label = bundle.train[1]
+    assert image.shape == (3, 8, 8) and label == 1

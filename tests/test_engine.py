@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from kd_ray.config import OptimConfig
 from kd_ray.engine import build_optimizer, epoch_metrics, evaluate, train_one_epoch
 from kd_ray.errors import NonFiniteLossError
+from kd_ray.methods import TrainStep, loss_method
 
 CPU = torch.device("cpu")
 
@@ -24,6 +25,10 @@ def blobs(n=64, classes=3, dim=8, seed=0):
     return TensorDataset(centers[labels] + torch.randn(n, dim, generator=g) * 0.5, labels)
 
 
+def step(model, loss):
+    return TrainStep(model, loss_method(loss))
+
+
 def make_model(dim=8, classes=3):
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(dim, 16), torch.nn.ReLU(), torch.nn.Linear(16, classes))
@@ -33,9 +38,9 @@ def test_training_lowers_loss_and_counts_images():
     data = DataLoader(blobs(), batch_size=16, shuffle=True)
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    first = train_one_epoch(model, data, ce_loss, opt, epoch=1, device=CPU)
+    first = train_one_epoch(step(model, ce_loss), data, opt, epoch=1, device=CPU)
     for epoch in range(2, 6):
-        last = train_one_epoch(model, data, ce_loss, opt, epoch=epoch, device=CPU)
+        last = train_one_epoch(step(model, ce_loss), data, opt, epoch=epoch, device=CPU)
     assert first["images"] == last["images"] == 64
     assert last["loss_sum"] / 64 < 0.5 * first["loss_sum"] / 64
     assert set(last) >= {"loss_sum", "ce_sum", "images", "seconds"}
@@ -66,7 +71,7 @@ def test_teacher_stays_frozen_and_in_eval_mode():
 
     teacher.train()  # the engine must switch it to eval
     model = make_model()
-    train_one_epoch(model, DataLoader(blobs(), batch_size=16), kd, torch.optim.SGD(model.parameters(), lr=0.1),
+    train_one_epoch(step(model, kd), DataLoader(blobs(), batch_size=16), torch.optim.SGD(model.parameters(), lr=0.1),
                     epoch=1, device=CPU, teacher=teacher)
     assert seen and all(mode == (False, False) for mode in seen)
     assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
@@ -84,14 +89,14 @@ def test_non_finite_loss_names_epoch_and_step(check_every, steps_run):
 
     model = make_model()
     with pytest.raises(NonFiniteLossError, match=r"^non-finite loss \(nan\) at epoch 4 step 2:"):
-        train_one_epoch(model, DataLoader(blobs(), batch_size=16), bad,
+        train_one_epoch(step(model, bad), DataLoader(blobs(), batch_size=16),
                         torch.optim.SGD(model.parameters(), lr=0.1), epoch=4, device=CPU,
                         check_every=check_every)
     assert calls["n"] == steps_run  # the loop stops at the first check after the bad step
 
 
 def test_channels_last_gives_the_same_sums():
-    from kd_ray.models import tiny_cnn
+    from kd_ray.models.zoo import tiny_cnn
 
     images = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     data = DataLoader(TensorDataset(images, torch.arange(32) % 3), batch_size=16)
@@ -100,7 +105,7 @@ def test_channels_last_gives_the_same_sums():
         torch.manual_seed(0)
         model = tiny_cnn(3).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        train = train_one_epoch(model, data, ce_loss, opt, epoch=1, device=CPU, channels_last=channels_last)
+        train = train_one_epoch(step(model, ce_loss), data, opt, epoch=1, device=CPU, channels_last=channels_last)
         runs.append((train["loss_sum"], evaluate(model, data, device=CPU, channels_last=channels_last)))
     assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-4)
     assert runs[0][1]["correct1"] == runs[1][1]["correct1"]

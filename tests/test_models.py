@@ -126,3 +126,10 @@ def test_check_teacher_matches():
         check_teacher_matches(info, ["a", "b", "c"])
     with pytest.raises(TeacherError, match="class 1 is 'b'"):
         check_teacher_matches({"classes": ["a", "b", "c"]}, ["a", "c", "b"])
+
+
+def test_model_plugin_by_module_path():
+    model = build_model("tests.plugins:linear_model", 3)
+    assert model(torch.zeros(2, 3, 8, 8)).shape == (2, 3)
+    with pytest.raises(ConfigError, match="cannot import 'nowhere'"):
+        build_model("nowhere:net", 3)

@@ -13,7 +13,8 @@ import torch
 
 from kd_ray.config import load_config
 from kd_ray.data import write_synthetic_imagefolder
-from kd_ray.launch import read_history, run_stage
+from kd_ray.cluster.stage import run_stage
+from kd_ray.runs.files import read_history
 from kd_ray.models import build_model, export_teacher, load_teacher
 
 

@@ -1,21 +1,24 @@
 """Checkpoints, resume bookkeeping and the ranks' agreement on errors, without Ray."""
-import datetime
 import json
-import math
-import os
 import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
-from kd_ray import checkpoints, faults
-from kd_ray.engine import train_one_epoch
+from kd_ray.cluster.callbacks import MetricsCallback
+from kd_ray.cluster.stage import raise_returned_error
+from kd_ray.engine import checkpoints
 from kd_ray.errors import ConfigError, DataError, NonFiniteLossError, PeerFailedError
-from kd_ray.recovery import check_resume, failure_message, fresh_name, raise_returned_error
-from kd_ray.tb_callback import MetricsCallback, backfill, read_failures
+from kd_ray.runs.files import backfill, read_failures
+from kd_ray.runs.stages import check_resume, failure_message, fresh_name
+from kd_ray.testing import faults
+
+import two_ranks  # spawned ranks import only this (not Ray): each starts in ~2 s, not ~8
+
+
+def logged_warnings(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("[kd_ray] warning:")]
 
 
 def state(epoch):
@@ -38,14 +41,14 @@ def test_save_is_atomic_and_checked_on_load(tmp_path):
         checkpoints.read_manifest(folder)
 
 
-def test_latest_falls_back_to_the_previous_checkpoint_and_names_both(tmp_path):
+def test_latest_falls_back_to_the_previous_checkpoint_and_names_both(tmp_path, capsys):
     older = checkpoints.save(tmp_path, state(1), history([1]))
     newer = checkpoints.save(tmp_path, state(2), history([1, 2]))
     (tmp_path / ".tmp_checkpoint_9999").mkdir()  # a writer killed mid-write: never a candidate
     (tmp_path / "checkpoint_9999-half-copied").mkdir()  # no manifest: skipped too
     (newer / "state.pt").write_bytes(b"")
-    warnings = []
-    folder, manifest, loaded = checkpoints.latest(tmp_path, with_state=True, warn=warnings.append)
+    folder, manifest, loaded = checkpoints.latest(tmp_path, with_state=True)
+    warnings = logged_warnings(capsys)
     assert folder == older and manifest["epoch"] == 1 and loaded["epoch"] == 1
     assert len(warnings) == 2 and newer.name in warnings[1] and older.name in warnings[1]
     checkpoints.clean_partial(tmp_path)
@@ -57,15 +60,15 @@ def test_unloadable_state_of_the_right_size_is_caught_when_loading(tmp_path):
     newer = checkpoints.save(tmp_path, state(2), [])
     path = newer / "state.pt"
     path.write_bytes(b"\0" * path.stat().st_size)  # same size, garbage: only torch.load sees it
-    assert checkpoints.latest(tmp_path, warn=lambda m: None)[0] == newer  # the driver's size check
-    assert checkpoints.latest(tmp_path, with_state=True, warn=lambda m: None)[0] == older
+    assert checkpoints.latest(tmp_path)[0] == newer  # the driver's size check
+    assert checkpoints.latest(tmp_path, with_state=True)[0] == older
 
 
-def test_no_usable_checkpoint_starts_over_with_a_warning(tmp_path):
+def test_no_usable_checkpoint_starts_over_with_a_warning(tmp_path, capsys):
     only = checkpoints.save(tmp_path, state(1), [])
     (only / "manifest.json").write_text("{")
-    warnings = []
-    assert checkpoints.latest(tmp_path, warn=warnings.append) is None
+    assert checkpoints.latest(tmp_path) is None
+    warnings = logged_warnings(capsys)
     assert only.name in warnings[0] and "epoch 1" in warnings[0]
 
 
@@ -116,7 +119,7 @@ def test_resume_refuses_a_checkpoint_of_other_classes_and_new_goes_beside(tmp_pa
     cfg = load_config(overrides=["data.name=synthetic", "data.num_classes=3", "model.student=tiny_cnn"])
     run = tmp_path / "run"
     checkpoints.save(run, {**state(2), "classes": ["class0", "class1", "class2"]}, history([1, 2]))
-    assert check_resume(cfg, "student", run, warn=print)["epoch"] == 2
+    assert check_resume(cfg, "student", run)["epoch"] == 2
     other = cfg.replace(data={"num_classes": 4})
     with pytest.raises(ConfigError, match="--new"):
         check_resume(other, "student", run)
@@ -131,55 +134,26 @@ def test_fault_plan_is_checked(monkeypatch, tmp_path):
         faults.from_env()
 
 
-class Batches:
-    """8 steps of 4 images; ``bad`` = (step, kind) on this rank: a DataError or a NaN loss."""
-
-    def __init__(self, bad=None):
-        self.bad = bad
-
-    def __len__(self):
-        return 8
-
-    def __iter__(self):
-        for step in range(8):
-            if self.bad == (step, "data"):
-                raise DataError(f"cannot read image bad{step}.png")
-            x = torch.full((4, 3), math.nan) if self.bad == (step, "nan") else torch.randn(4, 3)
-            yield x, torch.zeros(4, dtype=torch.long)
+TWO_RANK_CASES = [((3, "data"), 1, 3), ((3, "data"), 4, 4), ((3, "nan"), 1, 4), ((0, "data"), 4, 0)]
 
 
-def _rank(rank, port, bad, check_every, out):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=20))
-    torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
-    steps = []
-
-    def loss(s, t, labels, cfg):
-        steps.append(len(steps))
-        return {"loss": F.cross_entropy(s, labels)}
-
-    try:
-        train_one_epoch(model, Batches(bad if rank == 1 else None), loss,
-                        torch.optim.SGD(model.parameters(), lr=0.1), epoch=2,
-                        device=torch.device("cpu"), check_every=check_every)
-        result = ["none", ""]
-    except Exception as exc:
-        result = [type(exc).__name__, str(exc)]
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({"error": result, "steps": len(steps)}, f)
-    dist.destroy_process_group()
-
-
-@pytest.mark.parametrize("bad, check_every, steps", [((3, "data"), 1, 3), ((3, "data"), 4, 4),
-                                                     ((3, "nan"), 1, 4), ((0, "data"), 4, 0)])
-def test_one_rank_failing_stops_both_at_the_same_step(tmp_path, bad, check_every, steps):
-    """Two gloo ranks with DDP: no rank is left waiting in the gradient all-reduce."""
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    """All cases in one pair of spawned gloo ranks (a spawn costs seconds; a case milliseconds)."""
+    out = tmp_path_factory.mktemp("ranks")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank, args=(port, bad, check_every, str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    cases = [(bad, check_every) for bad, check_every, _ in TWO_RANK_CASES]
+    mp.spawn(two_ranks.run_rank, args=(port, cases, str(out)), nprocs=2, join=True)
+    return out
+
+
+@pytest.mark.parametrize("case", range(len(TWO_RANK_CASES)))
+def test_one_rank_failing_stops_both_at_the_same_step(two_rank_results, case):
+    """Two gloo ranks with DDP: no rank is left waiting in the gradient all-reduce."""
+    bad, _, steps = TWO_RANK_CASES[case]
+    r0, r1 = (json.loads((two_rank_results / f"rank{r}-{case}.json").read_text()) for r in (0, 1))
     assert r0["steps"] == r1["steps"] == steps  # both ran the same forward passes, then stopped
     assert r0["error"][0] == PeerFailedError.__name__
     if bad[1] == "data":

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from kd_ray.errors import KdRayError
-from kd_ray.report import comparison_rows, find_runs, markdown_table, write_report
+from kd_ray.runs.report import comparison_rows, find_runs, markdown_table, write_report
 
 
 def fake_run(root, name, stage, arch, accs, params=1000, speed=50.0):

@@ -1,19 +1,18 @@
 """Teacher-logit cache without Ray: built in-process, compared with the live teacher."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from kd_ray import teacher_cache
+from kd_ray import cache as teacher_cache
 from kd_ray.config import load_config
 from kd_ray.data import build_data
+from kd_ray.data.views import CachedViews, ReplayViews, ViewSampler
 from kd_ray.engine import train_one_epoch
 from kd_ray.errors import ConfigError
-from kd_ray.losses import get_loss
+from kd_ray.methods import TrainStep, build_method
 from kd_ray.models import build_model, export_teacher, load_teacher
-from kd_ray.views import CachedViews, ReplayViews, ViewSampler
 
 
 def setup(tmp_path, *extra, seed=0):
@@ -41,18 +40,18 @@ def cached_loader(cfg, path, epoch=0, batch_size=8):
 def test_cached_and_live_teacher_give_the_same_loss_per_batch(tmp_path, loss, augment):
     cfg = setup(tmp_path, f"data.augment={augment}", f"distill.loss={loss}", "distill.temperature=3")
     path = tmp_path / "cache"
-    teacher_cache.build(cfg, path, use_ray=False)
+    teacher_cache.build(cfg, path)
     teacher, _ = load_teacher(cfg.distill.teacher_path)
     student = build_model("tiny_cnn", 10).eval()
-    loss_fn, _ = get_loss(loss)
+    method = build_method(cfg.distill)
     for epoch in range(2):
         loader, _ = cached_loader(cfg, path, epoch)
         for images, labels, cached in loader:
             with torch.no_grad():
                 live = teacher(images)  # the teacher on the replayed view itself
                 s = student(images)
-                a = loss_fn(s, live, labels, cfg.distill)["loss"]
-                b = loss_fn(s, cached, labels, cfg.distill)["loss"]
+                a = method.loss(s, live, labels)["loss"]
+                b = method.loss(s, cached, labels)["loss"]
             assert cached.dtype == torch.float16
             assert torch.allclose(cached.float(), live, rtol=2e-3, atol=2e-3)  # float16 rounding
             assert torch.allclose(a, b, rtol=2e-3, atol=1e-4), (a, b)
@@ -84,7 +83,7 @@ def test_sampler_walks_through_every_view_once_per_k_epochs(tmp_path):
 
 def _built(cfg, tmp_path, name="cache"):
     path = tmp_path / name
-    teacher_cache.build(cfg, path, use_ray=False)
+    teacher_cache.build(cfg, path)
     return path
 
 
@@ -98,16 +97,15 @@ def test_teacher_runs_samples_times_views_not_per_epoch(tmp_path):
     teacher.register_forward_pre_hook(lambda _m, args: calls.append(len(args[0])))
     student = build_model("tiny_cnn", 10)
     opt = torch.optim.SGD(student.parameters(), lr=0.01)
-    loss_fn, _ = get_loss("kd")
+    step = TrainStep(student, build_method(cfg.distill, "kd"))
     for epoch in range(4):  # the teacher is passed in, but cached logits win
         loader, _ = cached_loader(cfg, path, epoch)
-        sums = train_one_epoch(student, loader, loss_fn, opt, epoch=epoch + 1, device=torch.device("cpu"),
-                               loss_cfg=cfg.distill, teacher=teacher)
+        sums = train_one_epoch(step, loader, opt, epoch=epoch + 1, device=torch.device("cpu"),
+                               teacher=teacher)
         assert sums["teacher_images"] == 0 and sums["images"] == 40
     assert calls == []
     live = DataLoader(build_data(cfg.data, "distill", 0).train, batch_size=8)
-    sums = train_one_epoch(student, live, loss_fn, opt, epoch=1, device=torch.device("cpu"),
-                           loss_cfg=cfg.distill, teacher=teacher)
+    sums = train_one_epoch(step, live, opt, epoch=1, device=torch.device("cpu"), teacher=teacher)
     assert sums["teacher_images"] == sum(calls) == 40
 
 
@@ -143,7 +141,7 @@ def test_a_stale_cache_is_refused_or_rebuilt_under_auto(tmp_path, capsys, change
         teacher_cache.check(path, teacher_cache.wanted(changed))
     with pytest.raises(ConfigError, match="kd-ray cache-teacher"):
         teacher_cache.resolve(changed.replace(distill={"teacher_cache": str(path)}), tmp_path / "x")
-    resolved = teacher_cache.resolve(changed, path, use_ray=False)  # auto: rebuilt in place
+    resolved = teacher_cache.resolve(changed, path)  # auto: rebuilt in place
     assert "rebuilding" in capsys.readouterr().out
     teacher_cache.check(resolved.distill.teacher_cache, teacher_cache.wanted(changed))
     assert teacher_cache.resolve(cfg.replace(distill={"teacher_cache": "off"}), path).distill.teacher_cache == "off"
@@ -169,13 +167,15 @@ def test_losses_without_a_teacher_never_build_a_cache(tmp_path):
 
 
 def test_cli_refuses_a_stale_cache_before_ray_starts(tmp_path, capsys, monkeypatch):
-    from kd_ray import cli, launch
+    from kd_ray import cli
+    from kd_ray.cluster import cache, session, stage
 
     cfg = setup(tmp_path)
     path = _built(cfg, tmp_path)
     config = tmp_path / "run.yaml"
     cfg.replace(data={"augment": True}, distill={"teacher_cache": str(path)}).save(config)
-    monkeypatch.setattr(launch, "ensure_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    for module in (cache, session, stage):
+        monkeypatch.setattr(module, "ensure_ray", lambda *a, **k: pytest.fail("Ray was started"))
     assert cli.main(["distill", "-c", str(config)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1

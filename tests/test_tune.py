@@ -7,8 +7,9 @@ import yaml
 
 from kd_ray.config import Config, load_config
 from kd_ray.errors import ConfigError, KdRayError, NonFiniteLossError
-from kd_ray.sweep_report import plot_sweep, trial_rows, write_sweep_report
-from kd_ray.tune import apply_params, check_sweep, search_space, trial_error, trials_that_fit
+from kd_ray.cluster.tune import check_sweep, search_space, trial_error, trial_results, trials_that_fit
+from kd_ray.config.sweep import apply_params
+from kd_ray.runs.sweep_report import plot_sweep, trial_rows, write_sweep_report
 
 SPACE = {"distill.temperature": [1, 4], "distill.alpha": {"choice": [0.5, 0.9]},
          "optim.lr": {"loguniform": [0.001, 0.1]}}
@@ -98,7 +99,7 @@ def test_summary_sorts_by_the_final_metric_and_names_stop_reasons(tmp_path):
         ("trial-c", 1, 0.9, [0.1], None),              # stopped after epoch 1
         ("trial-d", 4, 0.9, [0.4], RuntimeError("boom")),
     ])
-    sweep_dir, table = write_sweep_report(cfg, tmp_path / "sw", results)
+    sweep_dir, table = write_sweep_report(cfg, tmp_path / "sw", trial_results(cfg, results))
     rows = trial_rows(cfg, sweep_dir, [{"name": r.path.split("/")[-1], "params": r.config, "error": None}
                                        for r in results])
     assert [r["trial"] for r in rows][:2] == ["trial-b", "trial-a"]
@@ -119,7 +120,7 @@ def test_every_trial_failed_raises_the_first_error(tmp_path):
     results = fake_results(tmp_path, [("trial-a", 1, None, [0.3], failure),  # failed in epoch 2
                                       ("trial-b", 4, None, [], RuntimeError("second"))])
     with pytest.raises(KdRayError, match=r"every trial .* failed; the first error: loss is nan at epoch 2"):
-        write_sweep_report(cfg, tmp_path / "sw", results)
+        write_sweep_report(cfg, tmp_path / "sw", trial_results(cfg, results))
     assert trial_error(SimpleNamespace(error=None)) is None
     assert not (tmp_path / "sw" / "best.yaml").exists()
 
@@ -146,7 +147,7 @@ def test_an_epoch_only_tune_heard_of_is_counted(tmp_path):
 def test_optuna_search_without_optuna_names_the_extra(monkeypatch, tmp_path):
     import sys
 
-    from kd_ray.tune import make_tuner
+    from kd_ray.cluster.tune import make_tuner
 
     monkeypatch.setitem(sys.modules, "optuna", None)  # as if not installed
     monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 4.0})

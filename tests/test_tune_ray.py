@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from kd_ray.config import load_config
-from kd_ray.launch import read_history
+from kd_ray.runs.files import read_history
 
 
 def write_sweep(tmp_path, name, space, *, epochs=3, workers=2, **sweep) -> Path:

@@ -88,12 +88,13 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     student = build_model(arch, bundle.num_classes, pretrained=pretrained)
     teacher = None
     if method.teacher is not None and not cache:
-        teacher, _ = load_teacher(cfg.distill.teacher_path, device=device)  # frozen, eval, no DDP
-        teacher = teacher.to(memory_format=fmt)
-    try:
-        method.setup(student, teacher, bundle.val[0][0][None])  # e.g. a regressor sized by a layer
+        teacher, _ = load_teacher(cfg.distill.teacher_path)  # frozen, eval, never in DDP
+    try:  # models and sample on the CPU: e.g. a regressor sized by a layer's output
+        method.setup(student, teacher, bundle.val[0][0][None])
     except KdRayError as exc:  # a bad layer name or image: every rank stops here alike
         return shared_error(exc, world)
+    if teacher is not None:
+        teacher = teacher.to(device, memory_format=fmt)
     step = TrainStep(student, method).to(memory_format=fmt)
     step = ray.train.torch.prepare_model(step)  # DDP (student + the method's extras) when world > 1
     unwrapped = step.module if hasattr(step, "module") else step

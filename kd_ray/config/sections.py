@@ -5,7 +5,7 @@ Every check here needs neither torch nor Ray, so bad values are refused as soon 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from kd_ray.errors import ConfigError
 

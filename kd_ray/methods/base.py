@@ -83,6 +83,11 @@ class LossFunction(Distiller):
         return self.fn(student.logits, teacher.logits if teacher else None, labels, self.cfg)
 
 
+def loss_method(fn, cfg=None) -> Distiller:
+    """A method from a plain loss function (tests and scripts)."""
+    return LossFunction.of(fn, getattr(fn, "__name__", "loss"))(cfg)
+
+
 def method_class(name: str) -> type:
     """The Distiller class registered (or plugged in as ``pkg.module:attr``) under ``name``."""
     obj = METHODS.get(name)
@@ -111,7 +116,10 @@ def check_params(cls: type, params: dict, name: str):
         raise ConfigError(f"unknown distill.params key(s) {sorted(bad)} for distill.loss={name}; "
                           f"valid keys: {', '.join(sorted(valid))}")
     values = {k: coerce_field(cls.Params, "distill.params", k, v) for k, v in params.items()}
-    return cls.Params(**values)
+    try:
+        return cls.Params(**values)
+    except (TypeError, ValueError) as exc:  # the method's own checks (in __post_init__)
+        raise ConfigError(f"distill.params for distill.loss={name}: {exc}") from None
 
 
 def build_method(distill_cfg, name: str | None = None) -> Distiller:

@@ -5,7 +5,7 @@ import torch
 
 from kd_ray.config import DistillConfig
 from kd_ray.errors import ConfigError
-from kd_ray.losses import LOSSES, get_loss
+from kd_ray.methods import METHODS, build_method, method_class, needs_teacher
 
 S = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
 T = [[2.0, 0.0, 1.0], [1.0, 1.0, -2.0]]
@@ -26,8 +26,8 @@ def kl_row(t_row, s_row, temp):
 
 
 def call(name, s, t, labels, temp=4.0, alpha=0.9):
-    fn, _ = get_loss(name)
-    return fn(s, t, torch.tensor(labels), DistillConfig(temperature=temp, alpha=alpha))
+    method = build_method(DistillConfig(loss=name, temperature=temp, alpha=alpha))
+    return method.loss(s, t, torch.tensor(labels))
 
 
 def test_ce_hand_computed_and_ignores_unlabelled():
@@ -86,9 +86,8 @@ def test_gradcheck_float64(name):
     s = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     t = torch.randn(4, 5, dtype=torch.float64)
     labels = torch.tensor([0, -1, 3, 4])
-    fn, _ = get_loss(name)
-    cfg = DistillConfig(temperature=3.0, alpha=0.5)
-    assert torch.autograd.gradcheck(lambda x: fn(x, t, labels, cfg)["loss"], (s,))
+    method = build_method(DistillConfig(loss=name, temperature=3.0, alpha=0.5))
+    assert torch.autograd.gradcheck(lambda x: method.loss(x, t, labels)["loss"], (s,))
 
 
 def test_alpha_zero_reduces_kd_to_ce():
@@ -117,10 +116,10 @@ def test_bf16_logits_computed_in_float32():
 
 
 def test_needs_teacher_flags():
-    assert get_loss("ce")[1] is False
-    assert get_loss("kd")[1] is True and get_loss("mse_logits")[1] is True
-    assert get_loss("tests.plugins:my_loss")[1] is True
-    assert get_loss("tests.plugins:no_teacher_loss")[1] is False
+    assert needs_teacher("ce") is False
+    assert needs_teacher("kd") is True and needs_teacher("mse_logits") is True
+    assert needs_teacher("tests.plugins:my_loss") is True
+    assert needs_teacher("tests.plugins:no_teacher_loss") is False
 
 
 @pytest.mark.parametrize("name", ["kd", "mse_logits"])
@@ -135,8 +134,8 @@ def test_teacher_shape_mismatch():
 
 
 def test_plugin_loads_and_runs():
-    fn, needs = get_loss("tests.plugins:my_loss")
-    out = fn(torch.tensor(S), torch.tensor(T), torch.tensor([0, 1]), DistillConfig())
+    method = build_method(DistillConfig(loss="tests.plugins:my_loss"))
+    out = method.loss(torch.tensor(S), torch.tensor(T), torch.tensor([0, 1]))
     assert "loss" in out and out["loss"].ndim == 0
 
 
@@ -150,12 +149,77 @@ def test_plugin_loads_and_runs():
 ])
 def test_bad_plugin_specs(spec, match):
     with pytest.raises(ConfigError, match=match):
-        get_loss(spec)
+        method_class(spec)
 
 
 def test_unknown_name_lists_choices():
     with pytest.raises(ConfigError) as err:
-        get_loss("kdd")
+        method_class("kdd")
     for name in ("ce", "kd", "mse_logits"):
         assert name in str(err.value)
-    assert LOSSES.names() == ["ce", "kd", "mse_logits"]
+    assert METHODS.names() == ["ce", "kd", "mse_logits"]
+
+
+# ----- the Distiller interface ---------------------------------------------------------------
+
+def test_params_are_checked_by_the_method():
+    method = build_method(DistillConfig(loss="tests.plugins:HeadedMSE", params={"weight": 1}))
+    assert method.params.weight == 1.0 and isinstance(method.params.weight, float)  # int accepted
+    with pytest.raises(ConfigError, match=r"unknown distill.params key\(s\) \['wieght'\].*valid keys: weight"):
+        build_method(DistillConfig(loss="tests.plugins:HeadedMSE", params={"wieght": 0.5}))
+    with pytest.raises(ConfigError, match="distill.params.weight must be float"):
+        build_method(DistillConfig(loss="tests.plugins:HeadedMSE", params={"weight": "high"}))
+    with pytest.raises(ConfigError, match="weight must be in"):
+        build_method(DistillConfig(loss="tests.plugins:HeadedMSE", params={"weight": 2.0}))
+    with pytest.raises(ConfigError, match="distill.loss=kd takes no distill.params"):
+        build_method(DistillConfig(loss="kd", params={"beta": 1}))
+    with pytest.raises(ConfigError, match="teacher must be one of"):
+        method_class("tests.plugins:BadTeacherKind")
+
+
+def test_a_trainable_head_is_in_the_step_the_optimizer_and_the_state():
+    """TrainStep = student + the method's extras: one module for DDP, the optimizer and checkpoints."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from kd_ray.engine import train_one_epoch
+    from kd_ray.methods import TrainStep
+
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    method = build_method(DistillConfig(loss="tests.plugins:HeadedMSE", params={"weight": 0.8}))
+    method.setup(student, teacher, torch.zeros(1, 4))
+    step = TrainStep(student, method)
+    assert {n for n, _ in step.named_parameters()} == {"student.weight", "student.bias",
+                                                      "method.head.weight", "method.head.bias"}
+    data = DataLoader(TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,))), batch_size=8)
+    sums = train_one_epoch(step, data, torch.optim.SGD(step.parameters(), lr=0.1), epoch=1,
+                           device=torch.device("cpu"), teacher=teacher)
+    assert sums["teacher_images"] == 32 and set(sums) >= {"loss_sum", "mse_sum", "ce_sum"}
+    state = method.state_dict()
+    assert int(state["steps"]) == 4 and not torch.equal(state["head.weight"], torch.eye(3))
+    fresh = build_method(DistillConfig(loss="tests.plugins:HeadedMSE"))
+    fresh.setup(student, teacher, torch.zeros(1, 4))
+    fresh.load_state_dict(state)  # what a resumed worker does with checkpoint["method"]
+    assert int(fresh.steps) == 4 and torch.equal(fresh.head.weight, method.head.weight)
+
+
+def test_feature_methods_get_the_named_layers_of_both_models():
+    from kd_ray.methods import TrainStep
+
+    student = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    teacher = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    method = build_method(DistillConfig(loss="tests.plugins:FeatureMatch"))
+    parts = TrainStep(student, method)(torch.randn(5, 4), torch.zeros(5, dtype=torch.long), 1, teacher=teacher)
+    assert parts["loss"].requires_grad and parts["hint"] > 0
+    assert not student[0]._forward_hooks and not teacher[0]._forward_hooks  # hooks removed again
+    bad = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    with pytest.raises(ConfigError, match="layer '0' is not in"):
+        TrainStep(torch.nn.Linear(4, 3), method)(torch.randn(2, 4), torch.zeros(2, dtype=torch.long), 1,
+                                                  teacher=bad)
+
+
+def test_the_cache_serves_logit_methods_only():
+    from kd_ray.cache import serves
+
+    assert serves(method_class("kd")) and serves(method_class("tests.plugins:HeadedMSE"))
+    assert not serves(method_class("tests.plugins:FeatureMatch")) and not serves(method_class("ce"))

@@ -1,9 +1,11 @@
-"""Driver-side helpers of launch.py that need no Ray instance."""
+"""Errors across Ray's wrappers and processes, and the run files' readers; no Ray instance."""
 import pytest
 from torch.utils.data import DataLoader, Dataset
 
-from kd_ray.errors import DataError
-from kd_ray.launch import finished_summary, one_line, raise_user_error, read_history
+from kd_ray.cluster.stage import raise_user_error
+from kd_ray.errors import (ConfigError, DataError, KdRayError, NonFiniteLossError, from_payload, one_line,
+                           to_payload, user_error_in)
+from kd_ray.runs.files import finished_summary, read_history
 
 
 class Broken(Dataset):
@@ -44,3 +46,23 @@ def test_finished_summary_only_when_all_epochs_ran(tmp_path):
     assert finished_summary(tmp_path, 5) == {"epochs": 5}
     assert finished_summary(tmp_path, 8) is None
     assert finished_summary(tmp_path / "other", 1) is None
+
+
+@pytest.mark.parametrize("error", [DataError("bad image x.png"), NonFiniteLossError("nan at step 3"),
+                                   ConfigError("bad value")])
+def test_errors_cross_processes_as_their_own_type(error):
+    back = from_payload(to_payload(error))
+    assert type(back) is type(error) and str(back) == str(error)
+    assert from_payload(None) is None and from_payload({"error": None}) is None
+    assert type(from_payload({"error": "SomethingElse", "message": "m"})) is KdRayError
+
+
+def test_user_error_in_finds_the_innermost_of_our_errors():
+    class Wrapper(DataError):  # like Ray's RayTaskError(DataError): a subclass holding the cause
+        def __init__(self, cause):
+            super().__init__("Traceback (most recent call last):\n ...\nDataError: inner")
+            self.cause = cause
+
+    inner = DataError("cannot read image a.png")
+    assert user_error_in(Wrapper(inner)) is inner
+    assert user_error_in(RuntimeError("not ours")) is None
