@@ -34,13 +34,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from kd_ray import teacher_cache  # noqa: E402
+from kd_ray import cache as teacher_cache  # noqa: E402
 from kd_ray.config import Config  # noqa: E402
 from kd_ray.data import build_data  # noqa: E402
+from kd_ray.data.views import CachedViews, ViewSampler  # noqa: E402
 from kd_ray.engine import build_optimizer, evaluate  # noqa: E402
-from kd_ray.losses import get_loss  # noqa: E402
+from kd_ray.methods import build_method  # noqa: E402
 from kd_ray.models import build_model, export_teacher, load_teacher  # noqa: E402
-from kd_ray.views import CachedViews, ViewSampler  # noqa: E402
 
 TEACHER, STUDENT, BATCH = "resnet18", "simple_cnn", 64
 SPACE = {"distill.temperature": [1, 2, 4, 8], "distill.alpha": [0.5, 0.9]}
@@ -61,7 +61,7 @@ def b1_steps(cfg: Config, steps: int) -> dict:
     """Per-step seconds (batch fetch + forward + backward + update), the variants interleaved."""
     torch.set_num_threads(cfg.run.threads_per_worker)
     cache_dir = Path(cfg.run.storage) / "b1_cache"
-    teacher_cache.build(cfg, cache_dir, use_ray=False)
+    teacher_cache.build(cfg, cache_dir)
     plain = build_data(cfg.data, "distill", 0).train
     cached = CachedViews(plain, teacher_cache.load(cache_dir), cfg.data.split_seed)
     teacher, _ = load_teacher(cfg.distill.teacher_path)
@@ -71,8 +71,7 @@ def b1_steps(cfg: Config, steps: int) -> dict:
                              sampler=ViewSampler(cached, 1, 0, num_replicas=1, rank=0)),
         "online": DataLoader(plain, batch_size=BATCH, shuffle=True, drop_last=True),
     }
-    kd, _ = get_loss("kd")
-    ce, _ = get_loss("ce")
+    kd, ce = build_method(cfg.distill, "kd"), build_method(cfg.distill, "ce")
     states = {}
     for name in loaders:
         torch.manual_seed(0)
@@ -89,14 +88,14 @@ def b1_steps(cfg: Config, steps: int) -> dict:
             batch = next(states[name][2])
         inputs, labels = batch[0], batch[1]
         if name == "ce":
-            loss = ce(model(inputs), None, labels, cfg.distill)["loss"]
+            loss = ce.loss(model(inputs), None, labels)["loss"]
         else:
             if name == "online":
                 with torch.no_grad():
                     logits = teacher(inputs)
             else:
                 logits = batch[2]
-            loss = kd(model(inputs), logits, labels, cfg.distill)["loss"]
+            loss = kd.loss(model(inputs), logits, labels)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -139,7 +138,8 @@ def plain_run(cfg: Config, epochs: int) -> dict:
 
 
 def b2_trainer(cfg: Config) -> dict:
-    from kd_ray.launch import read_history, run_stage
+    from kd_ray.cluster.stage import run_stage
+    from kd_ray.runs.files import read_history
 
     started = time.time()
     result = run_stage(cfg, "student", name="b2-student")
@@ -161,7 +161,7 @@ def b2_ratio(cfg: Config) -> tuple[float, dict, list]:
 
 
 def b3_sweep(cfg: Config, name: str) -> dict:
-    from kd_ray.tune import run_sweep
+    from kd_ray.cluster.tune import run_sweep
 
     started = time.perf_counter()
     run_sweep(cfg.replace(run={"name": name}))
@@ -198,7 +198,7 @@ def run_b2(storage: Path, teacher: Path, args, say) -> list:
 
 def run_b3(storage: Path, teacher: Path, args, say) -> list:
     """Epochs enough for one plain student run to last --min-plain-seconds."""
-    from kd_ray.tune import trials_that_fit
+    from kd_ray.cluster.tune import trials_that_fit
 
     images = 1024 if args.quick else 8192
     probe = plain_run(make_config(storage, teacher, images, 1), 1)
@@ -227,8 +227,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="markdown file for the results (default "
                         "benchmarks/results.md when all of B1-B3 run; none with --quick)")
     args = parser.parse_args()
-    from kd_ray.launch import ensure_ray
-    from kd_ray.tune import DRIVER_CPUS
+    from kd_ray.cluster.session import ensure_ray
+    from kd_ray.cluster.tune import DRIVER_CPUS
 
     storage = Path(tempfile.mkdtemp(prefix="kd_ray_bench_kd_"))
     torch.manual_seed(0)

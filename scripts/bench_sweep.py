@@ -22,8 +22,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 from kd_ray.config import Config  # noqa: E402
-from kd_ray.launch import ensure_ray, read_history, run_stage  # noqa: E402
-from kd_ray.tune import DRIVER_CPUS, TRIALS_DIR, run_sweep, trials_that_fit  # noqa: E402
+from kd_ray.cluster.session import ensure_ray  # noqa: E402
+from kd_ray.cluster.stage import run_stage  # noqa: E402
+from kd_ray.cluster.tune import DRIVER_CPUS, run_sweep, trials_that_fit  # noqa: E402
+from kd_ray.runs.files import read_history  # noqa: E402
+from kd_ray.runs.sweep_report import TRIALS_DIR  # noqa: E402
 
 TEMPERATURES = [1, 2, 4, 8, 16, 3, 6, 12]
 
@@ -47,11 +50,11 @@ def main() -> None:
     })
     try:
         ensure_ray(cfg, extra_cpus=DRIVER_CPUS)
-        teacher = run_stage(cfg, "teacher", name="teacher", verbose=False)
+        teacher = run_stage(cfg, "teacher", name="teacher")
         cfg = cfg.replace(distill={"teacher_path": teacher.summary["teacher_file"]})
 
         started = time.perf_counter()
-        run_stage(cfg, "distill", name="single", verbose=False)
+        run_stage(cfg, "distill", name="single")
         single = time.perf_counter() - started
 
         started = time.perf_counter()

@@ -1,6 +1,6 @@
 """Kill workers, drivers and sweeps, feed bad input, and print what each failure cost.
 
-Runs the chaos suite (kd_ray/chaos.py: T1-T9 of "Failures and resuming" in the README) on a
+Runs the chaos suite (tests/chaos_scenarios.py: T1-T9 of "Failures and resuming" in the README) on a
 local Ray instance of its own, with 2 workers on small synthetic data, and prints a table of
 figures. Exit code 0 when every check passed. About 4-5 minutes on 2 CPU cores.
 
@@ -17,9 +17,10 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # kd_ray, and the scenarios beside the tests
 
-from kd_ray import chaos  # noqa: E402
+import chaos_scenarios as chaos  # noqa: E402
 
 os.environ.update(chaos.RAY_ENV)
 
@@ -46,7 +47,10 @@ def main() -> int:
     work = Path(args.keep or tempfile.mkdtemp(prefix="kd_ray_chaos_")).resolve()
     work.mkdir(parents=True, exist_ok=True)
 
-    from kd_ray.launch import start_local_ray
+    from kd_ray import log
+    from kd_ray.cluster.session import start_local_ray
+
+    log.configure()
 
     context = start_local_ray(num_cpus=5, object_store_memory=256 * 2**20, dashboard_host="127.0.0.1",
                               include_dashboard=True, log_to_driver=False)

@@ -11,19 +11,19 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kd_ray.config import DistillConfig  # noqa: E402
 from kd_ray.engine import train_one_epoch  # noqa: E402
-from kd_ray.losses import get_loss  # noqa: E402
+from kd_ray.methods import TrainStep, build_method  # noqa: E402
 from kd_ray.models import build_model  # noqa: E402
 from gpu_smoke import device_args, sync  # noqa: E402  (scripts/ is on sys.path when run)
 
 CLASSES = 1000
-KD_CFG = SimpleNamespace(temperature=4.0, alpha=0.9)
+KD_CFG = DistillConfig(temperature=4.0, alpha=0.9)
 FMT = torch.channels_last
 
 
@@ -81,11 +81,11 @@ def main() -> None:
     data = make_batches(args.steps, args.batch, args.size, device)
     build_speed = images_per_s(lambda d: build_cache(teacher, d), data)
     cached = build_cache(teacher, data)
-    kd, ce = get_loss("kd")[0], get_loss("ce")[0]
+    kd, ce = TrainStep(student, build_method(KD_CFG, "kd")), TrainStep(student, build_method(KD_CFG, "ce"))
 
-    def ours(loss_fn, t):
-        return lambda d: train_one_epoch(student, d, loss_fn, opt, epoch=1, device=device, loss_cfg=KD_CFG,
-                                         teacher=t, amp=True, channels_last=True)
+    def ours(step, t):
+        return lambda d: train_one_epoch(step, d, opt, epoch=1, device=device, teacher=t, amp=True,
+                                         channels_last=True)
 
     rows = {"student-only CE (kd_ray)": (ours(ce, None), data),
             "cached-logit KD (kd_ray)": (ours(kd, teacher), cached),

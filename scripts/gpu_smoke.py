@@ -15,19 +15,19 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kd_ray.config import DistillConfig  # noqa: E402
 from kd_ray.engine import evaluate, train_one_epoch  # noqa: E402
 from kd_ray.errors import NonFiniteLossError  # noqa: E402
-from kd_ray.losses import get_loss  # noqa: E402
+from kd_ray.methods import TrainStep, build_method  # noqa: E402
 from kd_ray.models import build_model  # noqa: E402
 
 CLASSES = 100
-KD_CFG = SimpleNamespace(temperature=4.0, alpha=0.9)
+KD_CFG = DistillConfig(temperature=4.0, alpha=0.9)
 
 
 def batches(n, batch, device, channels_last):
@@ -90,11 +90,10 @@ def speed_table(device, args) -> None:
         student, teacher = models(device, channels_last)
         opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
         for name, distill in (("student-only CE", False), ("online KD", True)):
-            loss_fn = get_loss("kd" if distill else "ce")[0]
+            step = TrainStep(student, build_method(KD_CFG, "kd" if distill else "ce"))
             t = teacher if distill else None
             ours_fn = lambda d: train_one_epoch(  # noqa: E731
-                student, d, loss_fn, opt, epoch=1, device=device, loss_cfg=KD_CFG, teacher=t, amp=True,
-                channels_last=channels_last)
+                step, d, opt, epoch=1, device=device, teacher=t, amp=True, channels_last=channels_last)
             plain_fn = lambda d: plain_loop(student, teacher, d, opt, distill)  # noqa: E731
             # Interleaved, best of two each: neither side gains from running second.
             ours, plain = 0.0, 0.0
@@ -114,19 +113,19 @@ def speed_table(device, args) -> None:
 def checks(device) -> None:
     student, teacher = models(device, False)
     x, y = batches(1, 64, device, False)[0]
-    kd = get_loss("kd")[0]
+    kd = build_method(KD_CFG, "kd")
     with torch.no_grad():
-        ref = kd(student(x), teacher(x), y, KD_CFG)["loss"].item()
+        ref = kd.loss(student(x), teacher(x), y)["loss"].item()
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            low = kd(student(x), teacher(x), y, KD_CFG)["loss"].item()
+            low = kd.loss(student(x), teacher(x), y)["loss"].item()
     print(f"kd loss fp32 {ref:.5f} bf16 {low:.5f} (rel. diff {abs(ref - low) / abs(ref):.2e})")
     assert abs(ref - low) / abs(ref) < 5e-2, "bf16 KD loss far from fp32"
     val = evaluate(student, [(x, y)], device=device, amp=True)
     assert val["count"] == 64 and 0 <= val["correct1"] <= 64
     opt = torch.optim.SGD(student.parameters(), lr=0.01)
     try:
-        train_one_epoch(student, [(x * float("nan"), y)], kd, opt, epoch=3, device=device,
-                        loss_cfg=KD_CFG, teacher=teacher, amp=True)
+        train_one_epoch(TrainStep(student, kd), [(x * float("nan"), y)], opt, epoch=3, device=device,
+                        teacher=teacher, amp=True)
         raise AssertionError("NaN loss not caught")
     except NonFiniteLossError as exc:
         print(f"NaN caught: {exc}")
@@ -137,9 +136,10 @@ def checks(device) -> None:
     student, _ = models(device, False)  # the NaN step above may have reached the weights
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=0, world_size=1)
-    ddp = DistributedDataParallel(student, device_ids=[device.index or 0] if backend == "nccl" else None)
-    sums = train_one_epoch(ddp, [(x, y)] * 3, kd, torch.optim.SGD(ddp.parameters(), lr=0.01),
-                           epoch=1, device=device, loss_cfg=KD_CFG, teacher=teacher, amp=True)
+    ddp = DistributedDataParallel(TrainStep(student, kd),
+                                  device_ids=[device.index or 0] if backend == "nccl" else None)
+    sums = train_one_epoch(ddp, [(x, y)] * 3, torch.optim.SGD(ddp.parameters(), lr=0.01),
+                           epoch=1, device=device, teacher=teacher, amp=True)
     dist.destroy_process_group()
     print(f"{backend} DDP step ok: {sums['images']} images, loss {sums['loss_sum'] / sums['images']:.4f}")
 

@@ -327,7 +327,7 @@ cluster.wait_for_nodes()
 ray.init(address=cluster.address)
 cfg = load_config(overrides=SETTINGS + [f"distill.teacher_path={teacher}",
                                         f"run.storage={out}", "run.name=two-nodes"])
-result = run_stage(cfg, "distill", verbose=False)
+result = run_stage(cfg, "distill")
 workers = [a for a in ray._private.state.actors().values()
            if a["ActorClassName"] == "RayTrainWorker"]
 json.dump({"head": cluster.head_node.node_id, "worker": worker.node_id,

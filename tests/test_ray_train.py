@@ -50,7 +50,7 @@ def test_two_worker_distillation_writes_checkpoints_and_tensorboard(ray_cluster,
     before = {k: v.clone() for k, v in load_teacher(teacher_path)[0].state_dict().items()}
     cfg = tree_config(tree, tmp_path, "optim.epochs=2", f"distill.teacher_path={teacher_path}",
                       "distill.loss=kd", "run.name=kd2")
-    result = run_stage(cfg, "distill", verbose=False)
+    result = run_stage(cfg, "distill")
 
     run_dir = tmp_path / "results" / "kd2"
     assert result.run_dir == run_dir
@@ -68,10 +68,33 @@ def test_two_worker_distillation_writes_checkpoints_and_tensorboard(ray_cluster,
     assert summary["stage"] == "distill" and summary["epochs"] == 2 and summary["params"] > 0
     # The checkpoint holds everything needed to resume and to identify the run.
     state = torch.load(Path(summary["checkpoint"]) / "state.pt", weights_only=False)
-    assert {"model", "optimizer", "scheduler", "epoch", "classes", "config"} <= set(state)
+    assert {"model", "method", "optimizer", "scheduler", "epoch", "classes", "config"} <= set(state)
     assert state["classes"] == classes and state["epoch"] == 2
     after = load_teacher(teacher_path)[0].state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # teacher file untouched
+
+
+def test_plugin_method_with_a_trainable_head_trains_saves_and_resumes(ray_cluster, tree, tmp_path):
+    """A Distiller defined in tests/ (its own distill.params, a head sized in setup()) runs under
+    DDP; its head is in every checkpoint and comes back on resume (its step counter goes on)."""
+    classes = sorted(p.name for p in (tree / "train").iterdir())
+    torch.manual_seed(0)
+    teacher_path = tmp_path / "teacher.pt"
+    export_teacher(teacher_path, build_model("tiny_cnn", len(classes)), "tiny_cnn", classes, 32)
+    base = ["distill.loss=tests.plugins:HeadedMSE", "distill.params={weight: 0.7}",
+            f"distill.teacher_path={teacher_path}", "distill.teacher_cache=off", "run.name=headed"]
+
+    def last_state(run):
+        return torch.load(Path(run.summary["checkpoint"]) / "state.pt", weights_only=False)
+
+    first = last_state(run_stage(tree_config(tree, tmp_path, "optim.epochs=2", *base), "distill"))
+    steps_per_epoch = int(first["method"]["steps"]) // 2
+    assert steps_per_epoch >= 1 and int(first["method"]["steps"]) == 2 * steps_per_epoch
+    assert not torch.equal(first["method"]["head.weight"], torch.eye(len(classes)))  # trained
+    assert read_history(tmp_path / "results" / "headed")[-1]["train/mse"] > 0  # its parts are logged
+    resumed = last_state(run_stage(tree_config(tree, tmp_path, "optim.epochs=3", *base), "distill"))
+    assert resumed["epoch"] == 3
+    assert int(resumed["method"]["steps"]) == 3 * steps_per_epoch  # restored, not a fresh head
 
 
 def kd_ray(*args, env, timeout=300):
