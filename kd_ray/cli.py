@@ -102,12 +102,12 @@ def run(args) -> int:
     # Imports below are local on purpose: each command pays only for the layers it uses, after
     # its input passed the checks above (torch takes ~4 s to import here, Ray ~7 s).
     if args.command == "submit":
-        from kd_ray.cluster.submit import submit_command
+        from kd_ray.cluster.submit import submit_command  # local: heavy, see above
 
         return submit_command(args)
     if args.command in STAGE_COMMANDS:
         cfg, _ = _load(args, (STAGE_COMMANDS[args.command],))
-        from kd_ray.cluster.stage import run_stage
+        from kd_ray.cluster.stage import run_stage  # local: heavy, see above
 
         result = run_stage(cfg, STAGE_COMMANDS[args.command], new=args.new)
         top1 = result.summary["final"].get("val/top1")
@@ -120,12 +120,12 @@ def run(args) -> int:
         if args.resume:
             if args.config or args.overrides or args.train_teacher:
                 raise KdRayError("--resume takes only the sweep folder: the sweep keeps its config")
-            from kd_ray.cluster.tune import resume_sweep
+            from kd_ray.cluster.tune import resume_sweep  # local: heavy, see above
 
             sweep_dir, table = resume_sweep(args.resume)
         else:
             cfg, flags = _load(args)
-            from kd_ray.cluster.tune import run_sweep
+            from kd_ray.cluster.tune import run_sweep  # local: heavy, see above
 
             sweep_dir, table = run_sweep(cfg, args.train_teacher or flags.get("train_teacher", False))
         print(f"\nSweep results ({sweep_dir}):\n{table}", flush=True)
@@ -134,7 +134,7 @@ def run(args) -> int:
         return 0
     if args.command == "cache-teacher":
         cfg, _ = _load(args, ("distill",))
-        from kd_ray.cluster.cache import cache_teacher
+        from kd_ray.cluster.cache import cache_teacher  # local: heavy, see above
 
         path, manifest = cache_teacher(cfg, args.out)
         log.info(f"teacher cache ready: {path} ({manifest['rows']} rows, {manifest['samples']} "
@@ -142,20 +142,20 @@ def run(args) -> int:
         return 0
     if args.command in ("pipeline", "demo"):
         cfg, flags = _load(args)
-        from kd_ray.cluster.pipeline import run_pipeline
+        from kd_ray.cluster.pipeline import run_pipeline  # local: heavy, see above
 
         root, table = run_pipeline(cfg, flags.get("train_teacher", True), flags.get("distill", True))
         print(f"\nResults ({root}):\n{table}", flush=True)
         return 0
     if args.command == "report":
-        from kd_ray.runs.report import find_runs, write_report
+        from kd_ray.runs.report import find_runs, write_report  # local: heavy, see above
 
         out = args.out or args.run_dirs[0]
         print(write_report(out, find_runs(args.run_dirs)), flush=True)
         log.info(f"wrote {out}/comparison.md, comparison.csv and accuracy.png")
         return 0
     if args.command == "convert":
-        from kd_ray.data.parquet import convert_imagefolder_to_parquet
+        from kd_ray.data.parquet import convert_imagefolder_to_parquet  # local: heavy, see above
 
         rows = convert_imagefolder_to_parquet(args.src, args.dst, tuple(args.splits.split(",")))
         for split, count in rows.items():
