@@ -7,6 +7,7 @@ its own local Ray instance, whose workers run the fresh venv's Python and so the
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 import venv
 from pathlib import Path
@@ -39,8 +40,14 @@ def test_pip_install_into_a_fresh_venv_runs_the_demo_outside_the_checkout(tmp_pa
     # Dependencies from this environment (a plain path: its own .pth files, such as the editable
     # kd_ray of the checkout, are not read).
     Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    install = subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                              str(source)], capture_output=True, text=True, timeout=300)
+    # The wheel `pip install .` would build (with this environment's setuptools, offline), then
+    # installed into the fresh venv.
+    wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
+    assert wheel.returncode == 0, wheel.stderr[-3000:]
+    [built] = (tmp_path / "dist").glob("kd_ray-*.whl")
+    install = subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", str(built)],
+                             capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
