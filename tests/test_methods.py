@@ -175,6 +175,9 @@ def test_params_are_checked_by_the_method():
         build_method(DistillConfig(loss="kd", params={"beta": 1}))
     with pytest.raises(ConfigError, match="teacher must be one of"):
         method_class("tests.plugins:BadTeacherKind")
+    # The teacher and baseline stages of the same config train with ce, which takes no params.
+    cfg = DistillConfig(loss="tests.plugins:HeadedMSE", params={"weight": 0.3})
+    assert build_method(cfg, "ce").params is None and build_method(cfg).params.weight == 0.3
 
 
 def test_a_trainable_head_is_in_the_step_the_optimizer_and_the_state():

@@ -123,10 +123,12 @@ def check_params(cls: type, params: dict, name: str):
 
 
 def build_method(distill_cfg, name: str | None = None) -> Distiller:
-    """The method of ``distill.loss`` (or ``name``) with its checked params."""
+    """The method of ``distill.loss`` with its checked ``distill.params``, or the method ``name``
+    with none (``ce`` for the teacher and baseline stages of a run that distils with a plugin)."""
     name = name or distill_cfg.loss
     cls = method_class(name)
-    return cls(distill_cfg, check_params(cls, dict(distill_cfg.params or {}), name))
+    params = dict(distill_cfg.params or {}) if name == distill_cfg.loss else {}
+    return cls(distill_cfg, check_params(cls, params, name))
 
 
 class FeatureTap:
