@@ -2,6 +2,7 @@
 # Start (or update) the cluster in cluster.yaml.
 #   scripts/cluster_up.sh                              # uses the image named in cluster.yaml
 #   KD_RAY_IMAGE=ghcr.io/me/kd_ray:0.1.0 scripts/cluster_up.sh   # build, push and use this image
+#   CLUSTER=cluster-local.yaml scripts/cluster_up.sh   # your own machines, no Docker
 # Needs cloud credentials for the provider in cluster.yaml (or SSH access for provider: local).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,6 @@ fi
 
 ray up -y "$CLUSTER"
 echo
-echo "next: scripts/cluster_submit.sh pipeline -c configs/imagenette.yaml"
-echo "      scripts/cluster_tensorboard.sh   (then open http://localhost:6006)"
-echo "done: ray down -y $CLUSTER"
+echo "next: CLUSTER=$CLUSTER scripts/cluster_submit.sh pipeline -c configs/imagenette.yaml"
+echo "      CLUSTER=$CLUSTER scripts/cluster_tensorboard.sh   (then open http://localhost:6006)"
+echo "done: ray down -y $CLUSTER   (it runs \`ray stop\` on the head: every Ray instance there)"

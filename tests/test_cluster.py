@@ -67,6 +67,18 @@ def test_cluster_yaml_and_its_local_variant_pass_ray_validation():
         validate_config(prepare_config(broken))
 
 
+def test_cluster_local_yaml_passes_ray_validation_and_never_stops_other_rays():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "cluster-local.yaml").read_text())
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    assert prepared["provider"]["type"] == "local" and "docker" not in config
+    assert config["file_mounts"]["~/kd_ray"] == "."  # where scripts/cluster_job.py works from
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert not any("ray stop" in c for c in starts) and "--dashboard-host=127.0.0.1" in starts[0]
+
+
 def test_dockerfile_pins_agree_with_pyproject_and_install_this_repo():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     text = (REPO / "Dockerfile").read_text()

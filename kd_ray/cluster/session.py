@@ -1,6 +1,7 @@
 """Join the Ray cluster in RAY_ADDRESS, or start a local instance sized for the run."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -21,7 +22,7 @@ def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local use; clusters set their own
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, runtime_env=_name_cluster(os.environ["RAY_ADDRESS"]))
         return
     # A laptop-sized local instance has no preemption to watch for.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -31,6 +32,22 @@ def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
     # The dashboard (and its job server) stays on loopback unless run.dashboard_host says otherwise.
     start_local_ray(num_cpus=max(os.cpu_count() or 1, needed) + math.ceil(extra_cpus),
                     dashboard_host=cfg.run.dashboard_host, include_dashboard=True)
+
+
+def _name_cluster(address: str) -> dict | None:
+    """A runtime_env that passes this GCS address on to every process of the run.
+
+    A Ray job's driver is given its cluster's address, but the actors it starts (Train's
+    placement-group cleaner among them) get the environment of `ray start`: on a launcher cluster
+    that has no RAY_ADDRESS, and with another Ray instance on the head they fail with "Found
+    multiple active Ray instances". The job's own runtime_env is merged with this one.
+    """
+    if "://" in address or address == "auto":
+        return None
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    if "RAY_ADDRESS" in ((job.get("runtime_env") or {}).get("env_vars") or {}):
+        return None  # the job names it already (the same key twice is an error for Ray)
+    return {"env_vars": {"RAY_ADDRESS": address}}
 
 
 def start_local_ray(**init_kwargs):

@@ -18,9 +18,6 @@ import time
 import uuid
 from pathlib import Path
 
-from ray.exceptions import AuthenticationError
-from ray.job_submission import JobSubmissionClient
-
 from kd_ray.config import PATH_KEYS, demo_config, load_config
 from kd_ray.errors import ConfigError, KdRayError
 from kd_ray.log import get
@@ -53,7 +50,8 @@ def _inside_repo(path: str, what: str, workdir: Path) -> str:
     """``path`` relative to the uploaded directory, where the job will look for it."""
     full = Path(path).expanduser().resolve()
     if not full.is_file():
-        raise ConfigError(f"{what} {path} not found")
+        where = "" if Path(path).expanduser().is_absolute() else f" (relative to {Path.cwd()})"
+        raise ConfigError(f"{what} {path} not found{where}")
     if not full.is_relative_to(workdir):
         raise ConfigError(f"{what} {path} is outside {workdir}, the folder uploaded with the job: "
                           "move it there (e.g. under configs/)")
@@ -122,7 +120,8 @@ def has_token() -> bool:
 
 def use_token_if_available() -> str:
     """Ray 2.60's token auth. With RAY_AUTH_MODE unset, use a token when there is one (as `ray
-    start` does), else none; Ray's job client then sends it as a bearer header."""
+    start` does), else none; Ray's job client then sends it as a bearer header. Call it before
+    Ray is imported: Ray reads the mode once, on import."""
     mode = os.environ.setdefault("RAY_AUTH_MODE", "token" if has_token() else "disabled")
     if mode == "token" and not has_token():
         raise ConfigError("RAY_AUTH_MODE=token but no token here: copy the head's ~/.ray/auth_token "
@@ -131,6 +130,10 @@ def use_token_if_available() -> str:
 
 
 def connect(address: str | None):
+    # Imported only now: Ray reads RAY_AUTH_MODE once, on import (use_token_if_available sets it).
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
     if address:  # an explicit flag beats the environment (Ray's client reads these first)
         os.environ.pop("RAY_API_SERVER_ADDRESS", None)
         os.environ.pop("RAY_ADDRESS", None)
