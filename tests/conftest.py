@@ -7,7 +7,20 @@ import os
 
 import pytest
 
-from kd_ray import log
+# Fast failure detection and no token auth for the local test cluster (see DESIGN.md).
+RAY_TEST_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+# Before anything imports Ray (it reads RAY_AUTH_MODE on import): every process of the session
+# uses the local test cluster's settings, whatever ~/.ray holds.
+os.environ.update(RAY_TEST_ENV)
+
+from kd_ray import log  # noqa: E402
 
 log.configure()  # the CLI's console format, so tests read the same lines a user sees
 
@@ -19,15 +32,6 @@ def pytest_collection_modifyitems(items):
         for fixture, mark in MARK_BY_FIXTURE.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(mark)
-
-# Fast failure detection and no token auth for the local test cluster (see DESIGN.md).
-RAY_TEST_ENV = {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60",
-    "RAY_DEDUP_LOGS": "0",
-}
 
 
 @pytest.fixture(scope="session")

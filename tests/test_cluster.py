@@ -132,7 +132,7 @@ def test_submit_points_relative_paths_at_the_head_dir_and_keeps_absolute_ones():
 
 
 def test_submit_uses_a_token_when_there_is_one(monkeypatch, tmp_path):
-    monkeypatch.setattr("kd_ray.cluster.submit.TOKEN_FILE", tmp_path / "none")
+    monkeypatch.setattr("kd_ray.cluster.TOKEN_FILE", tmp_path / "none")
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(name, raising=False)
     assert use_token_if_available() == "disabled"

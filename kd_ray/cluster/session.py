@@ -20,7 +20,6 @@ def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
     """
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local use; clusters set their own
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True, runtime_env=_name_cluster(os.environ["RAY_ADDRESS"]))
         return

@@ -18,6 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
+from kd_ray import cluster
 from kd_ray.config import PATH_KEYS, demo_config, load_config
 from kd_ray.errors import ConfigError, KdRayError
 from kd_ray.log import get
@@ -33,7 +34,6 @@ HEAD_PYTHON = '"${KD_RAY_PYTHON:-python}"'
 EXCLUDES = ["/.venv", "/venv", ".git", "/results", "**/__pycache__", ".pytest_cache", "*.egg-info",
             "/build", "/dist", "/.whl", "/.gl"]
 CONFIG_COMMANDS = ("train-teacher", "train-student", "distill", "pipeline", "tune", "demo")
-TOKEN_FILE = Path("~/.ray/auth_token").expanduser()
 
 
 def head_path(path: str, head_dir: str | None) -> str:
@@ -113,17 +113,12 @@ def entrypoint(command: str, args: list[str], workdir: Path | None = None, head_
     return " ".join(words)
 
 
-def has_token() -> bool:
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    return bool(os.environ.get("RAY_AUTH_TOKEN")) or (Path(path) if path else TOKEN_FILE).is_file()
-
-
 def use_token_if_available() -> str:
     """Ray 2.60's token auth. With RAY_AUTH_MODE unset, use a token when there is one (as `ray
     start` does), else none; Ray's job client then sends it as a bearer header. Call it before
     Ray is imported: Ray reads the mode once, on import."""
-    mode = os.environ.setdefault("RAY_AUTH_MODE", "token" if has_token() else "disabled")
-    if mode == "token" and not has_token():
+    mode = os.environ.setdefault("RAY_AUTH_MODE", "token" if cluster.has_token() else "disabled")
+    if mode == "token" and not cluster.has_token():
         raise ConfigError("RAY_AUTH_MODE=token but no token here: copy the head's ~/.ray/auth_token "
                           "to this machine, or set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
     return mode
