@@ -144,3 +144,21 @@ def test_schedules_with_warmup(schedule):
 def test_adamw_chosen_by_name():
     opt, _ = build_optimizer(make_model(), OptimConfig(name="adamw", lr=1e-3), 5, 2)
     assert isinstance(opt, torch.optim.AdamW)
+
+
+def test_clip_grad_norm_bounds_each_update():
+    """With plain SGD (lr 1, no momentum) an update is the gradient: its norm is at most the clip."""
+    def huge(s, t, labels, cfg):
+        return {"loss": 1000 * F.cross_entropy(s, labels)}
+
+    data = DataLoader(blobs(n=16), batch_size=16)
+    moved = {}
+    for clip in (None, 0.5):
+        model = make_model()
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        train_one_epoch(step(model, huge), data, torch.optim.SGD(model.parameters(), lr=1.0), epoch=1,
+                        device=CPU, clip_grad_norm=clip)
+        moved[clip] = float((torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm())
+    assert moved[0.5] == pytest.approx(0.5, rel=1e-4) and moved[None] > 10
+    with pytest.raises(Exception, match="clip_grad_norm must be > 0"):
+        OptimConfig(clip_grad_norm=0.0)

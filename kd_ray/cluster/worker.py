@@ -124,6 +124,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             train_sums = train_one_epoch(
                 step, hooks.loader(train_loader, epoch + 1), optimizer, epoch=epoch + 1, device=device,
                 teacher=teacher, scheduler=scheduler, amp=amp, channels_last=nhwc,
+                clip_grad_norm=cfg.optim.clip_grad_norm,
             )
             try:
                 val_sums, error = evaluate(unwrapped.student, val_loader, device=device, amp=amp,

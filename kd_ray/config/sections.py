@@ -111,6 +111,8 @@ class OptimConfig:
     step_size: int = 30
     """Epochs between decays of the step schedule."""
     gamma: float = 0.1
+    clip_grad_norm: Optional[float] = None
+    """Clip the gradients' global L2 norm to this before each step (None = no clipping)."""
 
     def __post_init__(self):
         if self.name not in ("sgd", "adamw"):
@@ -124,6 +126,8 @@ class OptimConfig:
         positive(self, "batch_size")
         if self.warmup_epochs < 0:
             raise ConfigError("optim.warmup_epochs must be >= 0")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ConfigError(f"optim.clip_grad_norm must be > 0 (or null), got {self.clip_grad_norm}")
 
 
 @dataclass

@@ -45,6 +45,7 @@ def train_one_epoch(
     amp: bool = False,
     channels_last: bool = False,
     check_every: Optional[int] = None,
+    clip_grad_norm: Optional[float] = None,
 ) -> dict:
     """Train for one pass over ``loader``.
 
@@ -59,7 +60,7 @@ def train_one_epoch(
     (default: every step in a single CPU process; every 25 on GPU, where each look makes the GPU
     wait for the host, and across ranks, where each look is a collective). Under torch.distributed
     each look is shared by all ranks (``stop_together``): a NaN loss or a bad image on one rank
-    stops every rank at the same step.
+    stops every rank at the same step. ``clip_grad_norm``: clip the gradients' global norm.
     """
     if check_every is None:
         check_every = 1 if device.type == "cpu" and _world() == 1 else 25
@@ -88,6 +89,8 @@ def train_one_epoch(
         bad_value = torch.where(first_bad, loss.detach().float(), bad_value)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clip_grad_norm is not None:  # after DDP's all-reduce: every rank clips alike
+            torch.nn.utils.clip_grad_norm_(step_module.parameters(), clip_grad_norm)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
