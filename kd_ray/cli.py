@@ -99,17 +99,22 @@ def _load(args, stages=("teacher", "student", "distill")):
 
 
 def run(args) -> int:
-    # Imports below are local on purpose: each command pays only for the layers it uses, after
-    # its input passed the checks above (torch takes ~4 s to import here, Ray ~7 s).
+    # Imports below are local on purpose: each command pays only for the layers it uses, and the
+    # checks that need torch (runs.stages: data, teacher file) run before Ray is imported
+    # (torch takes ~4 s to import here, Ray ~7 s more).
     if args.command == "submit":
         from kd_ray.cluster.submit import submit_command  # local: heavy, see above
 
         return submit_command(args)
     if args.command in STAGE_COMMANDS:
-        cfg, _ = _load(args, (STAGE_COMMANDS[args.command],))
+        stage = STAGE_COMMANDS[args.command]
+        cfg, _ = _load(args, (stage,))
+        from kd_ray.runs.stages import preflight  # local: heavy, see above
+
+        cfg = preflight(cfg, stage)
         from kd_ray.cluster.stage import run_stage  # local: heavy, see above
 
-        result = run_stage(cfg, STAGE_COMMANDS[args.command], new=args.new)
+        result = run_stage(cfg, stage, new=args.new, checked=True)
         top1 = result.summary["final"].get("val/top1")
         log.info(f"done: val top-1 {100 * top1:.2f}% after {result.summary['epochs']} epochs; "
                  f"results in {result.run_dir}")
@@ -125,26 +130,37 @@ def run(args) -> int:
             sweep_dir, table = resume_sweep(args.resume)
         else:
             cfg, flags = _load(args)
+            train_teacher = args.train_teacher or flags.get("train_teacher", False)
+            from kd_ray.runs.stages import check_sweep  # local: heavy, see above
+
+            cfg = check_sweep(cfg, train_teacher)
             from kd_ray.cluster.tune import run_sweep  # local: heavy, see above
 
-            sweep_dir, table = run_sweep(cfg, args.train_teacher or flags.get("train_teacher", False))
+            sweep_dir, table = run_sweep(cfg, train_teacher, checked=True)
         print(f"\nSweep results ({sweep_dir}):\n{table}", flush=True)
         log.info(f"best config: {sweep_dir}/best.yaml (kd-ray distill -c {sweep_dir}/best.yaml); "
                  f"heatmap: {sweep_dir}/heatmap.png; TensorBoard: tensorboard --logdir {sweep_dir}")
         return 0
     if args.command == "cache-teacher":
         cfg, _ = _load(args, ("distill",))
+        from kd_ray.runs.stages import check_cache_teacher  # local: heavy, see above
+
+        cfg = check_cache_teacher(cfg)
         from kd_ray.cluster.cache import cache_teacher  # local: heavy, see above
 
-        path, manifest = cache_teacher(cfg, args.out)
+        path, manifest = cache_teacher(cfg, args.out, checked=True)
         log.info(f"teacher cache ready: {path} ({manifest['rows']} rows, {manifest['samples']} "
                  f"images x {manifest['views']} view(s)); use it with --set distill.teacher_cache={path}")
         return 0
     if args.command in ("pipeline", "demo"):
         cfg, flags = _load(args)
+        stages = flags.get("train_teacher", True), flags.get("distill", True)
+        from kd_ray.runs.stages import check_pipeline  # local: heavy, see above
+
+        check_pipeline(cfg, *stages)
         from kd_ray.cluster.pipeline import run_pipeline  # local: heavy, see above
 
-        root, table = run_pipeline(cfg, flags.get("train_teacher", True), flags.get("distill", True))
+        root, table = run_pipeline(cfg, *stages, checked=True)
         print(f"\nResults ({root}):\n{table}", flush=True)
         return 0
     if args.command == "report":

@@ -56,3 +56,11 @@ def test_a_missing_data_root_and_an_unknown_key_are_refused_before_torch_and_ray
     code, err, seconds, heavy = _cli("distill", "--set", "data.colour=red")
     assert code == 2 and "unknown key(s) data.colour" in err and len(err.splitlines()) == 1
     assert heavy == "[]" and seconds < 3.0, (heavy, seconds)
+
+
+def test_a_teacher_file_error_is_refused_before_ray_is_imported(tmp_path):
+    """Checks that open the data or the teacher file need torch, not Ray."""
+    code, err, seconds, heavy = _cli("distill", "--set", "data.name=synthetic",
+                                     "--set", f"distill.teacher_path={tmp_path}/nowhere.pt")
+    assert code == 2 and "nowhere.pt not found" in err and len(err.splitlines()) == 1
+    assert "'ray'" not in heavy and "'torch'" in heavy, heavy

@@ -7,8 +7,9 @@ import yaml
 
 from kd_ray.config import Config, load_config
 from kd_ray.errors import ConfigError, KdRayError, NonFiniteLossError
-from kd_ray.cluster.tune import check_sweep, search_space, trial_error, trial_results, trials_that_fit
+from kd_ray.cluster.tune import search_space, trial_error, trial_results, trials_that_fit
 from kd_ray.config.sweep import apply_params
+from kd_ray.runs.stages import check_sweep
 from kd_ray.runs.sweep_report import plot_sweep, trial_rows, write_sweep_report
 
 SPACE = {"distill.temperature": [1, 4], "distill.alpha": {"choice": [0.5, 0.9]},

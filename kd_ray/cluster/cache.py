@@ -8,10 +8,8 @@ import ray
 from kd_ray.cache import build, build_shard, read_manifest, resolve
 from kd_ray.cluster.session import ensure_ray
 from kd_ray.config import Config
-from kd_ray.errors import ConfigError
 from kd_ray.log import get
-from kd_ray.methods import method_class
-from kd_ray.runs.stages import preflight
+from kd_ray.runs.stages import check_cache_teacher
 
 log = get(__name__)
 
@@ -26,11 +24,10 @@ def build_on_ray(cfg: Config, path: Path, want: dict) -> dict:
     return build(cfg, path, want, run_shards=run_on_ray, workers=free_workers(cfg))
 
 
-def cache_teacher(cfg: Config, out=None) -> tuple[Path, dict]:
-    """``kd-ray cache-teacher``: check the inputs, then build (or confirm) the cache."""
-    if method_class(cfg.distill.loss).teacher != "logits":
-        raise ConfigError(f"distill.loss={cfg.distill.loss} reads no teacher logits: nothing to cache")
-    cfg = preflight(cfg, "distill")
+def cache_teacher(cfg: Config, out=None, checked: bool = False) -> tuple[Path, dict]:
+    """``kd-ray cache-teacher``: check the inputs (unless ``checked``), then build or confirm."""
+    if not checked:
+        cfg = check_cache_teacher(cfg)
     setting = cfg.distill.teacher_cache
     path = out or (setting if setting not in ("auto", "off") else Path(cfg.run.storage) / "teacher_cache")
     path = Path(path).expanduser().resolve()

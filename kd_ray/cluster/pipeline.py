@@ -8,21 +8,22 @@ from kd_ray.cluster.stage import run_stage
 from kd_ray.config import Config
 from kd_ray.log import get
 from kd_ray.runs.report import find_runs, write_report
-from kd_ray.runs.stages import describe_setup, preflight
+from kd_ray.runs.stages import check_pipeline, describe_setup
 
 log = get(__name__)
 
 
-def run_pipeline(cfg: Config, train_teacher: bool = True, distill: bool = True) -> tuple[Path, str]:
-    """Run the stages under <storage>/<run.name>/ and write the comparison there."""
+def run_pipeline(cfg: Config, train_teacher: bool = True, distill: bool = True,
+                 checked: bool = False) -> tuple[Path, str]:
+    """Run the stages under <storage>/<run.name>/ and write the comparison there (``checked``:
+    the caller ran ``runs.stages.check_pipeline`` already)."""
     root = Path(cfg.run.storage).expanduser().resolve() / cfg.run.name
     started = time.perf_counter()
     log.info(f"pipeline {cfg.run.name}: {describe_setup(cfg)}")
     teacher_path = cfg.distill.teacher_path
     train_teacher = train_teacher or not teacher_path
-    # Every stage's input is checked before the first one starts.
-    for stage in ("teacher",) * train_teacher + ("student",) + ("distill",) * distill:
-        preflight(cfg, stage, teacher_pending=train_teacher)
+    if not checked:
+        check_pipeline(cfg, train_teacher, distill)
     if train_teacher:
         teacher = run_stage(cfg, "teacher", storage=str(root), name="teacher")
         teacher_path = teacher.summary["teacher_file"]

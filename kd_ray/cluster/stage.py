@@ -32,13 +32,14 @@ class StageResult:
 
 
 def run_stage(cfg: Config, stage: str, storage: str | None = None, name: str | None = None,
-              new: bool = False) -> StageResult:
+              new: bool = False, checked: bool = False) -> StageResult:
     """Train one stage (teacher, student or distill) and return where its results are.
 
     An existing run of the same name resumes from its last usable checkpoint; ``new`` starts a
-    fresh run beside it instead (``<name>-2``, ``<name>-3``, ...).
+    fresh run beside it instead (``<name>-2``, ``<name>-3``, ...). ``checked``: ``cfg`` is what
+    ``runs.stages.preflight`` returned (the CLI runs it before Ray is imported).
     """
-    cfg = preflight(cfg, stage)
+    cfg = cfg if checked else preflight(cfg, stage)
     storage = str(Path(storage or cfg.run.storage).expanduser().resolve())
     name = name or cfg.run.name
     if new:

@@ -26,9 +26,7 @@ from kd_ray.config import Config, load_config
 from kd_ray.config.sweep import apply_params, planned_trials, space_entry
 from kd_ray.errors import ConfigError, one_line, user_error_in
 from kd_ray.log import get
-from kd_ray.methods import method_class
-from kd_ray.models import MODELS
-from kd_ray.runs.stages import preflight
+from kd_ray.runs.stages import check_sweep
 from kd_ray.runs.sweep_report import TRIALS_DIR, write_sweep_report
 
 log = get(__name__)
@@ -50,22 +48,6 @@ def search_space(cfg: Config) -> dict:
         else:
             space[key] = getattr(tune, kind)(*values)
     return space
-
-
-def check_sweep(cfg: Config, train_teacher: bool) -> Config:
-    """Every bad input the driver can see, before Ray starts: space, values, data, teacher."""
-    if not cfg.sweep.space:
-        raise ConfigError("sweep.space is empty: name what to search, e.g. --set "
-                          "'sweep.space={distill.temperature: [1, 2, 4, 8], distill.alpha: [0.1, 0.5, 0.9]}'")
-    for key, spec in cfg.sweep.space.items():
-        _, _, kind, values = space_entry(key, spec)
-        for value in values if kind in ("grid", "choice") else values[:2]:
-            trial = apply_params(cfg, {key: value})  # e.g. alpha=1.5 fails here
-            method_class(trial.distill.loss)  # and an unknown loss or student here
-            MODELS.get(trial.model.student)
-    if train_teacher:
-        preflight(cfg, "teacher")
-    return preflight(cfg, "distill", teacher_pending=train_teacher)
 
 
 def trials_that_fit(cfg: Config) -> int:
@@ -167,9 +149,10 @@ def _optuna(seed: int):
     return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed))
 
 
-def run_sweep(cfg: Config, train_teacher: bool = False):
-    """Check, train the teacher once (optional), run every trial, write the summary."""
-    cfg = check_sweep(cfg, train_teacher)
+def run_sweep(cfg: Config, train_teacher: bool = False, checked: bool = False):
+    """Check (unless the caller did: ``checked``), train the teacher once (optional), run every
+    trial, write the summary."""
+    cfg = cfg if checked else check_sweep(cfg, train_teacher)
     sweep_dir = Path(cfg.run.storage) / cfg.run.name
     if (sweep_dir / TUNE_DIR).exists():
         raise ConfigError(f"{sweep_dir} already holds a sweep: resume it with `kd-ray tune --resume "

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from kd_ray.config import Config
 from kd_ray.config.checks import check_paths
+from kd_ray.config.sweep import apply_params, space_entry
 from kd_ray.data import describe
 from kd_ray.engine import checkpoints
 from kd_ray.errors import ConfigError
 from kd_ray.log import get
-from kd_ray.methods import build_method
+from kd_ray.methods import build_method, method_class
 from kd_ray.models import MODELS, check_teacher_matches, read_teacher_info
 from kd_ray.runs.files import read_failures
 
@@ -56,6 +57,36 @@ def preflight(cfg: Config, stage: str, teacher_pending: bool = False) -> Config:
         if cfg.data.image_size is None and teacher.get("image_size"):
             cfg = cfg.replace(data={"image_size": teacher["image_size"]})
     return cfg
+
+
+def check_cache_teacher(cfg: Config) -> Config:
+    """``kd-ray cache-teacher``'s input: a logits method and a distill stage that passes preflight."""
+    if method_class(cfg.distill.loss).teacher != "logits":
+        raise ConfigError(f"distill.loss={cfg.distill.loss} reads no teacher logits: nothing to cache")
+    return preflight(cfg, "distill")
+
+
+def check_pipeline(cfg: Config, train_teacher: bool, distill: bool) -> None:
+    """Every stage's input of a pipeline, before the first one starts."""
+    train_teacher = train_teacher or not cfg.distill.teacher_path  # as run_pipeline decides
+    for stage in ("teacher",) * train_teacher + ("student",) + ("distill",) * distill:
+        preflight(cfg, stage, teacher_pending=train_teacher)
+
+
+def check_sweep(cfg: Config, train_teacher: bool) -> Config:
+    """Every bad input the driver can see, before Ray starts: space, values, data, teacher."""
+    if not cfg.sweep.space:
+        raise ConfigError("sweep.space is empty: name what to search, e.g. --set "
+                          "'sweep.space={distill.temperature: [1, 2, 4, 8], distill.alpha: [0.1, 0.5, 0.9]}'")
+    for key, spec in cfg.sweep.space.items():
+        _, _, kind, values = space_entry(key, spec)
+        for value in values if kind in ("grid", "choice") else values[:2]:
+            trial = apply_params(cfg, {key: value})  # e.g. alpha=1.5 fails here
+            method_class(trial.distill.loss)  # and an unknown loss or student here
+            MODELS.get(trial.model.student)
+    if train_teacher:
+        preflight(cfg, "teacher")
+    return preflight(cfg, "distill", teacher_pending=train_teacher)
 
 
 def fresh_name(storage: Path, name: str) -> str:
