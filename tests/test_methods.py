@@ -157,7 +157,7 @@ def test_unknown_name_lists_choices():
         method_class("kdd")
     for name in ("ce", "kd", "mse_logits"):
         assert name in str(err.value)
-    assert METHODS.names() == ["ce", "kd", "mse_logits"]
+    assert METHODS.names() == ["at", "ce", "dist", "dkd", "fitnets", "kd", "mse_logits"]
 
 
 # ----- the Distiller interface ---------------------------------------------------------------
@@ -171,8 +171,8 @@ def test_params_are_checked_by_the_method():
         build_method(DistillConfig(loss="tests.plugins:HeadedMSE", params={"weight": "high"}))
     with pytest.raises(ConfigError, match="weight must be in"):
         build_method(DistillConfig(loss="tests.plugins:HeadedMSE", params={"weight": 2.0}))
-    with pytest.raises(ConfigError, match="distill.loss=kd takes no distill.params"):
-        build_method(DistillConfig(loss="kd", params={"beta": 1}))
+    with pytest.raises(ConfigError, match="distill.loss=mse_logits takes no distill.params"):
+        build_method(DistillConfig(loss="mse_logits", params={"beta": 1}))
     with pytest.raises(ConfigError, match="teacher must be one of"):
         method_class("tests.plugins:BadTeacherKind")
     # The teacher and baseline stages of the same config train with ce, which takes no params.

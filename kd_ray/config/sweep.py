@@ -57,9 +57,11 @@ def space_entry(key, spec) -> tuple[str, str, str, list]:
     """Check one search-space entry; returns (section, field, kind, values)."""
     section, _, name = str(key).partition(".")
     fields = {f.name for f in dataclasses.fields(RUN_SECTIONS[section])} if section in RUN_SECTIONS else ()
-    if name not in fields:
+    param = name.partition("params.")[2] if section == "distill" else ""
+    if name not in fields and not (param and "." not in param):
         raise ConfigError(f"sweep.space key {key!r} is not a config key; use section.key, e.g. "
-                          "distill.temperature, distill.alpha, optim.lr, distill.loss")
+                          "distill.temperature, distill.alpha, optim.lr, distill.loss, or "
+                          "distill.params.<key> for a method's own setting (distill.params.beta)")
     if isinstance(spec, list):
         spec = {"grid": spec}
     if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SPACE_KINDS):
@@ -82,7 +84,11 @@ def apply_params(cfg, params: dict):
     changes: dict = {}
     for key, value in params.items():
         section, name, _, _ = space_entry(key, [value])
-        changes.setdefault(section, {})[name] = value
+        if name.startswith("params."):  # one entry of distill.params; the others stay
+            merged = changes.setdefault(section, {}).setdefault("params", dict(cfg.distill.params))
+            merged[name.partition(".")[2]] = value
+        else:
+            changes.setdefault(section, {})[name] = value
     return cfg.replace(**changes)
 
 

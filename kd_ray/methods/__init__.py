@@ -1,5 +1,6 @@
-"""Distillation methods: the Distiller interface, its registry, and the built-in logit methods."""
-from kd_ray.methods import logits  # noqa: F401  (registers ce, kd, mse_logits)
+"""Distillation methods: the Distiller interface, its registry, the built-in logit methods and
+the feature methods."""
+from kd_ray.methods import features, logits  # noqa: F401  (register ce, kd, mse_logits, dkd, dist; fitnets, at)
 from kd_ray.methods.base import (METHODS, Distiller, Outputs, TrainStep, build_method, loss_method,
                                  method_class, needs_teacher)
 

@@ -10,6 +10,7 @@ student's and the teacher's outputs and the epoch.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
@@ -131,6 +132,19 @@ def build_method(distill_cfg, name: str | None = None) -> Distiller:
     return cls(distill_cfg, check_params(cls, params, name))
 
 
+def layer_names(model: nn.Module, depth: int = 2) -> list:
+    """Module paths of ``model`` down to ``depth`` dots deep (what an error suggests)."""
+    return [n for n, _ in model.named_modules() if n and n.count(".") < depth]
+
+
+def missing_layer(model: nn.Module, name, role: str) -> ConfigError:
+    """The error for a layer path the model does not have, naming the nearest paths it has."""
+    names = [n for n, _ in model.named_modules() if n]
+    near = difflib.get_close_matches(str(name), names, n=6, cutoff=0.5) or layer_names(model)[:12]
+    return ConfigError(f"{role} layer {name!r} is not in {type(model).__name__}; nearest layer names: "
+                       f"{', '.join(near)} (module paths as in model.named_modules())")
+
+
 class FeatureTap:
     """Forward hooks that keep the outputs of named submodules during a forward pass."""
 
@@ -141,14 +155,15 @@ class FeatureTap:
         modules = dict(self.model.named_modules())
         for name in self.names:
             if name not in modules:
-                raise ConfigError(f"layer {name!r} is not in {type(self.model).__name__}; some of its "
-                                  f"layers: {', '.join(list(n for n in modules if n)[:12])}")
+                raise missing_layer(self.model, name, "a hooked")
             self._hooks.append(modules[name].register_forward_hook(self._keep(name)))
         return self
 
     def _keep(self, name):
         def hook(_module, _inputs, output):
-            self.features[name] = output
+            # A copy: a later in-place op (ReLU(inplace=True) after a BatchNorm) would change the
+            # kept output, and break the student's backward pass.
+            self.features[name] = output.clone() if isinstance(output, torch.Tensor) else output
         return hook
 
     def __exit__(self, *exc):

@@ -8,12 +8,12 @@ from pathlib import Path
 from kd_ray.config import Config
 from kd_ray.config.checks import check_paths
 from kd_ray.config.sweep import apply_params, space_entry
-from kd_ray.data import describe
+from kd_ray.data import build_data, describe
 from kd_ray.engine import checkpoints
 from kd_ray.errors import ConfigError
 from kd_ray.log import get
-from kd_ray.methods import build_method, method_class
-from kd_ray.models import MODELS, check_teacher_matches, read_teacher_info
+from kd_ray.methods import Distiller, build_method, method_class
+from kd_ray.models import MODELS, build_model, check_teacher_matches, read_teacher_info
 from kd_ray.runs.files import read_failures
 
 log = get(__name__)
@@ -48,15 +48,31 @@ def preflight(cfg: Config, stage: str, teacher_pending: bool = False) -> Config:
     method = build_method(cfg.distill, stage_method(cfg, stage))  # checks distill.params too
     needs_teacher = method.teacher is not None
     info = describe(cfg.data)
+    teacher_arch = cfg.model.teacher  # the pipeline's, until a teacher file says otherwise
     if stage == "distill" and needs_teacher and not teacher_pending:
         if not cfg.distill.teacher_path:
             raise ConfigError("distill needs a teacher: set distill.teacher_path to a teacher.pt "
                               "from `kd-ray train-teacher`, or run `kd-ray pipeline`")
         teacher = read_teacher_info(cfg.distill.teacher_path)
         check_teacher_matches(teacher, info.classes)
+        teacher_arch = teacher["arch"]
         if cfg.data.image_size is None and teacher.get("image_size"):
             cfg = cfg.replace(data={"image_size": teacher["image_size"]})
+    if stage == "distill":
+        check_method_setup(cfg, method, teacher_arch, len(info.classes))
     return cfg
+
+
+def check_method_setup(cfg: Config, method: Distiller, teacher_arch: str, num_classes: int) -> None:
+    """The method's ``setup`` on the driver, with the stage's models (untrained: only their layers
+    and shapes matter) and one validation image: a layer the model does not have or a feature
+    shape the method cannot map stops here, before Ray starts, as on every worker later."""
+    if method.teacher != "features" and type(method).setup is Distiller.setup:
+        return  # nothing to check, and no model to build
+    student = build_model(stage_model(cfg, "distill")[0], num_classes)
+    teacher = build_model(teacher_arch, num_classes) if method.teacher is not None else None
+    sample = build_data(cfg.data, "distill", cfg.run.seed).val[0][0][None]
+    method.setup(student, teacher, sample)
 
 
 def check_cache_teacher(cfg: Config) -> Config:
@@ -82,7 +98,7 @@ def check_sweep(cfg: Config, train_teacher: bool) -> Config:
         _, _, kind, values = space_entry(key, spec)
         for value in values if kind in ("grid", "choice") else values[:2]:
             trial = apply_params(cfg, {key: value})  # e.g. alpha=1.5 fails here
-            method_class(trial.distill.loss)  # and an unknown loss or student here
+            build_method(trial.distill)  # and an unknown loss, method parameter or value here
             MODELS.get(trial.model.student)
     if train_teacher:
         preflight(cfg, "teacher")

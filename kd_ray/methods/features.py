@@ -1,0 +1,210 @@
+"""Feature methods: ``fitnets`` (Romero et al., ICLR 2015) and ``at`` (attention transfer,
+Zagoruyko and Komodakis, ICLR 2017). They read named layers of both models, so the teacher runs
+live (the logit cache cannot serve them). Both add their feature term to the ``kd`` loss of the
+distill section (``distill.alpha: 0`` leaves CE + the feature term, as in the papers' CE
+variants).
+
+Layers are module paths (``layer3``, ``features.denseblock3``, ``4`` in an nn.Sequential).
+``setup`` checks them and their shapes on one image: the driver calls it before Ray starts, so a
+bad name or an unmappable shape is a one-line error there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_ray.errors import ConfigError
+from kd_ray.methods.base import METHODS, Distiller, layer_names, missing_layer, run_model
+from kd_ray.methods.logits import as_float, hinton_kd, non_negative
+
+
+def check_layers(model: nn.Module, names, role: str) -> None:
+    modules = dict(model.named_modules())
+    for name in names:
+        if not name or name not in modules:
+            raise missing_layer(model, name, role)
+
+
+@torch.no_grad()
+def shapes(model: nn.Module, sample: torch.Tensor, names=None) -> dict:
+    """Output shape (without the batch) of each named layer (all layers if ``names`` is None) on
+    one image, in eval mode (BatchNorm cannot train on one image); the model's mode is restored."""
+    modules = [(n, m) for n, m in model.named_modules() if n and (names is None or n in names)]
+    found, hooks = {}, []
+    for name, module in modules:
+        def keep(_m, _i, out, name=name):
+            if isinstance(out, torch.Tensor):
+                found.setdefault(name, tuple(out.shape[1:]))
+        hooks.append(module.register_forward_hook(keep))
+    was = model.training
+    try:
+        model.eval()(sample)
+    finally:
+        model.train(was)
+        for hook in hooks:
+            hook.remove()
+    return found
+
+
+def fmt(shape: tuple) -> str:
+    return "x".join(map(str, shape)) if shape else "a scalar"
+
+
+def layers_at(model: nn.Module, sample: torch.Tensor, spatial: tuple) -> str:
+    """Up to 6 of the model's layers whose 4-D output has the spatial size ``spatial`` (shallow
+    paths first): what an error suggests instead."""
+    same = [n for n, s in shapes(model, sample).items() if len(s) == 3 and s[1:] == spatial]
+    same.sort(key=lambda n: n.count("."))  # shallow first, then in module order
+    return ", ".join(same[:6]) or "none"
+
+
+def hooked(outputs, name: str, method: str, role: str) -> torch.Tensor:
+    if outputs is None or name not in outputs.features:
+        raise ConfigError(f"{method} needs the {role}'s layer {name!r}: the teacher runs live for feature "
+                          "methods (not from the teacher cache)")
+    return as_float(outputs.features[name])
+
+
+@dataclass
+class FitNetsParams:
+    student_layer: Optional[str] = None
+    """Student module path whose output is regressed onto the teacher's (e.g. layer3)."""
+    teacher_layer: Optional[str] = None
+    """Teacher module path: the hint. Same spatial size as the student's layer."""
+    weight: float = 1.0
+    """Weight of the hint loss (MSE between regressor(student feature) and teacher feature)."""
+
+    def __post_init__(self):
+        non_negative(self, "weight")
+
+
+@METHODS.register("fitnets")
+class FitNets(Distiller):
+    """kd + weight * MSE(regressor(student layer), teacher layer); the regressor is a learnt 1x1
+    convolution (a linear map for (B, C) outputs) from the student's channels to the teacher's."""
+
+    teacher = "features"
+    Params = FitNetsParams
+
+    @property
+    def student_layers(self):
+        return (self.params.student_layer,)
+
+    @property
+    def teacher_layers(self):
+        return (self.params.teacher_layer,)
+
+    def setup(self, student, teacher, sample):
+        p = self.params
+        if not (p.student_layer and p.teacher_layer):
+            raise ConfigError(
+                "fitnets needs distill.params.student_layer and distill.params.teacher_layer (module "
+                f"paths); student layers: {', '.join(layer_names(student)[:10])}; teacher layers: "
+                f"{', '.join(layer_names(teacher)[:10])}")
+        check_layers(student, [p.student_layer], "student")
+        check_layers(teacher, [p.teacher_layer], "teacher")
+        s = shapes(student, sample, [p.student_layer])[p.student_layer]
+        t = shapes(teacher, sample, [p.teacher_layer])[p.teacher_layer]
+        if len(s) == len(t) == 3 and s[1:] == t[1:]:
+            self.regressor = nn.Conv2d(s[0], t[0], kernel_size=1)
+        elif len(s) == len(t) == 1:
+            self.regressor = nn.Linear(s[0], t[0])
+        else:
+            where = (f"; teacher layers at {fmt(s[1:])}: {layers_at(teacher, sample, s[1:])}"
+                     if len(s) == 3 else "")
+            raise ConfigError(
+                f"fitnets cannot map student layer {p.student_layer!r} ({fmt(s)}) onto teacher layer "
+                f"{p.teacher_layer!r} ({fmt(t)}): the 1x1-conv regressor maps channels only, so both "
+                f"need the same spatial size (or both be (B, C) vectors); pick another "
+                f"distill.params.teacher_layer or student_layer{where}")
+
+    def forward(self, student, teacher, labels, epoch):
+        p = self.params
+        s = hooked(student, p.student_layer, "fitnets", "student")
+        t = hooked(teacher, p.teacher_layer, "fitnets", "teacher").detach()
+        hint = F.mse_loss(as_float(self.regressor(s)), t)
+        parts = hinton_kd(student, teacher, labels, self.cfg, "fitnets")
+        parts["loss"] = parts["loss"] + p.weight * hint
+        return {**parts, "hint": hint.detach()}
+
+
+def attention(feature: torch.Tensor) -> torch.Tensor:
+    """Spatial attention map of a (B, C, H, W) feature: mean over channels of |a|^2 (p = 2),
+    flattened and L2-normalised per item (Zagoruyko and Komodakis's code)."""
+    return F.normalize(feature.pow(2).mean(1).flatten(1))
+
+
+def at_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return (attention(s) - attention(t)).pow(2).mean()
+
+
+@dataclass
+class ATParams:
+    student_layers: list = field(default_factory=list)
+    """Student module paths, one per pair (e.g. [layer2, layer3])."""
+    teacher_layers: list = field(default_factory=list)
+    """Teacher module paths, pairwise with student_layers; empty: the same paths."""
+    beta: float = 1000.0
+    """Weight: the loss adds beta / 2 * the sum over pairs of mean((Q_s - Q_t)^2), Q the
+    normalised attention maps (1000 as in the paper)."""
+
+    def __post_init__(self):
+        non_negative(self, "beta")
+        for key in ("student_layers", "teacher_layers"):
+            names = getattr(self, key)
+            # YAML reads nn.Sequential paths ([1, 4]) as ints.
+            if not all((isinstance(n, str) and n) or (type(n) is int and n >= 0) for n in names):
+                raise ValueError(f"{key} must be a list of module paths, got {names!r}")
+            setattr(self, key, [str(n) for n in names])
+        if self.teacher_layers and len(self.teacher_layers) != len(self.student_layers):
+            raise ValueError(f"teacher_layers ({len(self.teacher_layers)}) and student_layers "
+                             f"({len(self.student_layers)}) must pair up one to one")
+
+
+@METHODS.register("at")
+class AttentionTransfer(Distiller):
+    """kd + beta / 2 * sum over layer pairs of the attention-map distance."""
+
+    teacher = "features"
+    Params = ATParams
+
+    @property
+    def student_layers(self):
+        return tuple(self.params.student_layers)
+
+    @property
+    def teacher_layers(self):
+        return tuple(self.params.teacher_layers or self.params.student_layers)
+
+    def setup(self, student, teacher, sample):
+        if not self.student_layers:
+            raise ConfigError(
+                "at needs distill.params.student_layers (a list of module paths; teacher_layers "
+                f"defaults to the same paths); student layers: {', '.join(layer_names(student)[:10])}")
+        check_layers(student, self.student_layers, "student")
+        check_layers(teacher, self.teacher_layers, "teacher")
+        s_shapes = shapes(student, sample, self.student_layers)
+        t_shapes = shapes(teacher, sample, self.teacher_layers)
+        for s_name, t_name in zip(self.student_layers, self.teacher_layers):
+            s, t = s_shapes[s_name], t_shapes[t_name]
+            if len(s) != 3 or len(t) != 3 or s[1:] != t[1:]:
+                where = (f"; teacher layers at {fmt(s[1:])}: {layers_at(teacher, sample, s[1:])}"
+                         if len(s) == 3 else "")
+                raise ConfigError(
+                    f"at cannot compare student layer {s_name!r} ({fmt(s)}) with teacher layer "
+                    f"{t_name!r} ({fmt(t)}): attention maps need (C, H, W) outputs of the same H x W; "
+                    f"pick other distill.params.student_layers / teacher_layers{where}")
+
+    def forward(self, student, teacher, labels, epoch):
+        total = 0.0
+        for s_name, t_name in zip(self.student_layers, self.teacher_layers):
+            s = hooked(student, s_name, "at", "student")
+            t = hooked(teacher, t_name, "at", "teacher").detach()
+            total = total + at_loss(s, t)
+        parts = hinton_kd(student, teacher, labels, self.cfg, "at")
+        parts["loss"] = parts["loss"] + self.params.beta / 2 * total
+        return {**parts, "at": total.detach()}

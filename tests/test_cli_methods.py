@@ -1,0 +1,136 @@
+"""Bad method input (layer names, feature shapes, unknown methods or parameters) stops the CLI on
+the driver before Ray starts: one line, exit 2, nothing written. And sweeps over distill.params.*."""
+import subprocess
+import sys
+
+import pytest
+
+from kd_ray.cli import main
+from kd_ray.config import load_config
+from kd_ray.config.sweep import apply_params, space_entry
+from kd_ray.data import write_synthetic_imagefolder
+from kd_ray.errors import ConfigError
+from kd_ray.models import build_model, export_teacher
+from kd_ray.runs.stages import check_sweep
+
+CLASSES = ["class0", "class1", "class2"]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tree")
+    write_synthetic_imagefolder(root, num_classes=3, per_class=(6, 2), image_size=32)
+    return root
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    export_teacher(path, build_model("tiny_cnn", 3), "tiny_cnn", CLASSES, 32)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def no_ray(monkeypatch):
+    """These errors must come before any Ray instance is started or joined."""
+    import kd_ray.cluster.cache
+    import kd_ray.cluster.stage
+    import kd_ray.cluster.tune
+
+    def fail(*args, **kwargs):
+        raise AssertionError("Ray was started for bad input")
+
+    for module in (kd_ray.cluster.stage, kd_ray.cluster.tune, kd_ray.cluster.cache):
+        monkeypatch.setattr(module, "ensure_ray", fail)
+
+
+def args(tree, tmp_path, teacher, *sets):
+    out = ["--set", "data.name=imagefolder", "--set", f"data.root={tree}", "--set", "model.student=tiny_cnn",
+           "--set", "model.teacher=tiny_cnn", "--set", f"run.storage={tmp_path / 'runs'}"]
+    if teacher:
+        out += ["--set", f"distill.teacher_path={teacher}"]
+    for item in sets:
+        out += ["--set", item]
+    return out
+
+
+def refused(capsys, tmp_path, command, argv) -> str:
+    code = main([command, *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("kd-ray: error: ")
+    assert not (tmp_path / "runs").exists()  # nothing written
+    return err
+
+
+@pytest.mark.parametrize("command, sets, needles", [
+    ("distill", ["distill.loss=fitnets", "distill.params.student_layer=4", "distill.params.teacher_layer=44"],
+     ["teacher layer '44' is not in Sequential", "nearest layer names: 4"]),
+    ("distill", ["distill.loss=at", "distill.params.student_layers=[1, layer3]"],
+     ["student layer 'layer3' is not in Sequential", "nearest layer names:"]),
+    ("distill", ["distill.loss=fitnets", "distill.params.student_layer=1", "distill.params.teacher_layer=4"],
+     ["student layer '1' (8x32x32)", "teacher layer '4' (16x16x16)", "pick another distill.params.teacher_layer",
+      "teacher layers at 32x32: 0, 1"]),
+    ("distill", ["distill.loss=at", "distill.params.student_layers=[4]", "distill.params.teacher_layers=[7]"],
+     ["student layer '4' (16x16x16)", "teacher layer '7' (400)", "teacher layers at 16x16: 2, 3, 4"]),
+    ("distill", ["distill.loss=fitnets"], ["fitnets needs distill.params.student_layer"]),
+    ("distill", ["distill.loss=dkdd"], ["unknown loss 'dkdd'; choose one of: at, ce, dist, dkd, fitnets, kd"]),
+    ("distill", ["distill.loss=dist", "distill.params.gama=1"],
+     ["unknown distill.params key(s) ['gama'] for distill.loss=dist; valid keys: beta, ce_weight, gamma"]),
+    ("distill", ["distill.loss=dkd", "distill.params.beta=-2"], ["beta must be >= 0"]),
+    ("distill", ["distill.loss=fitnets", "distill.params.student_layer=4", "distill.params.teacher_layer=4",
+                 "distill.params.weights=2"], ["valid keys: student_layer, teacher_layer, weight"]),
+    # The pipeline checks the distill stage against model.teacher before it trains anything.
+    ("pipeline", ["distill.loss=fitnets", "distill.params.student_layer=4", "distill.params.teacher_layer=layer4"],
+     ["teacher layer 'layer4' is not in Sequential"]),
+])
+def test_bad_method_input_stops_before_ray(capsys, tree, tmp_path, teacher, command, sets, needles):
+    err = refused(capsys, tmp_path, command, args(tree, tmp_path, None if command == "pipeline" else teacher, *sets))
+    for needle in needles:
+        assert needle in err
+
+
+def test_good_feature_settings_pass_the_driver_checks(tree, tmp_path, teacher):
+    from kd_ray.runs.stages import preflight
+
+    for sets in (["distill.loss=fitnets", "distill.params.student_layer=4", "distill.params.teacher_layer=4"],
+                 ["distill.loss=at", "distill.params.student_layers=[1, 4]"],
+                 ["distill.loss=dkd", "distill.params.standardize=true"]):
+        cfg = load_config(None, args(tree, tmp_path, teacher, *sets)[1::2])
+        preflight(cfg, "distill")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_subprocess_layer_error_is_one_line_exit_2(tree, tmp_path, teacher):
+    out = subprocess.run([sys.executable, "-m", "kd_ray.cli", "distill",
+                          *args(tree, tmp_path, teacher, "distill.loss=fitnets", "distill.params.student_layer=5",
+                                "distill.params.teacher_layer=55")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "teacher layer '55' is not in Sequential; nearest layer names: 5" in out.stderr
+    assert "ray" not in out.stdout.lower() and not (tmp_path / "runs").exists()
+
+
+# ----- sweeping a method's own parameters ---------------------------------------------------------
+
+def test_a_sweep_space_can_name_distill_params(tree, tmp_path, teacher):
+    assert space_entry("distill.params.beta", [1, 8]) == ("distill", "params.beta", "grid", [1, 8])
+    for bad in ("distill.params.a.b", "optim.params.beta", "distill.param.beta"):
+        with pytest.raises(ConfigError, match="not a config key"):
+            space_entry(bad, [1])
+    cfg = load_config(None, args(tree, tmp_path, teacher, "distill.loss=dkd", "distill.params.alpha=0.5",
+                                 "sweep.space={distill.params.beta: [1, 8], distill.temperature: [2, 4]}")[1::2])
+    trial = apply_params(cfg, {"distill.params.beta": 8, "distill.temperature": 2})
+    assert trial.distill.params == {"alpha": 0.5, "beta": 8} and trial.distill.temperature == 2.0
+    assert cfg.distill.params == {"alpha": 0.5}  # the base config is not changed
+    check_sweep(cfg, train_teacher=False)
+
+
+@pytest.mark.parametrize("space, needle", [
+    ("{distill.params.beta: [1, 8]}", "unknown distill.params key(s) ['beta'] for distill.loss=kd; valid keys: standardize"),
+    ("{distill.params.beta: {uniform: [-1, 1]}}", "beta must be >= 0"),
+])
+def test_a_bad_params_sweep_is_refused_before_ray(capsys, tree, tmp_path, teacher, space, needle):
+    loss = "kd" if "standardize" in needle else "dkd"
+    err = refused(capsys, tmp_path, "tune", args(tree, tmp_path, teacher, f"distill.loss={loss}", f"sweep.space={space}"))
+    assert needle in err
