@@ -30,8 +30,8 @@ FAULTS_MODULE = "kd_ray.testing.faults"  # imported by name, and only when that 
 class Hooks:
     """Points where tests may act on a worker (the chaos suite's fault plan); no-ops otherwise."""
 
-    def attempt(self, start_epoch: int) -> None:
-        pass
+    def attempt(self, start_epoch: int, method=None) -> None:
+        """An attempt starts at ``start_epoch``, with ``method`` (its extras) restored if resumed."""
 
     def loader(self, loader, epoch: int):
         return loader
@@ -116,7 +116,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"], manifest.get("history", [])
         log.info(f"resuming {run_dir.name} from epoch {start_epoch + 1} ({folder.name})")
-    hooks.attempt(start_epoch + 1)
+    hooks.attempt(start_epoch + 1, unwrapped.method)
 
     try:
         for epoch in range(start_epoch, epochs):

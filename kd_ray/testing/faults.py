@@ -17,6 +17,7 @@ from there.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -44,6 +45,12 @@ def from_env() -> dict | None:
     return plan
 
 
+def state_digest(state: dict) -> dict:
+    """name -> SHA-256 of the tensor's bytes (on the CPU)."""
+    return {name: hashlib.sha256(t.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()
+            for name, t in state.items()}
+
+
 def read_events(folder) -> list[dict]:
     path = Path(folder) / EVENTS
     if not path.exists():
@@ -65,8 +72,11 @@ class Faults:
         with open(self.dir / EVENTS, "a") as out:  # one short line: appends do not interleave
             out.write(json.dumps(row) + "\n")
 
-    def attempt(self, start_epoch: int) -> None:
-        self.event("attempt", start_epoch=start_epoch)
+    def attempt(self, start_epoch: int, method=None) -> None:
+        """Records the attempt and a digest of the method's state (a regressor restored on resume
+        shows the checkpoint's digest, a re-initialised one does not)."""
+        state = method.state_dict() if method is not None else {}
+        self.event("attempt", start_epoch=start_epoch, method_state=state_digest(state))
 
     def loader(self, loader, epoch: int):
         """``loader`` with the faults of ``epoch`` fired before their steps."""
