@@ -179,3 +179,23 @@ def test_layers_must_be_named(models):
     assert method("at", student_layers=[1, "3"]).student_layers == ("1", "3")  # YAML's [1, 3]
     with pytest.raises(ConfigError, match="distill.params.student_layers must be list"):
         method("at", student_layers="layer3")
+
+
+def test_a_layer_followed_by_an_in_place_op_still_trains():
+    """A BatchNorm output that an inplace ReLU then changes: the kept copy is the BN's output, and
+    the student's backward pass is not broken by the in-place change."""
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+    teacher = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
+    m = ready("fitnets", student, teacher, student_layer="1", teacher_layer="1")
+    parts = TrainStep(student, m)(X, Y, 1, teacher=teacher)
+    parts["loss"].backward()
+    assert student[0].weight.grad is not None and m.regressor.weight.grad is not None
+    with torch.no_grad():
+        t_bn = teacher[1](teacher[0](X))
+    assert (t_bn < 0).any()  # BN outputs are negative somewhere: the ReLU did not touch the copy
+    s_bn = student[1](student[0](X))
+    expected = torch.nn.functional.mse_loss(m.regressor(s_bn), t_bn)
+    assert parts["hint"].item() == pytest.approx(expected.item(), rel=1e-4)
