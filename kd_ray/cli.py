@@ -69,6 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(cache)
     cache.add_argument("--out", help="cache folder (default: distill.teacher_cache if a folder, "
                        "else <run.storage>/teacher_cache)")
+    imp = sub.add_parser("import-teacher", help="make teacher.pt from weights trained elsewhere",
+                         description="Reads a torchvision state dict, a safetensors file, a timm "
+                         "checkpoint (--arch timm:<name>, needs the timm extra) or a PyTorch Lightning "
+                         "checkpoint into --arch, checks its head against the data's classes, prints its "
+                         "validation top-1 and writes teacher.pt.")
+    _config_args(imp)
+    imp.add_argument("--arch", required=True, help="architecture of the weights: a model registry "
+                     "name (resnet18, ...), a plugin pkg.module:fn, or timm:<model>")
+    imp.add_argument("--weights", required=True, help="local weights file (.pt, .pth, .ckpt, .safetensors)")
+    imp.add_argument("--out", help="where to write teacher.pt (default: <run.storage>/teacher-<arch>/teacher.pt)")
+    imp.add_argument("--image-size", type=int, help="the teacher's input side in pixels (default: the "
+                     "data's); a student of another size is resized for it")
+    imp.add_argument("--mean", help="the teacher's normalisation mean, 3 numbers (default: the data's)")
+    imp.add_argument("--std", help="the teacher's normalisation std, 3 numbers (default: the data's)")
+    imp.add_argument("--prefix", help="key prefix to read the network from (default: found, e.g. "
+                     "'model.' in a Lightning checkpoint)")
     demo = sub.add_parser("demo", help="the pipeline on the shipped MNIST subset, 3 seeds")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     report = sub.add_parser("report", help="remake the comparison table and plot from finished runs")
@@ -151,6 +167,18 @@ def run(args) -> int:
         path, manifest = cache_teacher(cfg, args.out, checked=True)
         log.info(f"teacher cache ready: {path} ({manifest['rows']} rows, {manifest['samples']} "
                  f"images x {manifest['views']} view(s)); use it with --set distill.teacher_cache={path}")
+        return 0
+    if args.command == "import-teacher":
+        cfg, _ = _load(args, ())
+        from kd_ray.runs.imported import import_teacher, parse_triple  # local: heavy, see above
+
+        if args.image_size is not None and args.image_size <= 0:
+            raise KdRayError(f"--image-size must be a positive integer, got {args.image_size}")
+        path, top1 = import_teacher(cfg, args.arch, args.weights, args.out, args.image_size,
+                                    parse_triple(args.mean, "mean"), parse_triple(args.std, "std"),
+                                    args.prefix)
+        log.info(f"teacher {args.arch}: val top-1 {100 * top1:.2f}%; exported to {path} "
+                 f"(use it with --set distill.teacher_path={path})")
         return 0
     if args.command in ("pipeline", "demo"):
         cfg, flags = _load(args)

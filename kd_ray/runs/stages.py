@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kd_ray.config import Config
+from kd_ray.config import Config, teacher_files
 from kd_ray.config.checks import check_paths
 from kd_ray.config.sweep import apply_params, space_entry
 from kd_ray.data import describe
@@ -13,7 +13,7 @@ from kd_ray.engine import checkpoints
 from kd_ray.errors import ConfigError
 from kd_ray.log import get
 from kd_ray.methods import build_method, method_class
-from kd_ray.models import MODELS, check_teacher_matches, read_teacher_info
+from kd_ray.models import check_same_classes, check_teacher_matches, model_fn, read_teacher_info
 from kd_ray.runs.files import read_failures
 
 log = get(__name__)
@@ -44,17 +44,27 @@ def preflight(cfg: Config, stage: str, teacher_pending: bool = False) -> Config:
     """
     check_paths(cfg, (stage,))
     cfg = cfg.with_absolute_paths()
-    MODELS.get(stage_model(cfg, stage)[0])
+    if stage == "teacher" and cfg.optim.teacher_epochs == 0:
+        raise ConfigError("optim.teacher_epochs=0 trains no teacher: set it to at least 1, or bring "
+                          "a trained one with `kd-ray import-teacher` and set distill.teacher_path")
+    model_fn(stage_model(cfg, stage)[0])
     method = build_method(cfg.distill, stage_method(cfg, stage))  # checks distill.params too
     needs_teacher = method.teacher is not None
     info = describe(cfg.data)
     if stage == "distill" and needs_teacher and not teacher_pending:
-        if not cfg.distill.teacher_path:
+        paths = teacher_files(cfg.distill)
+        if not paths:
             raise ConfigError("distill needs a teacher: set distill.teacher_path to a teacher.pt "
-                              "from `kd-ray train-teacher`, or run `kd-ray pipeline`")
-        teacher = read_teacher_info(cfg.distill.teacher_path)
+                              "from `kd-ray train-teacher` or `kd-ray import-teacher`, or run "
+                              "`kd-ray pipeline`")
+        teacher = check_same_classes(paths) if len(paths) > 1 else read_teacher_info(paths[0])
         check_teacher_matches(teacher, info.classes)
-        if cfg.data.image_size is None and teacher.get("image_size"):
+        if len(paths) > 1 and method.teacher == "features":
+            raise ConfigError(f"distill.loss={cfg.distill.loss} reads teacher features, which an "
+                              "ensemble does not have: give one distill.teacher_path")
+        # A teacher trained here sets the student's size; an imported one is resized for instead.
+        imported = (teacher.get("extra") or {}).get("imported")
+        if cfg.data.image_size is None and teacher.get("image_size") and not imported:
             cfg = cfg.replace(data={"image_size": teacher["image_size"]})
     return cfg
 
@@ -83,7 +93,7 @@ def check_sweep(cfg: Config, train_teacher: bool) -> Config:
         for value in values if kind in ("grid", "choice") else values[:2]:
             trial = apply_params(cfg, {key: value})  # e.g. alpha=1.5 fails here
             method_class(trial.distill.loss)  # and an unknown loss or student here
-            MODELS.get(trial.model.student)
+            model_fn(trial.model.student)
     if train_teacher:
         preflight(cfg, "teacher")
     return preflight(cfg, "distill", teacher_pending=train_teacher)

@@ -44,7 +44,8 @@ def summarize(cfg: Config, stage: str, run_dir: Path, last_metrics: dict | None 
     if stage == "teacher":
         path = run_dir / TEACHER_FILE
         export_teacher(path, model, state["arch"], state["classes"], state["image_size"],
-                       extra={"run": str(run_dir), "val_top1": summary["final"].get("val/top1")})
+                       extra={"run": str(run_dir), "val_top1": summary["final"].get("val/top1")},
+                       norm=state.get("norm"))
         summary["teacher_file"] = str(path)
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
