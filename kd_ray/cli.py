@@ -55,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name in STAGE_COMMANDS:
             stage.add_argument("--new", action="store_true",
                                help="run.name exists: start a fresh run beside it (<name>-2) instead of resuming")
+    compare = sub.add_parser("compare", help="the pipeline with several distillation methods, and a "
+                             "methods table", description="Runs the pipeline (teacher, baseline and "
+                             "assistants once) and distils every method of --methods per seed in "
+                             "run.seeds from the same teacher and cache; writes comparison.md and "
+                             "methods.md/.csv (top-1, agreement with the teacher, images/s, cache).")
+    _config_args(compare)
+    compare.add_argument("--methods", nargs="+", required=True, metavar="METHOD",
+                         help="distillation methods (distill.loss values); distill.params apply to "
+                         "the one named in distill.loss, the others use their defaults")
     tune = sub.add_parser("tune", help="Ray Tune sweep of distillation (sweep section of the config)",
                           description="Sweep sweep.space (e.g. distill.temperature, distill.alpha); "
                           "every trial is a distributed distillation run.")
@@ -180,15 +189,18 @@ def run(args) -> int:
         log.info(f"teacher {args.arch}: val top-1 {100 * top1:.2f}%; exported to {path} "
                  f"(use it with --set distill.teacher_path={path})")
         return 0
-    if args.command in ("pipeline", "demo"):
+    if args.command in ("pipeline", "demo", "compare"):
         cfg, flags = _load(args)
-        stages = flags.get("train_teacher", True), flags.get("distill", True)
+        # A teacher file in distill.teacher_path (e.g. from import-teacher) is used, not retrained.
+        stages = flags.get("train_teacher", not cfg.distill.teacher_path), flags.get("distill", True)
+        methods = [m for item in args.methods for m in item.split(",") if m] \
+            if args.command == "compare" else None
         from kd_ray.runs.stages import check_pipeline  # local: heavy, see above
 
-        check_pipeline(cfg, *stages)
+        check_pipeline(cfg, *stages, methods)
         from kd_ray.cluster.pipeline import run_pipeline  # local: heavy, see above
 
-        root, table = run_pipeline(cfg, *stages, checked=True)
+        root, table = run_pipeline(cfg, *stages, checked=True, methods=methods)
         print(f"\nResults ({root}):\n{table}", flush=True)
         return 0
     if args.command == "report":

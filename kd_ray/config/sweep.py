@@ -57,9 +57,10 @@ def space_entry(key, spec) -> tuple[str, str, str, list]:
     """Check one search-space entry; returns (section, field, kind, values)."""
     section, _, name = str(key).partition(".")
     fields = {f.name for f in dataclasses.fields(RUN_SECTIONS[section])} if section in RUN_SECTIONS else ()
-    if name not in fields:
+    if name not in fields and not _method_param(section, name):
         raise ConfigError(f"sweep.space key {key!r} is not a config key; use section.key, e.g. "
-                          "distill.temperature, distill.alpha, optim.lr, distill.loss")
+                          "distill.temperature, distill.alpha, optim.lr, distill.loss, or "
+                          "distill.params.<name> (a setting of the method)")
     if isinstance(spec, list):
         spec = {"grid": spec}
     if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SPACE_KINDS):
@@ -77,12 +78,29 @@ def space_entry(key, spec) -> tuple[str, str, str, list]:
     return section, name, kind, values
 
 
+def _method_param(section: str, name: str) -> bool:
+    """``distill.params.<name>``: one setting of the method (checked by the method)."""
+    head, _, sub = name.partition(".")
+    return section == "distill" and head == "params" and bool(sub) and "." not in sub
+
+
 def apply_params(cfg, params: dict):
-    """The config of one trial: ``cfg`` (a Config) with the sampled values set, and checked."""
+    """The config of one trial: ``cfg`` (a Config) with the sampled values set, and checked.
+
+    ``distill.params.<name>`` sets one method setting; a trial whose ``distill.loss`` differs from
+    the config's starts from no params (they belong to the config's method)."""
     changes: dict = {}
+    method_params: dict = {}
     for key, value in params.items():
         section, name, _, _ = space_entry(key, [value])
-        changes.setdefault(section, {})[name] = value
+        if _method_param(section, name):
+            method_params[name.partition(".")[2]] = value
+        else:
+            changes.setdefault(section, {})[name] = value
+    loss = changes.get("distill", {}).get("loss", cfg.distill.loss)
+    if method_params or loss != cfg.distill.loss:
+        base = dict(cfg.distill.params) if loss == cfg.distill.loss else {}
+        changes.setdefault("distill", {})["params"] = {**base, **method_params}
     return cfg.replace(**changes)
 
 

@@ -3,6 +3,7 @@ epochs of a stage, the inputs (data, registries, teacher file), what a rerun con
 how a failed run is summed up in one line. No Ray here."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from kd_ray.config import Config, teacher_files
@@ -76,11 +77,53 @@ def check_cache_teacher(cfg: Config) -> Config:
     return preflight(cfg, "distill")
 
 
-def check_pipeline(cfg: Config, train_teacher: bool, distill: bool) -> None:
-    """Every stage's input of a pipeline, before the first one starts."""
+def check_pipeline(cfg: Config, train_teacher: bool, distill: bool, methods=None) -> None:
+    """Every stage's input of a pipeline (every method's and assistant's too), before the first
+    one starts."""
     train_teacher = train_teacher or not cfg.distill.teacher_path  # as run_pipeline decides
-    for stage in ("teacher",) * train_teacher + ("student",) + ("distill",) * distill:
+    for stage in ("teacher",) * train_teacher + ("student",):
         preflight(cfg, stage, teacher_pending=train_teacher)
+    if not distill:
+        return
+    methods = list(methods or [cfg.distill.loss])
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"methods to compare are listed twice: {methods}")
+    for method in methods:
+        preflight(method_config(cfg, method), "distill", teacher_pending=train_teacher)
+    for arch in cfg.model.assistants:
+        if method_class(cfg.distill.loss).teacher != "logits":
+            raise ConfigError(f"model.assistants: a teacher-assistant chain distils with a logits "
+                              f"method (kd, mse_logits, ...), not distill.loss={cfg.distill.loss}")
+        preflight(assistant_config(cfg, arch, cfg.distill.teacher_path, "off", cfg.run.seed),
+                  "distill", teacher_pending=train_teacher)
+
+
+def method_config(cfg: Config, method: str) -> Config:
+    """``cfg`` distilling with ``method``: ``distill.params`` belong to ``distill.loss`` only; the
+    other methods of a comparison run with their defaults."""
+    params = dict(cfg.distill.params) if method == cfg.distill.loss else {}
+    return cfg.replace(distill={"loss": method, "params": params})
+
+
+def distill_run_name(cfg: Config, method: str, seed: int) -> str:
+    """``distill-seed<s>`` for ``distill.loss`` (the pipeline's name), ``distill-<method>-seed<s>``
+    for the other methods of a comparison."""
+    if method == cfg.distill.loss:
+        return f"distill-seed{seed}"
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in method)
+    return f"distill-{safe}-seed{seed}"
+
+
+def method_label(cfg: Config, method: str, compare: bool) -> str:
+    return f"student, distilled ({method})" if compare else "student, distilled"
+
+
+def assistant_config(cfg: Config, arch: str, teacher_path, teacher_cache: str, seed: int) -> Config:
+    """An assistant of a chain: a distill run whose student is ``arch``."""
+    return cfg.replace(model={"student": arch, "student_pretrained": None}, run={"seed": seed},
+                       distill={"teacher_path": teacher_path, "teacher_cache": teacher_cache,
+                                "teacher_weights": cfg.distill.teacher_weights
+                                if teacher_path == cfg.distill.teacher_path else None})
 
 
 def check_sweep(cfg: Config, train_teacher: bool) -> Config:
@@ -88,12 +131,16 @@ def check_sweep(cfg: Config, train_teacher: bool) -> Config:
     if not cfg.sweep.space:
         raise ConfigError("sweep.space is empty: name what to search, e.g. --set "
                           "'sweep.space={distill.temperature: [1, 2, 4, 8], distill.alpha: [0.1, 0.5, 0.9]}'")
+    choices = []
     for key, spec in cfg.sweep.space.items():
         _, _, kind, values = space_entry(key, spec)
-        for value in values if kind in ("grid", "choice") else values[:2]:
-            trial = apply_params(cfg, {key: value})  # e.g. alpha=1.5 fails here
-            method_class(trial.distill.loss)  # and an unknown loss or student here
-            model_fn(trial.model.student)
+        choices.append([(key, v) for v in (values if kind in ("grid", "choice") else values[:2])])
+    for n, combo in enumerate(itertools.product(*choices)):
+        if n == 256:  # enough to find a bad value or method/params pair; a big grid is not walked
+            break
+        trial = apply_params(cfg, dict(combo))  # e.g. alpha=1.5 fails here
+        build_method(trial.distill)  # an unknown method, or a params key it does not take
+        model_fn(trial.model.student)
     if train_teacher:
         preflight(cfg, "teacher")
     return preflight(cfg, "distill", teacher_pending=train_teacher)
