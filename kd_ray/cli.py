@@ -13,7 +13,7 @@ from pathlib import Path
 from kd_ray import log as kd_log
 from kd_ray.config import demo_config, load_config, read_args_file
 from kd_ray.config.checks import check_paths
-from kd_ray.errors import KdRayError, RunFailedError, one_line, user_error_in
+from kd_ray.errors import KdRayError, RunFailedError, TeacherError, one_line, user_error_in
 
 STAGE_COMMANDS = {"train-teacher": "teacher", "train-student": "student", "distill": "distill"}
 log = kd_log.get("cli")
@@ -179,10 +179,13 @@ def run(args) -> int:
         return 0
     if args.command == "import-teacher":
         cfg, _ = _load(args, ())
-        from kd_ray.runs.imported import import_teacher, parse_triple  # local: heavy, see above
-
+        if not Path(args.weights).expanduser().is_file():  # before torch is imported
+            raise TeacherError(f"weights file {args.weights} not found; give a local weights file "
+                               "(.pt, .pth, .ckpt, .safetensors)")
         if args.image_size is not None and args.image_size <= 0:
             raise KdRayError(f"--image-size must be a positive integer, got {args.image_size}")
+        from kd_ray.runs.imported import import_teacher, parse_triple  # local: heavy, see above
+
         path, top1 = import_teacher(cfg, args.arch, args.weights, args.out, args.image_size,
                                     parse_triple(args.mean, "mean"), parse_triple(args.std, "std"),
                                     args.prefix)

@@ -194,3 +194,14 @@ def test_an_assistant_exports_a_teacher_file(tmp_path):
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(teacher(x), model.eval()(x))
+
+
+def test_submit_sends_an_ensemble_of_relative_files_to_the_head():
+    import subprocess
+
+    from kd_ray.cluster.submit import entrypoint
+
+    line = entrypoint("distill", ["--set", "distill.teacher_path=[a/t.pt, /abs/u.pt]"], head_dir="/srv/kd")
+    words = line.split(" ", 4)[4]
+    out = subprocess.run(["sh", "-c", f"printf '%s\\n' {words}"], capture_output=True, text=True)
+    assert "distill.teacher_path=[/srv/kd/a/t.pt, /abs/u.pt]" in out.stdout.splitlines()

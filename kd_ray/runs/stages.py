@@ -205,6 +205,10 @@ def describe_setup(cfg: Config) -> str:
     lpc = cfg.data.labels_per_class
     labels = (f"{lpc} labels per class; the other training images form an unlabelled transfer set "
               "that only the distillation loss sees" if lpc else "all training labels")
-    return (f"dataset {cfg.data.name}; teacher {cfg.model.teacher} trained on all labels; "
+    files = teacher_files(cfg.distill)
+    teacher = (f"teacher {cfg.model.teacher} trained on all labels" if not files else
+               f"teacher {files[0]}" if len(files) == 1 else f"an ensemble of {len(files)} teachers")
+    chain = "".join(f" -> {a}" for a in cfg.model.assistants)
+    return (f"dataset {cfg.data.name}; {teacher}{chain and f' (assistants{chain})'}; "
             f"student {cfg.model.student} with {labels}; loss {cfg.distill.loss} "
             f"(T={cfg.distill.temperature}, alpha={cfg.distill.alpha}); seeds {cfg.run.seeds}")
