@@ -1,6 +1,10 @@
 """A teacher brought from elsewhere (`kd-ray import-teacher`), teachers at their own input size and
 normalisation, and teacher ensembles: pure PyTorch, no Ray."""
+import argparse
 import json
+import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,6 +77,16 @@ def test_import_torchvision_state_dict_evaluates_and_exports(capsys, tree, tmp_p
     assert top1 == pytest.approx(expected)
 
 
+class Exploding:
+    """Unpickling this would run ``os.remove`` on a marker file: the import must not."""
+
+    def __reduce__(self):
+        return (os.remove, (str(MARKER),))
+
+
+MARKER = Path(tempfile.gettempdir()) / "kd_ray_import_marker"
+
+
 @pytest.mark.parametrize("kind", ["safetensors", "lightning", "timm_ckpt"])
 def test_weight_formats(tmp_path, kind):
     state = resnet18_state()
@@ -82,13 +96,18 @@ def test_weight_formats(tmp_path, kind):
     elif kind == "lightning":  # a LightningModule whose network is self.student, beside its teacher
         path = tmp_path / "epoch=3.ckpt"
         other = torchvision.models.resnet50(weights=None, num_classes=CLASSES).state_dict()
-        torch.save({"epoch": 3, "state_dict": {**{f"student.{k}": v for k, v in state.items()},
-                                               **{f"teacher.{k}": v for k, v in other.items()}}}, path)
+        # hyper_parameters hold objects torch.load(weights_only=True) refuses; none of them runs.
+        torch.save({"epoch": 3, "hyper_parameters": {"args": argparse.Namespace(lr=0.1),
+                                                     "hook": Exploding()},
+                    "state_dict": {**{f"student.{k}": v for k, v in state.items()},
+                                   **{f"teacher.{k}": v for k, v in other.items()}}}, path)
     else:  # timm's train.py: state_dict plus an EMA copy, DDP prefixes
         path = tmp_path / "checkpoint.pth.tar"
         torch.save({"arch": "resnet18", "state_dict": {f"module.{k}": v for k, v in state.items()},
                     "state_dict_ema": {}}, path)
+    MARKER.write_text("x")
     model = fit_weights(build_model("resnet18", CLASSES), read_weights(path), "resnet18", path)
+    assert MARKER.exists()  # nothing in the file ran
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key])
 

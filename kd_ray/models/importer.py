@@ -4,6 +4,8 @@ Lightning checkpoint (``state_dict`` whose keys carry the module's attribute, ``
 ``student.``). Local files only; nothing is downloaded."""
 from __future__ import annotations
 
+import pickle
+import types
 from collections import Counter
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import torch
 from torch import nn
 
 from kd_ray.errors import TeacherError
-from kd_ray.models.zoo import load_file, require_file, strip_prefixes
+from kd_ray.models.zoo import require_file, strip_prefixes
 
 FIX = "give a local weights file (.pt, .pth, .ckpt, .safetensors)"
 WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_ema")  # checkpoint entries, in order
@@ -27,7 +29,12 @@ def read_weights(path) -> dict:
             return load_safetensors(str(path))
         except Exception as exc:
             raise TeacherError(f"weights file {path} is unreadable: {exc}".splitlines()[0]) from None
-    raw = load_file(path, TeacherError, "weights file", FIX)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # e.g. a Lightning checkpoint's hyper_parameters (Namespace)
+        raw = _load_tensors_only(path)
+    except Exception as exc:
+        raise TeacherError(f"weights file {path} is unreadable: {exc}".splitlines()[0]) from None
     if isinstance(raw, dict):
         for key in WRAPPERS:
             if isinstance(raw.get(key), dict):
@@ -37,6 +44,50 @@ def read_weights(path) -> dict:
     if not state:
         raise TeacherError(f"weights file {path} holds no state_dict (a mapping of tensors); {FIX}")
     return state
+
+
+class _Stub:
+    """Stands in for any object of a checkpoint that is not a tensor: built, filled, ignored."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+class _TensorsOnly(pickle.Unpickler):
+    """Resolves only what ``torch.load(weights_only=True)`` allows (tensors, storages, plain
+    containers); every other class or function in the file becomes a ``_Stub``, so no code of the
+    file runs, and the tensors still load."""
+
+    def find_class(self, module, name):
+        allowed = _allowed_globals()
+        key = f"{module}.{name}"
+        return allowed[key] if key in allowed else type(name, (_Stub,), {"__module__": module})
+
+
+def _allowed_globals() -> dict:
+    from torch._weights_only_unpickler import _get_allowed_globals  # local: torch-internal
+
+    return _get_allowed_globals()
+
+
+def _load_tensors_only(path):
+    module = types.SimpleNamespace(Unpickler=_TensorsOnly, load=pickle.load, __name__="tensors_only")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)
+    except Exception as exc:
+        raise TeacherError(f"weights file {path} is unreadable: {exc}".splitlines()[0]) from None
 
 
 def module_prefix(keys, own) -> str:
