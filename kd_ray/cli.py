@@ -13,7 +13,7 @@ from pathlib import Path
 from kd_ray import log as kd_log
 from kd_ray.config import demo_config, load_config, read_args_file
 from kd_ray.config.checks import check_paths
-from kd_ray.errors import KdRayError, RunFailedError, one_line, user_error_in
+from kd_ray.errors import KdRayError, RunFailedError, TeacherError, one_line, user_error_in
 
 STAGE_COMMANDS = {"train-teacher": "teacher", "train-student": "student", "distill": "distill"}
 log = kd_log.get("cli")
@@ -55,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name in STAGE_COMMANDS:
             stage.add_argument("--new", action="store_true",
                                help="run.name exists: start a fresh run beside it (<name>-2) instead of resuming")
+    compare = sub.add_parser("compare", help="the pipeline with several distillation methods, and a "
+                             "methods table", description="Runs the pipeline (teacher, baseline and "
+                             "assistants once) and distils every method of --methods per seed in "
+                             "run.seeds from the same teacher and cache; writes comparison.md and "
+                             "methods.md/.csv (top-1, agreement with the teacher, images/s, cache).")
+    _config_args(compare)
+    compare.add_argument("--methods", nargs="+", required=True, metavar="METHOD",
+                         help="distillation methods (distill.loss values); distill.params apply to "
+                         "the one named in distill.loss, the others use their defaults")
     tune = sub.add_parser("tune", help="Ray Tune sweep of distillation (sweep section of the config)",
                           description="Sweep sweep.space (e.g. distill.temperature, distill.alpha); "
                           "every trial is a distributed distillation run.")
@@ -69,6 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(cache)
     cache.add_argument("--out", help="cache folder (default: distill.teacher_cache if a folder, "
                        "else <run.storage>/teacher_cache)")
+    imp = sub.add_parser("import-teacher", help="make teacher.pt from weights trained elsewhere",
+                         description="Reads a torchvision state dict, a safetensors file, a timm "
+                         "checkpoint (--arch timm:<name>, needs the timm extra) or a PyTorch Lightning "
+                         "checkpoint into --arch, checks its head against the data's classes, prints its "
+                         "validation top-1 and writes teacher.pt.")
+    _config_args(imp)
+    imp.add_argument("--arch", required=True, help="architecture of the weights: a model registry "
+                     "name (resnet18, ...), a plugin pkg.module:fn, or timm:<model>")
+    imp.add_argument("--weights", required=True, help="local weights file (.pt, .pth, .ckpt, .safetensors)")
+    imp.add_argument("--out", help="where to write teacher.pt (default: <run.storage>/teacher-<arch>/teacher.pt)")
+    imp.add_argument("--image-size", type=int, help="the teacher's input side in pixels (default: the "
+                     "data's); a student of another size is resized for it")
+    imp.add_argument("--mean", help="the teacher's normalisation mean, 3 numbers (default: the data's)")
+    imp.add_argument("--std", help="the teacher's normalisation std, 3 numbers (default: the data's)")
+    imp.add_argument("--prefix", help="key prefix to read the network from (default: found, e.g. "
+                     "'model.' in a Lightning checkpoint)")
     demo = sub.add_parser("demo", help="the pipeline on the shipped MNIST subset, 3 seeds")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     report = sub.add_parser("report", help="remake the comparison table and plot from finished runs")
@@ -152,15 +177,33 @@ def run(args) -> int:
         log.info(f"teacher cache ready: {path} ({manifest['rows']} rows, {manifest['samples']} "
                  f"images x {manifest['views']} view(s)); use it with --set distill.teacher_cache={path}")
         return 0
-    if args.command in ("pipeline", "demo"):
+    if args.command == "import-teacher":
+        cfg, _ = _load(args, ())
+        if not Path(args.weights).expanduser().is_file():  # before torch is imported
+            raise TeacherError(f"weights file {args.weights} not found; give a local weights file "
+                               "(.pt, .pth, .ckpt, .safetensors)")
+        if args.image_size is not None and args.image_size <= 0:
+            raise KdRayError(f"--image-size must be a positive integer, got {args.image_size}")
+        from kd_ray.runs.imported import import_teacher, parse_triple  # local: heavy, see above
+
+        path, top1 = import_teacher(cfg, args.arch, args.weights, args.out, args.image_size,
+                                    parse_triple(args.mean, "mean"), parse_triple(args.std, "std"),
+                                    args.prefix)
+        log.info(f"teacher {args.arch}: val top-1 {100 * top1:.2f}%; exported to {path} "
+                 f"(use it with --set distill.teacher_path={path})")
+        return 0
+    if args.command in ("pipeline", "demo", "compare"):
         cfg, flags = _load(args)
-        stages = flags.get("train_teacher", True), flags.get("distill", True)
+        # A teacher file in distill.teacher_path (e.g. from import-teacher) is used, not retrained.
+        stages = flags.get("train_teacher", not cfg.distill.teacher_path), flags.get("distill", True)
+        methods = [m for item in args.methods for m in item.split(",") if m] \
+            if args.command == "compare" else None
         from kd_ray.runs.stages import check_pipeline  # local: heavy, see above
 
-        check_pipeline(cfg, *stages)
+        check_pipeline(cfg, *stages, methods)
         from kd_ray.cluster.pipeline import run_pipeline  # local: heavy, see above
 
-        root, table = run_pipeline(cfg, *stages, checked=True)
+        root, table = run_pipeline(cfg, *stages, checked=True, methods=methods)
         print(f"\nResults ({root}):\n{table}", flush=True)
         return 0
     if args.command == "report":

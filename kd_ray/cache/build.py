@@ -19,13 +19,13 @@ from torch.utils.data import DataLoader, Subset
 
 from kd_ray.cache.store import (MANIFEST, encode, mismatch, num_views, read_manifest, check, serves,
                                 wanted)
-from kd_ray.config import Config
+from kd_ray.config import Config, teacher_files
 from kd_ray.data import build_data, describe
 from kd_ray.data.views import ReplayViews
 from kd_ray.engine import autocast_for, to_device
 from kd_ray.log import get
 from kd_ray.methods import method_class
-from kd_ray.models import load_teacher
+from kd_ray.models import load_teachers
 
 log = get(__name__)
 ShardRunner = Callable[[Config, list], list]
@@ -92,7 +92,7 @@ def build(cfg: Config, path, want: dict | None = None, run_shards: ShardRunner =
     rows = sum(s["rows"] for s in stats)
     manifest = dict(want, rows=rows, samples=samples, views=views, num_classes=stats[0]["classes"],
                     teacher_forwards=sum(s["forwards"] for s in stats), shards=shards,
-                    teacher_path=str(cfg.distill.teacher_path), build_seconds=round(seconds, 2),
+                    teacher_path=cfg.distill.teacher_path, build_seconds=round(seconds, 2),
                     created=time.strftime("%Y-%m-%dT%H:%M:%S"))
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(path, ignore_errors=True)
@@ -109,12 +109,14 @@ def build_shard(cfg_dict: dict, shard: int, start: int, stop: int, folder: str) 
     torch.set_num_threads(cfg.run.threads_per_worker)
     device = torch.device("cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu")
     nhwc = cfg.run.channels_last and device.type == "cuda"
-    teacher, _ = load_teacher(cfg.distill.teacher_path, device=device)
+    bundle = build_data(cfg.data, "distill", cfg.run.seed)
+    teacher = load_teachers(teacher_files(cfg.distill), cfg.distill.teacher_weights, bundle.image_size,
+                            bundle.norm, device=device)
     if nhwc:
         teacher = teacher.to(memory_format=torch.channels_last)
     forwards = [0]
     teacher.register_forward_pre_hook(lambda _m, args: forwards.__setitem__(0, forwards[0] + len(args[0])))
-    replay = ReplayViews(build_data(cfg.data, "distill", cfg.run.seed).train, num_views(cfg),
+    replay = ReplayViews(bundle.train, num_views(cfg),
                          cfg.data.split_seed)
     loader = DataLoader(Subset(replay, range(start, stop)), batch_size=cfg.distill.cache_batch_size,
                         num_workers=cfg.data.loader_workers)

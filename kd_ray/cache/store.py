@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from kd_ray.config import Config
+from kd_ray.config import Config, teacher_files
 from kd_ray.data import load_source
 from kd_ray.errors import ConfigError
 
@@ -45,6 +45,16 @@ def sha256_file(path) -> str:
     return digest.hexdigest()
 
 
+def teacher_fingerprint(cfg: Config):
+    """sha256 of the teacher file; for an ensemble, of every file with its weight (a changed
+    file, weight or order makes the cache stale)."""
+    paths = teacher_files(cfg.distill)
+    if len(paths) == 1 and cfg.distill.teacher_weights is None:
+        return sha256_file(paths[0])
+    weights = cfg.distill.teacher_weights or [1.0] * len(paths)
+    return [[sha256_file(p), float(w)] for p, w in zip(paths, weights)]
+
+
 def data_fingerprint(cfg: Config) -> str:
     """Hash of what decides the distillation images: dataset settings, classes, sample list."""
     d = cfg.data
@@ -64,7 +74,7 @@ def wanted(cfg: Config) -> dict:
     """The manifest fields a cache must match to be used with ``cfg``."""
     return {
         "format": FORMAT_VERSION,
-        "teacher_sha256": sha256_file(cfg.distill.teacher_path),
+        "teacher_sha256": teacher_fingerprint(cfg),
         "data": data_fingerprint(cfg),
         "transform": {"image_size": cfg.data.image_size, "augment": cfg.data.augment,
                       "views": num_views(cfg), "view_seed": cfg.data.split_seed},
@@ -83,7 +93,7 @@ def mismatch(manifest: dict | None, want: dict) -> str | None:
     """Why a cache does not fit (one phrase), or None when it does."""
     if manifest is None:
         return "it has no readable manifest.json (an unfinished build?)"
-    names = {"format": "cache format", "teacher_sha256": "teacher file", "data": "dataset",
+    names = {"format": "cache format", "teacher_sha256": "teacher file (or ensemble)", "data": "dataset",
              "transform": "transform/augmentation settings", "top_k": "distill.cache_top_k"}
     for key, what in names.items():
         if manifest.get(key) != want[key]:

@@ -110,6 +110,9 @@ def entrypoint(command: str, args: list[str], workdir: Path | None = None, head_
         value = getattr(getattr(cfg, section, None), key, None)
         if isinstance(value, str) and value and "://" not in value and not Path(value).is_absolute():
             words += ["--set", shlex.quote(f"{section}.{key}=") + head_path(value, head_dir)]
+        elif isinstance(value, list) and value:  # an ensemble's teacher files: one YAML list
+            items = shlex.quote(", ").join(p if "://" in p else head_path(p, head_dir) for p in value)
+            words += ["--set", shlex.quote(f"{section}.{key}=[") + items + shlex.quote("]")]
     return " ".join(words)
 
 

@@ -12,14 +12,14 @@ import torch.distributed as dist
 
 from kd_ray import log as kd_log
 from kd_ray.cache import load as load_cache
-from kd_ray.config import Config
+from kd_ray.config import Config, teacher_files
 from kd_ray.data import build_data
 from kd_ray.data.views import CachedViews
 from kd_ray.engine import (all_sum, build_optimizer, checkpoints, epoch_metrics, evaluate, make_loaders,
                            stop_together, train_one_epoch)
 from kd_ray.errors import KdRayError, PeerFailedError, to_payload
 from kd_ray.methods import TrainStep, build_method
-from kd_ray.models import build_model, load_teacher
+from kd_ray.models import build_model, load_teachers
 from kd_ray.runs.stages import stage_epochs, stage_method, stage_model
 
 log = kd_log.get(__name__)
@@ -88,7 +88,9 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     student = build_model(arch, bundle.num_classes, pretrained=pretrained)
     teacher = None
     if method.teacher is not None and not cache:
-        teacher, _ = load_teacher(cfg.distill.teacher_path)  # frozen, eval, never in DDP
+        # Frozen, eval, never in DDP; one file or an ensemble, each fed at its own size/normalisation.
+        teacher = load_teachers(teacher_files(cfg.distill), cfg.distill.teacher_weights,
+                                bundle.image_size, bundle.norm)
     try:  # models and sample on the CPU: e.g. a regressor sized by a layer's output
         method.setup(student, teacher, bundle.val[0][0][None])
     except KdRayError as exc:  # a bad layer name or image: every rank stops here alike
@@ -140,7 +142,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                 "model": unwrapped.student.state_dict(), "method": unwrapped.method.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "epoch": epoch + 1, "stage": stage, "arch": arch, "classes": bundle.classes,
-                "image_size": bundle.image_size, "config": cfg.to_dict(),
+                "image_size": bundle.image_size, "norm": bundle.norm, "config": cfg.to_dict(),
             }
             _report(metrics, state if rank == 0 else None, run_dir, history)
     except KdRayError as exc:

@@ -74,8 +74,10 @@ class Config:
         changes: dict = {}
         for section, key in PATH_KEYS:
             value = getattr(getattr(self, section), key)
-            if value and "://" not in value:
-                changes.setdefault(section, {})[key] = str(Path(value).expanduser().resolve())
+            if isinstance(value, list):  # an ensemble's teacher files
+                changes.setdefault(section, {})[key] = [_absolute(v) for v in value]
+            elif value:
+                changes.setdefault(section, {})[key] = _absolute(value)
         return self.replace(**changes) if changes else self
 
     def replace(self, **sections: dict) -> "Config":
@@ -84,6 +86,10 @@ class Config:
         for name, values in sections.items():
             raw[name].update(values)
         return Config.from_dict(raw)
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
 def coerce_field(section_cls, section: str, key: str, value: Any) -> Any:
@@ -102,6 +108,8 @@ def coerce_field(section_cls, section: str, key: str, value: Any) -> Any:
         return str(value)
     if (section, key) == ("distill", "teacher_cache") and value is False:
         return "off"  # YAML 1.1 reads a bare `off` as false
+    if (section, key) == ("distill", "teacher_path") and isinstance(value, (str, list)):
+        return value  # one teacher file, or an ensemble's list (checked in DistillConfig)
     expected = typing.get_origin(base) or base
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(

@@ -5,7 +5,7 @@ Every check here needs neither torch nor Ray, so bad values are refused as soon 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from kd_ray.errors import ConfigError
 
@@ -55,6 +55,15 @@ class ModelConfig:
     teacher_pretrained: Optional[str] = None
     """Local weights file to start the teacher from (never downloaded)."""
     student_pretrained: Optional[str] = None
+    assistants: list = field(default_factory=list)
+    """Teacher-assistant chain for `pipeline` (Mirzadeh et al. 2020): architectures distilled in
+    turn, teacher -> assistants[0] -> ... -> student, beside the direct teacher -> student row."""
+
+    def __post_init__(self):
+        if not isinstance(self.assistants, list) or not all(isinstance(a, str) and a
+                                                           for a in self.assistants):
+            raise ConfigError(f"model.assistants must be a list of architecture names, e.g. "
+                              f"[resnet34], got {self.assistants!r}")
 
 
 @dataclass
@@ -67,8 +76,11 @@ class DistillConfig:
     temperature: float = 4.0
     alpha: float = 0.9
     """Weight of the distillation term; 1 - alpha goes to cross-entropy on labels."""
-    teacher_path: Optional[str] = None
-    """Exported teacher file (teacher.pt from train-teacher)."""
+    teacher_path: Union[str, list, None] = None
+    """Exported teacher file (teacher.pt from train-teacher or import-teacher), or a list of them:
+    an ensemble whose weighted mean logits the method sees."""
+    teacher_weights: Optional[list] = None
+    """Weights of the ensemble's teachers (one per teacher_path entry); None = equal weights."""
     teacher_cache: str = "auto"
     """auto (compute the teacher's logits once, keep them in <storage>/teacher_cache), off (run the
     teacher every step), or a folder from `kd-ray cache-teacher`."""
@@ -91,6 +103,27 @@ class DistillConfig:
             raise ConfigError(f"distill.alpha must be in [0, 1], got {self.alpha}")
         if not self.temperature > 0:
             raise ConfigError(f"distill.temperature must be > 0, got {self.temperature}")
+        paths = teacher_files(self)
+        if not all(isinstance(p, str) and p for p in paths):
+            raise ConfigError(f"distill.teacher_path must be a file or a list of files, got "
+                              f"{self.teacher_path!r}")
+        if self.teacher_weights is not None:
+            weights = self.teacher_weights
+            if len(weights) != len(paths):
+                raise ConfigError(f"distill.teacher_weights has {len(weights)} entries but "
+                                  f"distill.teacher_path names {len(paths)} teacher(s): give one each")
+            if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0
+                       for w in weights) or not sum(weights) > 0:
+                raise ConfigError(f"distill.teacher_weights must be numbers >= 0 with a positive "
+                                  f"sum, got {weights!r}")
+
+
+def teacher_files(distill) -> list:
+    """``distill.teacher_path`` as a list (empty when unset; one entry for a single teacher)."""
+    path = distill.teacher_path
+    if path is None:
+        return []
+    return list(path) if isinstance(path, list) else [path]
 
 
 @dataclass
@@ -102,7 +135,8 @@ class OptimConfig:
     weight_decay: float = 5e-4
     epochs: int = 10
     teacher_epochs: Optional[int] = None
-    """Epochs for the teacher stage; None = epochs."""
+    """Epochs for the teacher stage; None = epochs. Read only when a teacher is trained (an
+    imported teacher never consults it; 0 is refused when a teacher stage runs)."""
     batch_size: int = 64
     """Global batch size, split evenly over the Ray workers."""
     schedule: str = "cosine"
@@ -122,7 +156,9 @@ class OptimConfig:
         if not self.lr > 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         positive(self, "epochs")
-        positive(self, "teacher_epochs", allow_none=True)
+        if self.teacher_epochs is not None and (isinstance(self.teacher_epochs, bool)
+                                                or self.teacher_epochs < 0):
+            raise ConfigError(f"optim.teacher_epochs must be >= 1 (or null), got {self.teacher_epochs!r}")
         positive(self, "batch_size")
         if self.warmup_epochs < 0:
             raise ConfigError("optim.warmup_epochs must be >= 0")

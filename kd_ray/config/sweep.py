@@ -57,11 +57,10 @@ def space_entry(key, spec) -> tuple[str, str, str, list]:
     """Check one search-space entry; returns (section, field, kind, values)."""
     section, _, name = str(key).partition(".")
     fields = {f.name for f in dataclasses.fields(RUN_SECTIONS[section])} if section in RUN_SECTIONS else ()
-    param = name.partition("params.")[2] if section == "distill" else ""
-    if name not in fields and not (param and "." not in param):
+    if name not in fields and not _method_param(section, name):
         raise ConfigError(f"sweep.space key {key!r} is not a config key; use section.key, e.g. "
                           "distill.temperature, distill.alpha, optim.lr, distill.loss, or "
-                          "distill.params.<key> for a method's own setting (distill.params.beta)")
+                          "distill.params.<name> (a setting of the method)")
     if isinstance(spec, list):
         spec = {"grid": spec}
     if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SPACE_KINDS):
@@ -79,16 +78,29 @@ def space_entry(key, spec) -> tuple[str, str, str, list]:
     return section, name, kind, values
 
 
+def _method_param(section: str, name: str) -> bool:
+    """``distill.params.<name>``: one setting of the method (checked by the method)."""
+    head, _, sub = name.partition(".")
+    return section == "distill" and head == "params" and bool(sub) and "." not in sub
+
+
 def apply_params(cfg, params: dict):
-    """The config of one trial: ``cfg`` (a Config) with the sampled values set, and checked."""
+    """The config of one trial: ``cfg`` (a Config) with the sampled values set, and checked.
+
+    ``distill.params.<name>`` sets one method setting; a trial whose ``distill.loss`` differs from
+    the config's starts from no params (they belong to the config's method)."""
     changes: dict = {}
+    method_params: dict = {}
     for key, value in params.items():
         section, name, _, _ = space_entry(key, [value])
-        if name.startswith("params."):  # one entry of distill.params; the others stay
-            merged = changes.setdefault(section, {}).setdefault("params", dict(cfg.distill.params))
-            merged[name.partition(".")[2]] = value
+        if _method_param(section, name):
+            method_params[name.partition(".")[2]] = value
         else:
             changes.setdefault(section, {})[name] = value
+    loss = changes.get("distill", {}).get("loss", cfg.distill.loss)
+    if method_params or loss != cfg.distill.loss:
+        base = dict(cfg.distill.params) if loss == cfg.distill.loss else {}
+        changes.setdefault("distill", {})["params"] = {**base, **method_params}
     return cfg.replace(**changes)
 
 

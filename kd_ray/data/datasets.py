@@ -18,6 +18,12 @@ from kd_ray.data.sources import DATASETS, Source
 from kd_ray.errors import ConfigError, DataError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+HALF_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # tensor sources: (x - 0.5) / 0.5
+
+
+def normalization(src: Source) -> tuple:
+    """(mean, std) per channel of the images the model sees (recorded in teacher.pt)."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if src.pil else HALF_NORM
 
 
 @dataclass
@@ -26,6 +32,8 @@ class DataBundle:
     val: Dataset
     classes: list[str]
     image_size: int
+    norm: tuple = HALF_NORM
+    """(mean, std) the images were normalised with."""
 
     @property
     def num_classes(self) -> int:
@@ -38,6 +46,7 @@ class DataInfo:
     image_size: int
     train_count: int
     val_count: int
+    norm: tuple = HALF_NORM
 
 
 class View(Dataset):
@@ -123,7 +132,8 @@ def describe(cfg: DataConfig) -> DataInfo:
     src = load_source(cfg)
     if cfg.labels_per_class is not None:
         _check_label_counts(src.train_labels, cfg.labels_per_class, src.classes)
-    return DataInfo(src.classes, cfg.image_size or src.image_size, len(src.train_labels), len(src.val_labels))
+    return DataInfo(src.classes, cfg.image_size or src.image_size, len(src.train_labels),
+                    len(src.val_labels), normalization(src))
 
 
 def build_data(cfg: DataConfig, stage: str, seed: int) -> DataBundle:
@@ -144,4 +154,4 @@ def build_data(cfg: DataConfig, stage: str, seed: int) -> DataBundle:
             labels = np.where(np.isin(indices, keep), labels, -1)
     train = View(raw_train, make_transform(src, size, True, cfg.augment), indices, labels)
     val = View(raw_val, make_transform(src, size, False, False), np.arange(len(raw_val)), src.val_labels)
-    return DataBundle(train, val, src.classes, size)
+    return DataBundle(train, val, src.classes, size, normalization(src))

@@ -15,12 +15,17 @@ TEACHER_FORMAT = "kd_ray-teacher-v1"
 
 
 def export_teacher(path, model: nn.Module, arch: str, classes: list[str], image_size: int,
-                   extra: dict | None = None) -> None:
-    """Save the single teacher file the distill stage reads (written atomically)."""
+                   extra: dict | None = None, norm: tuple | None = None) -> None:
+    """Save the single teacher file the distill stage reads (written atomically).
+
+    ``image_size`` and ``norm`` ((mean, std) per channel) are the teacher's own input: a
+    student's batch of another size or normalisation is adapted for it (``models.ensemble``).
+    """
     state = {k: v.detach().cpu() for k, v in strip_prefixes(model.state_dict()).items()}
     payload = {
         "format": TEACHER_FORMAT, "arch": arch, "num_classes": len(classes),
         "classes": list(classes), "image_size": image_size,
+        "mean": list(norm[0]) if norm else None, "std": list(norm[1]) if norm else None,
         "state_dict": state, "extra": dict(extra or {}),
     }
     path = Path(path)

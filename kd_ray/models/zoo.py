@@ -84,17 +84,35 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def strip_prefixes(state: dict) -> dict:
-    # DDP saves "module.x", torch.compile saves "_orig_mod.x".
+def strip_prefixes(state: dict, prefixes=("module.", "_orig_mod.")) -> dict:
+    """Keys without wrapper prefixes: DDP saves "module.x", torch.compile "_orig_mod.x"; a
+    PyTorch Lightning module "model.x" or "student.x" (pass those in ``prefixes``)."""
     out = {}
     for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
+        for prefix in prefixes:
             if key.startswith(prefix):
                 key = key[len(prefix):]
         out[key] = value
     return out
 
 
+TIMM_PREFIX = "timm:"
+
+
+def model_fn(name: str):
+    """``fn(num_classes) -> nn.Module`` for a registry name, a plugin, or ``timm:<model>`` (the
+    optional ``timm`` extra; built with ``pretrained=False``: weights come from a local file)."""
+    if str(name).startswith(TIMM_PREFIX):
+        try:
+            import timm  # local: optional, and slow to import
+        except ImportError:
+            raise ConfigError(f"model {name!r} needs timm: pip install 'kd_ray[timm]'") from None
+        model_name = name[len(TIMM_PREFIX):]
+        if not timm.is_model(model_name):
+            raise ConfigError(f"timm has no model {model_name!r}; see timm.list_models()")
+        return lambda num_classes: timm.create_model(model_name, pretrained=False,
+                                                     num_classes=num_classes)
+    return MODELS.get(name)
 
 
 def require_file(path, error, what: str, fix: str) -> Path:
@@ -145,7 +163,7 @@ def load_weights(model: nn.Module, path, arch: str = "model") -> list[str]:
 def build_model(name: str, num_classes: int, pretrained: str | None = None) -> nn.Module:
     """A registered architecture (or a ``pkg.module:fn`` plugin taking num_classes) with fresh or
     local pretrained weights."""
-    model = MODELS.get(name)(num_classes)
+    model = model_fn(name)(num_classes)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model {name!r} built a {type(model).__name__}, not a torch.nn.Module")
     if pretrained:

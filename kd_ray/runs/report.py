@@ -42,18 +42,23 @@ def final_top1(run: dict) -> float:
 
 
 def comparison_rows(runs: list[dict]) -> list[dict]:
-    """One row per (stage, architecture): mean and spread of final top-1 over seeds."""
+    """One row per (stage, architecture, label): mean and spread of final top-1 over seeds.
+
+    ``label`` (in summary.json, set by the pipeline) tells apart runs of one stage and
+    architecture: other methods, an assistant of a chain, a student distilled via one."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        key = (run["summary"]["stage"], run["summary"]["arch"])
-        groups.setdefault(key, []).append(run)
+        summary = run["summary"]
+        label = summary.get("label") or ROLE_NAMES.get(summary["stage"], summary["stage"])
+        groups.setdefault((summary["stage"], summary["arch"], label), []).append(run)
     rows = []
     order = {s: i for i, s in enumerate(ROLE_ORDER)}
-    for (stage, arch), members in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1])):
+    keys = sorted(groups, key=lambda k: (order.get(k[0], 9), min(r["dir"].name for r in groups[k])))
+    for (stage, arch, label), members in ((k, groups[k]) for k in keys):
         accs = [100 * final_top1(r) for r in members]
         speeds = [r["summary"].get("images_per_s") or 0.0 for r in members]
         rows.append({
-            "model": ROLE_NAMES.get(stage, stage), "arch": arch, "runs": len(members),
+            "model": label, "arch": arch, "runs": len(members),
             "top1_mean": statistics.fmean(accs),
             "top1_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
             "top1_min": min(accs), "top1_max": max(accs),
@@ -82,11 +87,15 @@ def plot_accuracy(runs: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    by_stage: dict[str, list[dict]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        by_stage.setdefault(run["summary"]["stage"], []).append(run)
-    for stage in sorted(by_stage, key=lambda s: ROLE_ORDER.index(s) if s in ROLE_ORDER else 9):
-        curves = [[100 * h["val/top1"] for h in r["history"]] for r in by_stage[stage]]
+        summary = run["summary"]
+        label = summary.get("label") or ROLE_NAMES.get(summary["stage"], summary["stage"])
+        groups.setdefault((summary["stage"], label), []).append(run)
+    order = {s: i for i, s in enumerate(ROLE_ORDER)}
+    for stage, name in sorted(groups, key=lambda k: order.get(k[0], 9)):
+        members = groups[(stage, name)]
+        curves = [[100 * h["val/top1"] for h in r["history"]] for r in members]
         curves = [c for c in curves if c]
         if not curves:
             continue
@@ -94,7 +103,7 @@ def plot_accuracy(runs: list[dict], path) -> None:
         epochs = list(range(1, n + 1))
         cols = list(zip(*[c[:n] for c in curves]))
         mean = [statistics.fmean(c) for c in cols]
-        label = f"{ROLE_NAMES.get(stage, stage)} ({by_stage[stage][0]['summary']['arch']})"
+        label = f"{name} ({members[0]['summary']['arch']})"
         line, = ax.plot(epochs, mean, marker="o", ms=3, label=label)
         if len(curves) > 1:
             ax.fill_between(epochs, [min(c) for c in cols], [max(c) for c in cols],

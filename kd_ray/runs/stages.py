@@ -3,9 +3,10 @@ epochs of a stage, the inputs (data, registries, teacher file), what a rerun con
 how a failed run is summed up in one line. No Ray here."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
-from kd_ray.config import Config
+from kd_ray.config import Config, teacher_files
 from kd_ray.config.checks import check_paths
 from kd_ray.config.sweep import apply_params, space_entry
 from kd_ray.data import build_data, describe
@@ -13,7 +14,8 @@ from kd_ray.engine import checkpoints
 from kd_ray.errors import ConfigError
 from kd_ray.log import get
 from kd_ray.methods import Distiller, build_method, method_class
-from kd_ray.models import MODELS, build_model, check_teacher_matches, read_teacher_info
+from kd_ray.models import (build_model, check_same_classes, check_teacher_matches, model_fn,
+                           read_teacher_info)
 from kd_ray.runs.files import read_failures
 
 log = get(__name__)
@@ -44,19 +46,29 @@ def preflight(cfg: Config, stage: str, teacher_pending: bool = False) -> Config:
     """
     check_paths(cfg, (stage,))
     cfg = cfg.with_absolute_paths()
-    MODELS.get(stage_model(cfg, stage)[0])
+    if stage == "teacher" and cfg.optim.teacher_epochs == 0:
+        raise ConfigError("optim.teacher_epochs=0 trains no teacher: set it to at least 1, or bring "
+                          "a trained one with `kd-ray import-teacher` and set distill.teacher_path")
+    model_fn(stage_model(cfg, stage)[0])
     method = build_method(cfg.distill, stage_method(cfg, stage))  # checks distill.params too
     needs_teacher = method.teacher is not None
     info = describe(cfg.data)
     teacher_arch = cfg.model.teacher  # the pipeline's, until a teacher file says otherwise
     if stage == "distill" and needs_teacher and not teacher_pending:
-        if not cfg.distill.teacher_path:
+        paths = teacher_files(cfg.distill)
+        if not paths:
             raise ConfigError("distill needs a teacher: set distill.teacher_path to a teacher.pt "
-                              "from `kd-ray train-teacher`, or run `kd-ray pipeline`")
-        teacher = read_teacher_info(cfg.distill.teacher_path)
+                              "from `kd-ray train-teacher` or `kd-ray import-teacher`, or run "
+                              "`kd-ray pipeline`")
+        teacher = check_same_classes(paths) if len(paths) > 1 else read_teacher_info(paths[0])
         check_teacher_matches(teacher, info.classes)
+        if len(paths) > 1 and method.teacher == "features":
+            raise ConfigError(f"distill.loss={cfg.distill.loss} reads teacher features, which an "
+                              "ensemble does not have: give one distill.teacher_path")
+        # A teacher trained here sets the student's size; an imported one is resized for instead.
+        imported = (teacher.get("extra") or {}).get("imported")
         teacher_arch = teacher["arch"]
-        if cfg.data.image_size is None and teacher.get("image_size"):
+        if cfg.data.image_size is None and teacher.get("image_size") and not imported:
             cfg = cfg.replace(data={"image_size": teacher["image_size"]})
     if stage == "distill":
         check_method_setup(cfg, method, teacher_arch, len(info.classes))
@@ -82,11 +94,53 @@ def check_cache_teacher(cfg: Config) -> Config:
     return preflight(cfg, "distill")
 
 
-def check_pipeline(cfg: Config, train_teacher: bool, distill: bool) -> None:
-    """Every stage's input of a pipeline, before the first one starts."""
+def check_pipeline(cfg: Config, train_teacher: bool, distill: bool, methods=None) -> None:
+    """Every stage's input of a pipeline (every method's and assistant's too), before the first
+    one starts."""
     train_teacher = train_teacher or not cfg.distill.teacher_path  # as run_pipeline decides
-    for stage in ("teacher",) * train_teacher + ("student",) + ("distill",) * distill:
+    for stage in ("teacher",) * train_teacher + ("student",):
         preflight(cfg, stage, teacher_pending=train_teacher)
+    if not distill:
+        return
+    methods = list(methods or [cfg.distill.loss])
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"methods to compare are listed twice: {methods}")
+    for method in methods:
+        preflight(method_config(cfg, method), "distill", teacher_pending=train_teacher)
+    for arch in cfg.model.assistants:
+        if method_class(cfg.distill.loss).teacher != "logits":
+            raise ConfigError(f"model.assistants: a teacher-assistant chain distils with a logits "
+                              f"method (kd, mse_logits, ...), not distill.loss={cfg.distill.loss}")
+        preflight(assistant_config(cfg, arch, cfg.distill.teacher_path, "off", cfg.run.seed),
+                  "distill", teacher_pending=train_teacher)
+
+
+def method_config(cfg: Config, method: str) -> Config:
+    """``cfg`` distilling with ``method``: ``distill.params`` belong to ``distill.loss`` only; the
+    other methods of a comparison run with their defaults."""
+    params = dict(cfg.distill.params) if method == cfg.distill.loss else {}
+    return cfg.replace(distill={"loss": method, "params": params})
+
+
+def distill_run_name(cfg: Config, method: str, seed: int) -> str:
+    """``distill-seed<s>`` for ``distill.loss`` (the pipeline's name), ``distill-<method>-seed<s>``
+    for the other methods of a comparison."""
+    if method == cfg.distill.loss:
+        return f"distill-seed{seed}"
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in method)
+    return f"distill-{safe}-seed{seed}"
+
+
+def method_label(cfg: Config, method: str, compare: bool) -> str:
+    return f"student, distilled ({method})" if compare else "student, distilled"
+
+
+def assistant_config(cfg: Config, arch: str, teacher_path, teacher_cache: str, seed: int) -> Config:
+    """An assistant of a chain: a distill run whose student is ``arch``."""
+    return cfg.replace(model={"student": arch, "student_pretrained": None}, run={"seed": seed},
+                       distill={"teacher_path": teacher_path, "teacher_cache": teacher_cache,
+                                "teacher_weights": cfg.distill.teacher_weights
+                                if teacher_path == cfg.distill.teacher_path else None})
 
 
 def check_sweep(cfg: Config, train_teacher: bool) -> Config:
@@ -94,12 +148,16 @@ def check_sweep(cfg: Config, train_teacher: bool) -> Config:
     if not cfg.sweep.space:
         raise ConfigError("sweep.space is empty: name what to search, e.g. --set "
                           "'sweep.space={distill.temperature: [1, 2, 4, 8], distill.alpha: [0.1, 0.5, 0.9]}'")
+    choices = []
     for key, spec in cfg.sweep.space.items():
         _, _, kind, values = space_entry(key, spec)
-        for value in values if kind in ("grid", "choice") else values[:2]:
-            trial = apply_params(cfg, {key: value})  # e.g. alpha=1.5 fails here
-            build_method(trial.distill)  # and an unknown loss, method parameter or value here
-            MODELS.get(trial.model.student)
+        choices.append([(key, v) for v in (values if kind in ("grid", "choice") else values[:2])])
+    for n, combo in enumerate(itertools.product(*choices)):
+        if n == 256:  # enough to find a bad value or method/params pair; a big grid is not walked
+            break
+        trial = apply_params(cfg, dict(combo))  # e.g. alpha=1.5 fails here
+        build_method(trial.distill)  # an unknown method, or a params key it does not take
+        model_fn(trial.model.student)
     if train_teacher:
         preflight(cfg, "teacher")
     return preflight(cfg, "distill", teacher_pending=train_teacher)
@@ -164,6 +222,10 @@ def describe_setup(cfg: Config) -> str:
     lpc = cfg.data.labels_per_class
     labels = (f"{lpc} labels per class; the other training images form an unlabelled transfer set "
               "that only the distillation loss sees" if lpc else "all training labels")
-    return (f"dataset {cfg.data.name}; teacher {cfg.model.teacher} trained on all labels; "
+    files = teacher_files(cfg.distill)
+    teacher = (f"teacher {cfg.model.teacher} trained on all labels" if not files else
+               f"teacher {files[0]}" if len(files) == 1 else f"an ensemble of {len(files)} teachers")
+    chain = "".join(f" -> {a}" for a in cfg.model.assistants)
+    return (f"dataset {cfg.data.name}; {teacher}{chain and f' (assistants{chain})'}; "
             f"student {cfg.model.student} with {labels}; loss {cfg.distill.loss} "
             f"(T={cfg.distill.temperature}, alpha={cfg.distill.alpha}); seeds {cfg.run.seeds}")

@@ -40,11 +40,42 @@ def summarize(cfg: Config, stage: str, run_dir: Path, last_metrics: dict | None 
     }
     if stage == "distill":
         summary.update(loss=cfg.distill.loss, temperature=cfg.distill.temperature,
-                       alpha=cfg.distill.alpha, teacher=cfg.distill.teacher_path)
+                       alpha=cfg.distill.alpha, teacher=cfg.distill.teacher_path,
+                       teacher_weights=cfg.distill.teacher_weights,
+                       teacher_cache=cfg.distill.teacher_cache)  # the folder read, or "off"
     if stage == "teacher":
-        path = run_dir / TEACHER_FILE
-        export_teacher(path, model, state["arch"], state["classes"], state["image_size"],
-                       extra={"run": str(run_dir), "val_top1": summary["final"].get("val/top1")})
-        summary["teacher_file"] = str(path)
+        summary["teacher_file"] = str(export_run_teacher(run_dir, model, state, summary))
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def export_run_teacher(run_dir: Path, model, state: dict, summary: dict) -> Path:
+    """``<run>/teacher.pt`` from a finished run (a teacher, or an assistant of a chain)."""
+    path = Path(run_dir) / TEACHER_FILE
+    export_teacher(path, model, state["arch"], state["classes"], state["image_size"],
+                   extra={"run": str(run_dir), "val_top1": summary["final"].get("val/top1")},
+                   norm=state.get("norm"))
+    return path
+
+
+def export_assistant(run_dir) -> Path:
+    """The teacher file of a distilled run (a teacher-assistant chain's link), made once."""
+    run_dir = Path(run_dir)
+    path = run_dir / TEACHER_FILE
+    if not path.is_file():
+        _, _, state = checkpoints.latest(run_dir, with_state=True)
+        model = build_model(state["arch"], len(state["classes"]))
+        model.load_state_dict(state["model"])
+        export_run_teacher(run_dir, model, state, read_summary(run_dir))
+    return path
+
+
+def read_summary(run_dir) -> dict:
+    return json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
+
+
+def update_summary(run_dir, **fields) -> dict:
+    """Add fields to a finished run's summary.json (a row label, a measured agreement)."""
+    summary = {**read_summary(run_dir), **fields}
+    (Path(run_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
