@@ -19,7 +19,9 @@ from kd_ray.deploy.loading import open_model
 from kd_ray.deploy.predict import predict
 from kd_ray.engine import build_optimizer, checkpoints, epoch_metrics, evaluate, make_loaders, train_one_epoch
 from kd_ray.methods import TrainStep, build_method
-from kd_ray.models import build_model, export_teacher, load_teacher
+from kd_ray.models import build_model, load_teacher
+from kd_ray.runs.files import append_metrics
+from kd_ray.runs.summary import summarize
 from kd_ray.runs.stages import stage_method, stage_model
 
 
@@ -44,6 +46,7 @@ def train_run(cfg, stage, run_dir, epochs=2):
                  "epoch": epoch + 1, "stage": stage, "arch": stage_model(cfg, stage)[0],
                  "classes": bundle.classes, "image_size": bundle.image_size, "config": cfg.to_dict()}
         checkpoints.save(run_dir, state, history)
+        append_metrics(run_dir, history[-1])  # as the driver's callback does
     cfg.save(run_dir / "config.yaml")
     return history
 
@@ -60,14 +63,11 @@ def runs(tmp_path_factory):
             "optim.batch_size=16", "model.teacher=simple_cnn", "model.student=tiny_cnn"]
     teacher_cfg = load_config(overrides=base)
     train_run(teacher_cfg, "teacher", root / "teacher", epochs=2)
-    state = checkpoints.latest(root / "teacher", with_state=True)[2]
-    model = build_model("simple_cnn", 5)
-    model.load_state_dict(state["model"])
-    export_teacher(root / "teacher" / "teacher.pt", model, "simple_cnn", state["classes"], 40,
-                   extra={"run": str(root / "teacher")})
+    summarize(teacher_cfg, "teacher", root / "teacher")  # summary.json and teacher.pt
     cfg = load_config(overrides=base + [f"distill.teacher_path={root / 'teacher' / 'teacher.pt'}",
                                         "distill.loss=kd"])
     history = train_run(cfg, "distill", root / "distill", epochs=2)
+    summarize(cfg, "distill", root / "distill")
     return {"root": root, "tree": tree, "distill": root / "distill", "teacher": root / "teacher",
             "history": history, "cfg": cfg}
 
@@ -201,3 +201,40 @@ def test_bad_inputs_are_one_line_exit_2(runs, tmp_path, capsys):
             continue
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty_run", "model.onnx", "t.onnx", "t.onnx.json"]
+
+
+def test_bench_rows_for_a_run_an_onnx_file_and_an_architecture(runs, tmp_path, capsys):
+    from kd_ray.deploy.bench import bench, count_macs
+
+    # tiny_cnn at 40 px: conv 3->8 at 40x40, conv 8->16 at 20x20, linear 400->5 (multiply-adds)
+    assert count_macs(open_model(runs["distill"]).module, 40) == 8 * 1600 * 27 + 16 * 400 * 72 + 400 * 5
+    onnx_file, _ = export(runs["distill"], "onnx", tmp_path / "s.onnx")
+    rows = bench(runs["distill"], batch=4, seconds=0.01) + bench(onnx_file, batch=4, seconds=0.01)
+    assert [(r["runtime"], r["device"]) for r in rows] == [("pytorch", "cpu"), ("onnxruntime", "cpu"),
+                                                           ("onnxruntime", "cpu")]
+    assert len({(r["params"], r["macs"]) for r in rows}) == 1  # the ONNX file's arch is counted too
+    assert all(r["p95_ms"] >= r["p50_ms"] > 0 and r["images_per_s"] > 0 for r in rows)
+    assert rows[-1]["size_mb"] == onnx_file.stat().st_size / 2**20
+    assert main(["bench", "tiny_cnn", "--image-size", "40", "--num-classes", "3", "--seconds",
+                 "0.01", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("machine: ") and "| tiny_cnn | tiny_cnn | 40 |" in out
+
+
+def test_comparison_gains_size_macs_latency_agreement_and_tradeoff_plot(runs, tmp_path):
+    from kd_ray.runs.report import comparison_rows, find_runs, write_report
+
+    found = find_runs([runs["teacher"], runs["distill"]])
+    table = write_report(tmp_path, found)
+    assert "| size MB | MACs | CPU ms (b1) | agreement with teacher % |" in table
+    assert (tmp_path / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "comparison.csv")))
+    teacher, student = rows
+    assert teacher["agreement"] == "" and float(student["agreement"]) == pytest.approx(
+        100 * evaluate_target(runs["distill"], out=tmp_path / "ev")[0]["teacher_agreement"])
+    assert float(teacher["size_mb"]) > float(student["size_mb"]) > 0
+    assert int(student["macs"]) == 8 * 1600 * 27 + 16 * 400 * 72 + 400 * 5
+    assert float(student["cpu_ms"]) > 0
+    assert comparison_rows(found)[0].get("cpu_ms") is None  # plain rows unless asked

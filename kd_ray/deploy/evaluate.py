@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_ray.deploy.loading import Model, open_model
+from kd_ray.deploy.loading import Model, has_teacher, open_model
 from kd_ray.errors import ConfigError, ModelFileError
 
 ECE_BINS = 15
@@ -108,7 +108,8 @@ def evaluate_target(target, cfg=None, split: str = "val", out=None, which: str =
         raise ModelFileError(f"{target} predicts {len(model.classes)} classes that are not the "
                              f"dataset's {len(data_classes)}: pass the config of its dataset")
     models = [model]
-    if teacher and model.kind == "run" and model.extra.get("stage") == "distill":
+    if teacher and model.kind == "run" and model.extra["stage"] != "teacher" and has_teacher(
+            model.extra["config"]):
         models.append(open_model(target, "teacher"))
     labels, logits = collect_logits(models, dataset)
     metrics = metrics_of(logits[0], labels, model.classes, logits[1] if len(logits) > 1 else None)

@@ -95,6 +95,11 @@ def open_model(target, which: str = "student", image_size: int | None = None,
     raise ModelFileError(f"{path} has an unknown suffix {path.suffix!r}; pass {READS}")
 
 
+def has_teacher(cfg) -> bool:
+    """A distill run's teacher; a pipeline's baseline student names the same teacher file."""
+    return bool(cfg.distill.teacher_path) and Path(cfg.distill.teacher_path).is_file()
+
+
 def open_run(run_dir: Path, which: str = "student") -> Model:
     from kd_ray.config import Config  # local: heavy (torch)
     from kd_ray.engine import checkpoints
@@ -111,9 +116,9 @@ def open_run(run_dir: Path, which: str = "student") -> Model:
     common = {"run": str(run_dir), "checkpoint": folder.name, "epoch": state["epoch"]}
     extra = {"config": cfg, "last": history[-1], "stage": state["stage"]}
     if which == "teacher" and state["stage"] != "teacher":
-        if state["stage"] != "distill" or not cfg.distill.teacher_path:
-            raise ModelFileError(f"{run_dir} is a {state['stage']} run: it has no teacher; "
-                                 "use --which student or a distill run")
+        if not has_teacher(cfg):
+            raise ModelFileError(f"{run_dir} is a {state['stage']} run without a teacher file "
+                                 "(distill.teacher_path): use --which student or a distill run")
         module, info = load_teacher(cfg.distill.teacher_path)
         meta = describe_meta(info["arch"], info["classes"], info["image_size"],
                              preprocess_spec(spec["resize"] != "square", info["image_size"]),

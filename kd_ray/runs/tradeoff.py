@@ -1,0 +1,108 @@
+"""What distillation buys: size, MACs, CPU latency and agreement with the teacher per comparison
+row, and ``tradeoff.png`` (validation accuracy against CPU latency).
+
+Runs without a usable checkpoint (e.g. hand-made summaries) keep empty cells: the table is still
+written. Latency is PyTorch eager at batch 1 on this machine's CPU (median of a short timing).
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+
+from kd_ray.deploy.bench import count_macs, timed, torch_runner, weights_bytes
+from kd_ray.deploy.evaluate import collect_logits, split_dataset
+from kd_ray.deploy.loading import has_teacher, open_model
+from kd_ray.errors import KdRayError
+
+log = logging.getLogger(__name__)
+COLUMNS = ("size_mb", "macs", "cpu_ms", "agreement")
+
+
+def _latency_ms(model, seconds: float) -> float:
+    import numpy as np
+
+    size = model.meta["image_size"]
+    one = np.zeros((1, 3, size, size), dtype=np.float32)
+    call = torch_runner(model.module, "cpu")
+    return 1e3 * statistics.median(timed(lambda: call(one), seconds, min_calls=20, warmup=5))
+
+
+def _agreement(model, teachers: dict) -> float | None:
+    """Share of validation images where the run's student and its teacher pick the same class."""
+    cfg = model.extra["config"]
+    if model.extra["stage"] == "teacher" or not has_teacher(cfg):
+        return None
+    dataset, _ = split_dataset(cfg, "val", model.meta["image_size"])
+    key = (str(cfg.distill.teacher_path), len(dataset))
+    if key not in teachers:
+        teacher = open_model(model.meta["run"], "teacher")
+        teachers[key] = collect_logits([teacher], dataset)[1][0].argmax(axis=1)
+    student = collect_logits([model], dataset)[1][0].argmax(axis=1)
+    return float((student == teachers[key]).mean())
+
+
+def add_deploy_columns(rows: list[dict], runs: list[dict], seconds: float = 0.5) -> None:
+    """Fill COLUMNS of each comparison row (same grouping as report.comparison_rows) in place."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["summary"]["stage"], run["summary"]["arch"]), []).append(run)
+    teachers: dict = {}
+    for row, key in zip(rows, _row_keys(rows)):
+        row.update(dict.fromkeys(COLUMNS))
+        agreements = []
+        for i, run in enumerate(groups.get(key, [])):
+            try:
+                model = open_model(run["dir"])
+                if i == 0:  # the same architecture in every seed: measure it once
+                    row.update(size_mb=weights_bytes(model.module) / 2**20,
+                               macs=count_macs(model.module, model.meta["image_size"]),
+                               cpu_ms=_latency_ms(model, seconds))
+                agreement = _agreement(model, teachers)
+            except KdRayError as exc:  # a hand-made or moved run: leave the cells empty
+                log.info("no deploy numbers for %s: %s", run["dir"], exc)
+                continue
+            if agreement is not None:
+                agreements.append(100 * agreement)
+        if agreements:
+            row["agreement"] = statistics.fmean(agreements)
+
+
+def _row_keys(rows: list[dict]) -> list[tuple]:
+    stages = {"teacher": "teacher", "student, labels only": "student", "student, distilled": "distill"}
+    return [(stages.get(r["model"], r["model"]), r["arch"]) for r in rows]
+
+
+def cells(row: dict) -> str:
+    """The extra markdown cells of one row ('-' where unknown)."""
+    size = f"{row['size_mb']:.3f}" if row.get("size_mb") is not None else "-"
+    macs = f"{row['macs'] / 1e6:.2f}M" if row.get("macs") is not None else "-"
+    ms = f"{row['cpu_ms']:.3f}" if row.get("cpu_ms") is not None else "-"
+    agree = f"{row['agreement']:.2f}" if row.get("agreement") is not None else "-"
+    return f" {size} | {macs} | {ms} | {agree} |"
+
+
+def plot_tradeoff(rows: list[dict], path) -> bool:
+    """Accuracy (mean, min-max bar) against CPU latency per row; False when nothing to plot."""
+    points = [r for r in rows if r.get("cpu_ms")]
+    if not points:
+        return False
+    import matplotlib  # local: slow to import
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, r in enumerate(points):
+        err = [[r["top1_mean"] - r["top1_min"]], [r["top1_max"] - r["top1_mean"]]]
+        ax.errorbar([r["cpu_ms"]], [r["top1_mean"]], yerr=err, fmt="o", ms=8, capsize=4,
+                    color=f"C{i}", label=f"{r['model']} ({r['arch']}, {r['params']:,} params)")
+    ax.set_xscale("log")
+    ax.set_xlabel("CPU latency, batch 1, PyTorch eager (ms, log scale)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title("Accuracy against latency: up and to the left is better")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
