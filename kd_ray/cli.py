@@ -205,7 +205,7 @@ def run(args) -> int:
 
         out = args.out or args.run_dirs[0]
         print(write_report(out, find_runs(args.run_dirs)), flush=True)
-        log.info(f"wrote {out}/comparison.md, comparison.csv and accuracy.png")
+        log.info(f"wrote {out}/comparison.md, comparison.csv, accuracy.png and tradeoff.png")
         return 0
     if args.command in ("export", "eval", "predict", "bench"):
         from kd_ray.deploy.commands import run_deploy  # local: heavy, see above

@@ -238,3 +238,5 @@ def test_comparison_gains_size_macs_latency_agreement_and_tradeoff_plot(runs, tm
     assert int(student["macs"]) == 8 * 1600 * 27 + 16 * 400 * 72 + 400 * 5
     assert float(student["cpu_ms"]) > 0
     assert comparison_rows(found)[0].get("cpu_ms") is None  # plain rows unless asked
+    assert write_report(tmp_path, found) == table  # measured once: deploy.json in each run
+    assert json.loads((runs["distill"] / "deploy.json").read_text())["cpu_ms"] == float(student["cpu_ms"])

@@ -2,12 +2,16 @@
 row, and ``tradeoff.png`` (validation accuracy against CPU latency).
 
 Runs without a usable checkpoint (e.g. hand-made summaries) keep empty cells: the table is still
-written. Latency is PyTorch eager at batch 1 on this machine's CPU (median of a short timing).
+written. Latency is PyTorch eager at batch 1 on this machine's CPU (median of a short timing),
+measured once per run and kept in its deploy.json, so that `kd-ray report` gives the same table.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import statistics
+from pathlib import Path
 
 from kd_ray.deploy.bench import count_macs, timed, torch_runner, weights_bytes
 from kd_ray.deploy.evaluate import collect_logits, split_dataset
@@ -16,6 +20,7 @@ from kd_ray.errors import KdRayError
 
 log = logging.getLogger(__name__)
 COLUMNS = ("size_mb", "macs", "cpu_ms", "agreement")
+DEPLOY_FILE = "deploy.json"
 
 
 def _latency_ms(model, seconds: float) -> float:
@@ -41,30 +46,46 @@ def _agreement(model, teachers: dict) -> float | None:
     return float((student == teachers[key]).mean())
 
 
+def run_numbers(run_dir, teachers: dict, seconds: float = 0.5) -> dict:
+    """Size, MACs, CPU latency and agreement of one run, measured once: kept in deploy.json
+    beside the run (remade when the run has a newer checkpoint), so a report is reproducible."""
+    path = Path(run_dir) / DEPLOY_FILE
+    model = open_model(run_dir)
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        if kept.get("checkpoint") == model.meta["checkpoint"]:
+            return kept
+    agreement = _agreement(model, teachers)
+    numbers = {"checkpoint": model.meta["checkpoint"], "size_mb": weights_bytes(model.module) / 2**20,
+               "macs": count_macs(model.module, model.meta["image_size"]),
+               "cpu_ms": _latency_ms(model, seconds),
+               "agreement": None if agreement is None else 100 * agreement}
+    tmp = path.with_name(f".tmp_{os.getpid()}_{DEPLOY_FILE}")
+    tmp.write_text(json.dumps(numbers, indent=2))
+    os.replace(tmp, path)
+    return numbers
+
+
 def add_deploy_columns(rows: list[dict], runs: list[dict], seconds: float = 0.5) -> None:
-    """Fill COLUMNS of each comparison row (same grouping as report.comparison_rows) in place."""
+    """Fill COLUMNS of each comparison row (same grouping as report.comparison_rows) in place:
+    medians over the row's runs, the mean for agreement."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         groups.setdefault((run["summary"]["stage"], run["summary"]["arch"]), []).append(run)
     teachers: dict = {}
     for row, key in zip(rows, _row_keys(rows)):
         row.update(dict.fromkeys(COLUMNS))
-        agreements = []
-        for i, run in enumerate(groups.get(key, [])):
+        measured = []
+        for run in groups.get(key, []):
             try:
-                model = open_model(run["dir"])
-                if i == 0:  # the same architecture in every seed: measure it once
-                    row.update(size_mb=weights_bytes(model.module) / 2**20,
-                               macs=count_macs(model.module, model.meta["image_size"]),
-                               cpu_ms=_latency_ms(model, seconds))
-                agreement = _agreement(model, teachers)
+                measured.append(run_numbers(run["dir"], teachers, seconds))
             except KdRayError as exc:  # a hand-made or moved run: leave the cells empty
                 log.info("no deploy numbers for %s: %s", run["dir"], exc)
-                continue
-            if agreement is not None:
-                agreements.append(100 * agreement)
-        if agreements:
-            row["agreement"] = statistics.fmean(agreements)
+        for column in COLUMNS:
+            values = [m[column] for m in measured if m.get(column) is not None]
+            if values:
+                average = statistics.fmean if column == "agreement" else statistics.median
+                row[column] = average(values)
 
 
 def _row_keys(rows: list[dict]) -> list[tuple]:
