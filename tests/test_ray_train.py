@@ -65,6 +65,7 @@ def test_two_worker_distillation_writes_checkpoints_and_tensorboard(ray_cluster,
     assert {"train/loss", "train/kd", "train/ce", "val/loss", "val/top1", "val/top5",
             "perf/images_per_s", "perf/epoch_seconds", "lr"} <= tags
     assert [e.step for e in acc.Scalars("val/top1")] == [1, 2]
+    assert "train_step/loss" in tb_tags(run_dir / "tensorboard" / "steps")[0]  # rank 0's step curve
     assert (run_dir / "config.yaml").is_file()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stage"] == "distill" and summary["epochs"] == 2 and summary["params"] > 0
