@@ -240,3 +240,16 @@ def test_comparison_gains_size_macs_latency_agreement_and_tradeoff_plot(runs, tm
     assert comparison_rows(found)[0].get("cpu_ms") is None  # plain rows unless asked
     assert write_report(tmp_path, found) == table  # measured once: deploy.json in each run
     assert json.loads((runs["distill"] / "deploy.json").read_text())["cpu_ms"] == float(student["cpu_ms"])
+
+
+def test_predict_with_an_onnx_file_imports_no_torch(runs, tmp_path):
+    import subprocess
+    import sys
+
+    onnx_file, _ = export(runs["distill"], "onnx", tmp_path / "s.onnx")
+    code = ("import sys; from kd_ray.cli import main; "
+            f"code = main(['predict', {str(onnx_file)!r}, {str(runs['tree'] / 'val' / 'class2')!r}]); "
+            "print('TORCH', 'torch' in sys.modules, 'kd_ray.models' in sys.modules); sys.exit(code)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "TORCH False False" in out.stdout and out.stdout.count(".png ") == 8  # one row per image
