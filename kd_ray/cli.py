@@ -75,6 +75,8 @@ def _deploy_args(sub) -> None:
     bench.add_argument("--num-classes", type=int, default=1000, help="classes for architecture names")
     bench.add_argument("--batch", type=int, default=32, help="batch size of the throughput test")
     bench.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
+    bench.add_argument("--threads", type=int, help="CPU threads of PyTorch and ONNX Runtime "
+                       "(default: theirs, one per core)")
     bench.add_argument("--no-onnx", action="store_true", help="PyTorch eager only")
 
 

@@ -226,7 +226,7 @@ def test_comparison_gains_size_macs_latency_agreement_and_tradeoff_plot(runs, tm
 
     found = find_runs([runs["teacher"], runs["distill"]])
     table = write_report(tmp_path, found)
-    assert "| size MB | MACs | CPU ms (b1) | agreement with teacher % |" in table
+    assert "| size MB | MACs | CPU ms (b1, 1 thread) | agreement with teacher % |" in table
     assert (tmp_path / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     import csv
 

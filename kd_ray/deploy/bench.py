@@ -118,7 +118,7 @@ def torch_runner(module, device: str):
     return call
 
 
-def onnx_runner(model: Model, tmp_dir: Path, provider: str):
+def onnx_runner(model: Model, tmp_dir: Path, provider: str, threads: int | None = None):
     """A session on the model's ONNX file, exported first when the model is a torch one."""
     import onnxruntime as ort
 
@@ -128,16 +128,22 @@ def onnx_runner(model: Model, tmp_dir: Path, provider: str):
 
         path = tmp_dir / "model.onnx"
         _onnx(model, path, tolerance=1e-3)
-    session = ort.InferenceSession(str(path), providers=[provider])
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=[provider])
     name = session.get_inputs()[0].name
     return lambda batch: session.run(None, {name: batch})
 
 
 def bench(target, image_size=224, num_classes=1000, batch=32, seconds=3.0, onnx=True,
-          devices=None) -> list[dict]:
-    """One row per (runtime, device) of one model."""
+          devices=None, threads: int | None = None) -> list[dict]:
+    """One row per (runtime, device) of one model; ``threads``: CPU threads of both runtimes
+    (default: theirs, one per core)."""
     import torch  # local: heavy
 
+    if threads:
+        torch.set_num_threads(threads)
     model = open_model(target, image_size=image_size, num_classes=num_classes)
     info = describe(target, model)
     devices = devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
@@ -156,7 +162,8 @@ def bench(target, image_size=224, num_classes=1000, batch=32, seconds=3.0, onnx=
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 rows.append({**info, "runtime": "onnxruntime", "device": device,
-                             **speed(onnx_runner(model, Path(tmp), provider), size, batch, seconds)})
+                             **speed(onnx_runner(model, Path(tmp), provider, threads), size, batch,
+                                   seconds)})
     return rows
 
 
@@ -174,10 +181,14 @@ def table(rows: list[dict]) -> str:
 
 
 def bench_command(args) -> int:
+    if args.threads:
+        import torch  # local: heavy
+
+        torch.set_num_threads(args.threads)  # before the machine line, which shows it
     print(machine_line(), flush=True)
     rows = []
     for target in args.models:
         rows.extend(bench(target, args.image_size, args.num_classes, args.batch, args.seconds,
-                          onnx=not args.no_onnx))
+                          onnx=not args.no_onnx, threads=args.threads))
     print(table(rows), flush=True)
     return 0

@@ -67,7 +67,7 @@ def comparison_rows(runs: list[dict]) -> list[dict]:
 def markdown_table(rows: list[dict]) -> str:
     deploy = any("cpu_ms" in r for r in rows)  # tradeoff.add_deploy_columns ran
     lines = ["| model | arch | runs | val top-1 % (mean ± std) | min–max | params | train images/s |"
-             + (" size MB | MACs | CPU ms (b1) | agreement with teacher % |" if deploy else ""),
+             + (" size MB | MACs | CPU ms (b1, 1 thread) | agreement with teacher % |" if deploy else ""),
              "|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|---:|" if deploy else "")]
     for r in rows:
         lines.append(

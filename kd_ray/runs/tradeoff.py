@@ -2,7 +2,7 @@
 row, and ``tradeoff.png`` (validation accuracy against CPU latency).
 
 Runs without a usable checkpoint (e.g. hand-made summaries) keep empty cells: the table is still
-written. Latency is PyTorch eager at batch 1 on this machine's CPU (median of a short timing),
+written. Latency is PyTorch eager at batch 1 on one CPU thread (median of a short timing),
 measured once per run and kept in its deploy.json, so that `kd-ray report` gives the same table.
 """
 from __future__ import annotations
@@ -24,12 +24,20 @@ DEPLOY_FILE = "deploy.json"
 
 
 def _latency_ms(model, seconds: float) -> float:
+    """One thread: on a busy machine two threads at batch 1 waited ~50 ms per call for each
+    other (measured here: tiny_cnn 0.15 ms with one thread, 56 ms with two)."""
     import numpy as np
+    import torch  # local: heavy
 
     size = model.meta["image_size"]
     one = np.zeros((1, 3, size, size), dtype=np.float32)
     call = torch_runner(model.module, "cpu")
-    return 1e3 * statistics.median(timed(lambda: call(one), seconds, min_calls=20, warmup=5))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return 1e3 * statistics.median(timed(lambda: call(one), seconds, min_calls=20, warmup=5))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _agreement(model, teachers: dict) -> float | None:
@@ -118,7 +126,7 @@ def plot_tradeoff(rows: list[dict], path) -> bool:
         ax.errorbar([r["cpu_ms"]], [r["top1_mean"]], yerr=err, fmt="o", ms=8, capsize=4,
                     color=f"C{i}", label=f"{r['model']} ({r['arch']}, {r['params']:,} params)")
     ax.set_xscale("log")
-    ax.set_xlabel("CPU latency, batch 1, PyTorch eager (ms, log scale)")
+    ax.set_xlabel("CPU latency, batch 1, 1 thread, PyTorch eager (ms, log scale)")
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title("Accuracy against latency: up and to the left is better")
     ax.grid(alpha=0.3, which="both")
