@@ -253,3 +253,12 @@ def test_predict_with_an_onnx_file_imports_no_torch(runs, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "TORCH False False" in out.stdout and out.stdout.count(".png ") == 8  # one row per image
+
+
+def test_predict_csv_has_one_row_per_image_with_top_k(runs, tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    folder = runs["tree"] / "val" / "class4"
+    assert main(["predict", str(runs["distill"]), str(folder), "--csv", str(out), "-k", "2"]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "path,top1_class,top1_prob,top2_class,top2_prob" and len(lines) == 9
+    assert "img000.png" in capsys.readouterr().out

@@ -55,7 +55,7 @@ def as_csv(rows: list[dict]) -> str:
     k = max((len(r["top"]) for r in rows), default=0)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path"] + [f"{name}{i + 1}" for i in range(k) for name in ("class", "prob")])
+    writer.writerow(["path"] + [f"top{i + 1}_{name}" for i in range(k) for name in ("class", "prob")])
     for r in rows:
         writer.writerow([r["path"]] + [v for c, p in r["top"] for v in (c, f"{p:.6f}")])
     return buf.getvalue()
