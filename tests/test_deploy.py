@@ -262,3 +262,19 @@ def test_predict_csv_has_one_row_per_image_with_top_k(runs, tmp_path, capsys):
     lines = out.read_text().splitlines()
     assert lines[0] == "path,top1_class,top1_prob,top2_class,top2_prob" and len(lines) == 9
     assert "img000.png" in capsys.readouterr().out
+
+
+def test_image_files_get_the_tensor_datasets_own_transform(tmp_path):
+    """An MNIST image saved as PNG and read back for predict is the val transform's tensor."""
+    from PIL import Image
+
+    from kd_ray.deploy.images import load_image, preprocess_spec
+    from kd_ray.deploy.loading import data_is_pil
+
+    cfg = load_config()  # mnist5k: uint8 images, so a PNG holds them exactly
+    assert not data_is_pil(cfg.data)
+    bundle = build_data(cfg.data, "student", 0)
+    raw, _ = bundle.val.raw[0]
+    Image.fromarray((raw[0].numpy() * 255).round().astype(np.uint8), "L").save(tmp_path / "d.png")
+    got = load_image(tmp_path / "d.png", preprocess_spec(False, 28))
+    np.testing.assert_allclose(got, bundle.val[0][0].numpy(), atol=1e-6)
