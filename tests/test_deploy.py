@@ -104,6 +104,10 @@ def test_export_of_the_teacher_and_default_path(runs):
     path, _ = export(runs["distill"], "onnx", which="teacher")
     assert path == runs["distill"] / "export" / "teacher.onnx"
     assert open_model(path).meta["arch"] == "simple_cnn"
+    # a teacher.pt file exports beside itself; its preprocessing comes from its run's config
+    path, _ = export(runs["teacher"] / "teacher.pt", "torchscript")
+    assert path == runs["teacher"] / "export" / "teacher.pt"
+    assert open_model(path).meta["preprocess"]["resize"] == "shorter_side_center_crop"
 
 
 def test_onnx_mismatch_is_refused_and_nothing_is_left(runs, tmp_path, monkeypatch):

@@ -27,8 +27,12 @@ def sample_batch(model: Model, batch: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
 
 
-def default_out(run_dir: Path, which: str, fmt: str) -> Path:
-    return Path(run_dir) / "export" / f"{which}{FORMATS[fmt]}"
+def default_out(target: Path, which: str, fmt: str) -> Path:
+    """<run>/export/<which>.<ext>, or export/<stem>.<ext> beside a model file (never itself)."""
+    target = Path(target)
+    if target.is_dir():
+        return target / "export" / f"{which}{FORMATS[fmt]}"
+    return target.parent / "export" / f"{target.stem}{FORMATS[fmt]}"
 
 
 def export(target, fmt: str = "onnx", out=None, which: str = "student",
