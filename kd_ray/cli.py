@@ -42,6 +42,44 @@ def _submit_args(p: argparse.ArgumentParser) -> None:
                    help="its arguments, as for a local run (-c config.yaml --set ...)")
 
 
+def _deploy_args(sub) -> None:
+    model_help = ("a run folder, an exported .onnx / TorchScript .pt / .safetensors file, or a "
+                  "kd_ray teacher.pt")
+    export = sub.add_parser("export", help="write a finished run's student (or teacher) as ONNX, "
+                            "TorchScript or safetensors", description="Eval mode, dynamic batch axis; "
+                            "classes, input size and preprocessing travel in the file and a JSON "
+                            "beside it. ONNX and TorchScript are checked against PyTorch.")
+    export.add_argument("run_dir", help="a run folder with a finished checkpoint")
+    export.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "safetensors"])
+    export.add_argument("--out", help="file to write (default <run>/export/<which>.<ext>)")
+    export.add_argument("--which", default="student", choices=["student", "teacher"])
+    export.add_argument("--tolerance", type=float, default=1e-3,
+                        help="largest accepted |exported - PyTorch| logit difference")
+    ev = sub.add_parser("eval", help="accuracy, per-class accuracy, confusion matrix, calibration "
+                        "and teacher agreement of a model on a split")
+    ev.add_argument("model", help=model_help)
+    _config_args(ev)
+    ev.add_argument("--split", default="val", choices=["val", "train"])
+    ev.add_argument("--out", help="folder for the results (default <run>/eval_<split>)")
+    ev.add_argument("--which", default="student", choices=["student", "teacher"])
+    pr = sub.add_parser("predict", help="top-k classes of image files or folders")
+    pr.add_argument("model", help=model_help)
+    pr.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    pr.add_argument("-k", "--top-k", type=int, default=3)
+    pr.add_argument("--csv", help="also write the predictions to this CSV file")
+    pr.add_argument("--json", help="also write the predictions to this JSON file")
+    bench = sub.add_parser("bench", help="parameters, size, MACs, latency and throughput of models")
+    bench.add_argument("models", nargs="+", help=model_help + ", or an architecture name "
+                       "(random weights, e.g. resnet18)")
+    bench.add_argument("--image-size", type=int, default=224, help="input side for architecture names")
+    bench.add_argument("--num-classes", type=int, default=1000, help="classes for architecture names")
+    bench.add_argument("--batch", type=int, default=32, help="batch size of the throughput test")
+    bench.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
+    bench.add_argument("--threads", type=int, help="CPU threads of PyTorch and ONNX Runtime "
+                       "(default: theirs, one per core)")
+    bench.add_argument("--no-onnx", action="store_true", help="PyTorch eager only")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kd-ray", description="Knowledge distillation on Ray Train.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src", help="folder with train/ and val/ class folders")
     convert.add_argument("dst", help="folder for <split>.parquet")
     convert.add_argument("--splits", default="train,val")
+    _deploy_args(sub)
     _submit_args(sub.add_parser(
         "submit", help="run a kd-ray command as a Ray job on a cluster and follow its logs",
         usage="kd-ray submit [--address URL] [--head-dir DIR] COMMAND -c config.yaml [--set ...]",
@@ -211,8 +250,12 @@ def run(args) -> int:
 
         out = args.out or args.run_dirs[0]
         print(write_report(out, find_runs(args.run_dirs)), flush=True)
-        log.info(f"wrote {out}/comparison.md, comparison.csv and accuracy.png")
+        log.info(f"wrote {out}/comparison.md, comparison.csv, accuracy.png and tradeoff.png")
         return 0
+    if args.command in ("export", "eval", "predict", "bench"):
+        from kd_ray.deploy.commands import run_deploy  # local: heavy, see above
+
+        return run_deploy(args)
     if args.command == "convert":
         from kd_ray.data.parquet import convert_imagefolder_to_parquet  # local: heavy, see above
 

@@ -24,6 +24,11 @@ class TeacherError(KdRayError):
     """Teacher file missing, unreadable or not matching the dataset."""
 
 
+class ModelFileError(KdRayError):
+    """A run folder without a usable checkpoint, a model file of another format, an export that
+    does not match PyTorch (export, eval, predict, bench)."""
+
+
 class NonFiniteLossError(KdRayError):
     """Loss became NaN or inf; raised with the epoch and step."""
 

@@ -14,6 +14,8 @@ import torch
 from kd_ray.config import load_config
 from kd_ray.data import write_synthetic_imagefolder
 from kd_ray.cluster.stage import run_stage
+from kd_ray.deploy.evaluate import evaluate_target
+from kd_ray.deploy.export import export
 from kd_ray.runs.files import read_history
 from kd_ray.models import build_model, export_teacher, load_teacher
 
@@ -63,6 +65,7 @@ def test_two_worker_distillation_writes_checkpoints_and_tensorboard(ray_cluster,
     assert {"train/loss", "train/kd", "train/ce", "val/loss", "val/top1", "val/top5",
             "perf/images_per_s", "perf/epoch_seconds", "lr"} <= tags
     assert [e.step for e in acc.Scalars("val/top1")] == [1, 2]
+    assert "train_step/loss" in tb_tags(run_dir / "tensorboard" / "steps")[0]  # rank 0's step curve
     assert (run_dir / "config.yaml").is_file()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stage"] == "distill" and summary["epochs"] == 2 and summary["params"] > 0
@@ -72,6 +75,12 @@ def test_two_worker_distillation_writes_checkpoints_and_tensorboard(ray_cluster,
     assert state["classes"] == classes and state["epoch"] == 2
     after = load_teacher(teacher_path)[0].state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # teacher file untouched
+    # The run leaves as a model: `eval` gives its last validation numbers (2 ranks summed), the
+    # TorchScript export matches PyTorch (ONNX exports: tests/test_deploy.py).
+    metrics, _, _ = evaluate_target(run_dir, out=tmp_path / "eval")
+    assert (metrics["top1"], metrics["top5"]) == (history[-1]["val/top1"], history[-1]["val/top5"])
+    assert 0 <= metrics["teacher_agreement"] <= 1
+    assert export(run_dir, "torchscript", tmp_path / "kd2.pt")[1]["max_abs_diff"] < 1e-4
 
 
 def test_plugin_method_with_a_trainable_head_trains_saves_and_resumes(ray_cluster, tree, tmp_path):
@@ -118,6 +127,7 @@ def test_pipeline_cli_writes_comparison_plot_and_report(cli_env, tree, tmp_path)
     table = (root / "comparison.md").read_text()
     assert "teacher" in table and "labels only" in table and "distilled" in table
     assert (root / "accuracy.png").stat().st_size > 10_000
+    assert "agreement with teacher" in table and (root / "tradeoff.png").stat().st_size > 10_000
     (root / "comparison.md").unlink()
     again = kd_ray("report", str(root), env=cli_env)
     assert again.returncode == 0 and (root / "comparison.md").read_text() == table

@@ -67,7 +67,8 @@ def run_pipeline(cfg: Config, train_teacher: bool = True, distill: bool = True,
         table = f"{table}\n\nMethods ({root}/methods.md):\n{methods_table}"
     minutes = (time.perf_counter() - started) / 60
     log.info(f"pipeline finished in {minutes:.1f} min; comparison in {root}/comparison.md, "
-             f"plot in {root}/accuracy.png, TensorBoard: tensorboard --logdir {root}")
+             f"plots in {root}/accuracy.png and {root}/tradeoff.png (accuracy against CPU latency), "
+             f"TensorBoard: tensorboard --logdir {root}")
     return root, table
 
 

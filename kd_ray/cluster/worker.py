@@ -15,8 +15,8 @@ from kd_ray.cache import load as load_cache
 from kd_ray.config import Config, teacher_files
 from kd_ray.data import build_data
 from kd_ray.data.views import CachedViews
-from kd_ray.engine import (all_sum, build_optimizer, checkpoints, epoch_metrics, evaluate, make_loaders,
-                           stop_together, train_one_epoch)
+from kd_ray.engine import (StepProgress, all_sum, build_optimizer, checkpoints, epoch_metrics, evaluate,
+                           make_loaders, stop_together, train_one_epoch)
 from kd_ray.errors import KdRayError, PeerFailedError, to_payload
 from kd_ray.methods import TrainStep, build_method
 from kd_ray.models import build_model, load_teachers
@@ -120,14 +120,20 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         log.info(f"resuming {run_dir.name} from epoch {start_epoch + 1} ({folder.name})")
     hooks.attempt(start_epoch + 1, unwrapped.method)
 
+    steps_writer = step_writer(run_dir, rank)
     try:
         for epoch in range(start_epoch, epochs):
             sampler.set_epoch(epoch)
+            progress = StepProgress(run_dir.name, epoch + 1, epochs, len(train_loader),
+                                    train_loader.batch_size, world, cfg.run.progress_interval_s,
+                                    scalar=steps_writer and steps_writer.add_scalar) if rank == 0 else None
             train_sums = train_one_epoch(
                 step, hooks.loader(train_loader, epoch + 1), optimizer, epoch=epoch + 1, device=device,
                 teacher=teacher, scheduler=scheduler, amp=amp, channels_last=nhwc,
-                clip_grad_norm=cfg.optim.clip_grad_norm,
+                clip_grad_norm=cfg.optim.clip_grad_norm, on_step=progress,
             )
+            if steps_writer is not None:
+                steps_writer.flush()
             try:
                 val_sums, error = evaluate(unwrapped.student, val_loader, device=device, amp=amp,
                                            channels_last=nhwc), None
@@ -150,6 +156,16 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         # error as the return value uses no Ray retry: a retry would fail the same way.
         return shared_error(exc, world)
     return None
+
+
+def step_writer(run_dir: Path, rank: int):
+    """Rank 0's TensorBoard writer for the step-level loss (<run>/tensorboard/steps, beside the
+    controller's per-epoch scalars; run_dir is on storage every node shares, like checkpoints)."""
+    if rank != 0:
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # local: slow to import, rank 0 only
+
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard" / "steps"))
 
 
 def shared_error(exc: KdRayError, world: int) -> dict:

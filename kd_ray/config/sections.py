@@ -195,6 +195,8 @@ class RunConfig:
     with bf16; ignored on CPU)."""
     ray_log_level: str = "WARNING"
     """Level of Ray Train's own console logs (INFO shows worker start-up and every report)."""
+    progress_interval_s: float = 30.0
+    """Seconds between progress lines inside an epoch (images done of total, images/s, ETA)."""
     dashboard_host: str = "127.0.0.1"
     """Where a local Ray instance's dashboard and job server listen (0.0.0.0 = every interface)."""
 
@@ -203,6 +205,9 @@ class RunConfig:
         positive(self, "threads_per_worker")
         positive(self, "keep_checkpoints")
         positive(self, "collective_timeout_s")
+        if not isinstance(self.progress_interval_s, (int, float)) or not self.progress_interval_s > 0:
+            raise ConfigError(f"run.progress_interval_s must be a positive number of seconds, "
+                              f"got {self.progress_interval_s!r}")
         if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
             raise ConfigError(f"run.seeds must be a non-empty list of integers, got {self.seeds!r}")
         if self.max_failures < -1:

@@ -4,6 +4,7 @@ from kd_ray.engine.loaders import all_sum, make_loaders
 from kd_ray.engine.loop import (autocast_for, epoch_metrics, evaluate, stop_together, to_device,
                                 train_one_epoch)
 from kd_ray.engine.optim import build_optimizer
+from kd_ray.engine.progress import StepProgress
 
 __all__ = ["train_one_epoch", "evaluate", "epoch_metrics", "stop_together", "autocast_for", "to_device",
-           "make_loaders", "all_sum", "build_optimizer"]
+           "make_loaders", "all_sum", "build_optimizer", "StepProgress"]

@@ -46,6 +46,7 @@ def train_one_epoch(
     channels_last: bool = False,
     check_every: Optional[int] = None,
     clip_grad_norm: Optional[float] = None,
+    on_step: Optional[Callable] = None,
 ) -> dict:
     """Train for one pass over ``loader``.
 
@@ -61,6 +62,7 @@ def train_one_epoch(
     wait for the host, and across ranks, where each look is a collective). Under torch.distributed
     each look is shared by all ranks (``stop_together``): a NaN loss or a bad image on one rank
     stops every rank at the same step. ``clip_grad_norm``: clip the gradients' global norm.
+    ``on_step(step, images so far, loss)`` after every step (engine.progress.StepProgress).
     """
     if check_every is None:
         check_every = 1 if device.type == "cpu" and _world() == 1 else 25
@@ -96,6 +98,8 @@ def train_one_epoch(
             scheduler.step()
         batch = inputs.shape[0]
         images += batch
+        if on_step is not None:
+            on_step(step, images, loss.detach())
         for name, value in parts.items():
             key = f"{name}_sum"
             sums[key] = sums.get(key, 0.0) + torch.as_tensor(value).detach().float() * batch

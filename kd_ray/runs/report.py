@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kd_ray.errors import KdRayError
 from kd_ray.runs.files import read_history
+from kd_ray.runs.tradeoff import add_deploy_columns, cells, plot_tradeoff
 
 ROLE_NAMES = {"teacher": "teacher", "student": "student, labels only", "distill": "student, distilled"}
 ROLE_ORDER = ("teacher", "student", "distill")
@@ -69,12 +70,15 @@ def comparison_rows(runs: list[dict]) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| model | arch | runs | val top-1 % (mean ± std) | min–max | params | train images/s |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    deploy = any("cpu_ms" in r for r in rows)  # tradeoff.add_deploy_columns ran
+    lines = ["| model | arch | runs | val top-1 % (mean ± std) | min–max | params | train images/s |"
+             + (" size MB | MACs | CPU ms (b1, 1 thread) | agreement with teacher % |" if deploy else ""),
+             "|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|---:|" if deploy else "")]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['arch']} | {r['runs']} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} "
             f"| {r['top1_min']:.2f}–{r['top1_max']:.2f} | {r['params']:,} | {r['images_per_s']:.0f} |"
+            + (cells(r) if deploy else "")
         )
     return "\n".join(lines)
 
@@ -118,11 +122,15 @@ def plot_accuracy(runs: list[dict], path) -> None:
     plt.close(fig)
 
 
-def write_report(out_dir, runs: list[dict]) -> str:
-    """Write comparison.md, comparison.csv and accuracy.png into ``out_dir``; return the table."""
+def write_report(out_dir, runs: list[dict], deploy: bool = True) -> str:
+    """Write comparison.md, comparison.csv, accuracy.png and (``deploy``: size, MACs, CPU latency
+    and teacher agreement per row) tradeoff.png into ``out_dir``; return the table."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = comparison_rows(runs)
+    if deploy:
+        add_deploy_columns(rows, runs)
+        plot_tradeoff(rows, out_dir / "tradeoff.png")
     table = markdown_table(rows)
     write_tables(out_dir / "comparison", rows, table)
     plot_accuracy(runs, out_dir / "accuracy.png")
