@@ -9,6 +9,7 @@ from kd_ray.config import Config
 from kd_ray.log import get
 from kd_ray.runs.report import find_runs, write_report
 from kd_ray.runs.stages import check_pipeline, describe_setup
+from kd_ray.storage import location, storage_root
 
 log = get(__name__)
 
@@ -17,7 +18,7 @@ def run_pipeline(cfg: Config, train_teacher: bool = True, distill: bool = True,
                  checked: bool = False) -> tuple[Path, str]:
     """Run the stages under <storage>/<run.name>/ and write the comparison there (``checked``:
     the caller ran ``runs.stages.check_pipeline`` already)."""
-    root = Path(cfg.run.storage).expanduser().resolve() / cfg.run.name
+    root = location(storage_root(cfg.run.storage)) / cfg.run.name
     started = time.perf_counter()
     log.info(f"pipeline {cfg.run.name}: {describe_setup(cfg)}")
     teacher_path = cfg.distill.teacher_path

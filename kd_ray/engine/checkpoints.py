@@ -15,14 +15,16 @@ import os
 import pickle
 import re
 import shutil
+import tempfile
 import time
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import torch
 
 from kd_ray.log import get
+from kd_ray.storage import is_uri, location, open_bytes, upload
 
 log = get(__name__)
 
@@ -55,6 +57,11 @@ def save(run_dir, state: dict, history: list) -> Path:
     ``state``'s TENSOR_KEYS go to state.pt; every other key (epoch, arch, classes, config, ...)
     must be JSON and goes to the manifest.
     """
+    if is_uri(run_dir):  # an object store has no rename: write here, copy with the manifest last
+        with tempfile.TemporaryDirectory() as local:
+            folder = save(local, state, history)
+            upload(folder, location(run_dir) / folder.name, skip=(MANIFEST,))
+            return location(run_dir) / folder.name
     run_dir = Path(run_dir)
     final = run_dir / new_name()
     tmp = run_dir / (TMP + final.name)
@@ -71,12 +78,12 @@ def save(run_dir, state: dict, history: list) -> Path:
 
 def read_manifest(folder) -> dict:
     """The manifest of a complete checkpoint; BadCheckpoint says what is wrong otherwise."""
-    folder = Path(folder)
+    folder = location(folder)
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         size = (folder / STATE_FILE).stat().st_size
     except FileNotFoundError as exc:
-        raise BadCheckpoint(f"{Path(exc.filename).name} is missing") from None
+        raise BadCheckpoint(f"{PurePosixPath(str(exc.filename)).name} is missing") from None
     except (OSError, ValueError) as exc:
         raise BadCheckpoint(f"{MANIFEST} is unreadable ({exc})") from None
     if not isinstance(manifest, dict) or size != manifest.get("state_bytes"):
@@ -92,7 +99,9 @@ def load(folder, map_location="cpu") -> tuple[dict, dict]:
     """
     manifest = read_manifest(folder)
     try:
-        tensors = torch.load(Path(folder) / STATE_FILE, map_location=map_location, weights_only=True)
+        state_file = location(folder) / STATE_FILE
+        source = open_bytes(state_file) if is_uri(folder) else state_file
+        tensors = torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:  # weights_only met an object: refused, not unpickled
         raise BadCheckpoint(f"{STATE_FILE} holds a pickled object that is not a tensor or plain "
                             f"value ({_first_line(exc)}); refused, it was not loaded") from None
@@ -112,3 +121,46 @@ def _first_line(exc: Exception) -> str:
         return f"{found.group(0)} is not allowed"
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+def folders(run_dir) -> list[Path]:
+    """The run's checkpoint folders, newest first (their names carry the time)."""
+    found = [p for p in location(run_dir).glob(PREFIX + "*") if p.is_dir()]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def latest(run_dir, with_state: bool = False, map_location="cpu"):
+    """(folder, manifest, state or None) of the newest usable checkpoint, or None.
+
+    Each newer checkpoint that fails its checks is skipped with a warning naming it and the one
+    used instead. ``with_state`` loads state.pt too (workers); the driver checks sizes only.
+    """
+    bad = []
+    for folder in folders(run_dir):
+        try:
+            if with_state:
+                state, manifest = load(folder, map_location)
+            else:
+                state, manifest = None, read_manifest(folder)
+        except BadCheckpoint as exc:
+            bad.append((folder, exc))
+            continue
+        for skipped, why in bad:
+            log.warning(f"checkpoint {skipped} is unusable: {why}; using the previous one, "
+                        f"{folder.name} (epoch {manifest['epoch']})")
+        return folder, manifest, state
+    for skipped, why in bad:
+        log.warning(f"checkpoint {skipped} is unusable: {why}; no older checkpoint is left, so "
+                    "training starts at epoch 1")
+    return None
+
+
+def clean_partial(run_dir) -> None:
+    """Remove the folders of writers killed mid-write (call before an attempt's rank 0 writes).
+
+    Remote storage has none: a folder there is copied whole (manifest last) or fails its checks.
+    """
+    if is_uri(run_dir):
+        return
+    for folder in Path(run_dir).glob(TMP + PREFIX + "*"):
+        shutil.rmtree(folder, ignore_errors=True)

@@ -11,6 +11,7 @@ from kd_ray.engine import checkpoints
 from kd_ray.errors import RunFailedError
 from kd_ray.models import build_model, count_params, export_teacher
 from kd_ray.runs.files import SUMMARY_FILE, read_history
+from kd_ray.storage import location
 
 TEACHER_FILE = "teacher.pt"
 
@@ -42,9 +43,9 @@ def summarize(cfg: Config, stage: str, run_dir: Path, last_metrics: dict | None 
         summary.update(loss=cfg.distill.loss, temperature=cfg.distill.temperature,
                        alpha=cfg.distill.alpha, teacher=cfg.distill.teacher_path)
     if stage == "teacher":
-        path = run_dir / TEACHER_FILE
+        path = location(run_dir) / TEACHER_FILE
         export_teacher(path, model, state["arch"], state["classes"], state["image_size"],
                        extra={"run": str(run_dir), "val_top1": summary["final"].get("val/top1")})
         summary["teacher_file"] = str(path)
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    (location(run_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
