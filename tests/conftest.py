@@ -55,3 +55,42 @@ def cli_env(ray_cluster):
     """Environment for `kd-ray` subprocesses that join the session's Ray instance."""
     env = dict(os.environ, **RAY_TEST_ENV, RAY_ADDRESS=ray_cluster, PYTHONUNBUFFERED="1")
     return env
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto) on 127.0.0.1 for the session; yields the environment
+    (dummy keys, AWS_ENDPOINT_URL) that pyarrow, kd-ray subprocesses and Ray workers read."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh, empty bucket on the session's S3 server; yields its ``s3://`` URI."""
+    import re
+
+    from pyarrow.fs import S3FileSystem
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{os.getpid()}"
+    endpoint = s3_server["AWS_ENDPOINT_URL"]
+    S3FileSystem(allow_bucket_creation=True, endpoint_override=endpoint.removeprefix("http://"),
+                 scheme="http").create_dir(name)
+    return f"s3://{name}"

@@ -13,6 +13,7 @@ import torch
 
 from kd_ray.config import load_config
 from kd_ray.data import write_synthetic_imagefolder
+from kd_ray.engine import checkpoints
 from kd_ray.cluster.stage import run_stage
 from kd_ray.deploy.evaluate import evaluate_target
 from kd_ray.deploy.export import export
@@ -70,7 +71,7 @@ def test_two_worker_distillation_writes_checkpoints_and_tensorboard(ray_cluster,
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stage"] == "distill" and summary["epochs"] == 2 and summary["params"] > 0
     # The checkpoint holds everything needed to resume and to identify the run.
-    state = torch.load(Path(summary["checkpoint"]) / "state.pt", weights_only=False)
+    state, _ = checkpoints.load(summary["checkpoint"])  # state.pt tensors-only, the rest JSON
     assert {"model", "method", "optimizer", "scheduler", "epoch", "classes", "config"} <= set(state)
     assert state["classes"] == classes and state["epoch"] == 2
     after = load_teacher(teacher_path)[0].state_dict()
@@ -94,7 +95,7 @@ def test_plugin_method_with_a_trainable_head_trains_saves_and_resumes(ray_cluste
             f"distill.teacher_path={teacher_path}", "distill.teacher_cache=off", "run.name=headed"]
 
     def last_state(run):
-        return torch.load(Path(run.summary["checkpoint"]) / "state.pt", weights_only=False)
+        return checkpoints.load(run.summary["checkpoint"])[0]
 
     first = last_state(run_stage(tree_config(tree, tmp_path, "optim.epochs=2", *base), "distill"))
     steps_per_epoch = int(first["method"]["steps"]) // 2

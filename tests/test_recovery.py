@@ -175,3 +175,46 @@ def test_callback_writes_epochs_whose_report_was_lost_from_the_checkpoint_histor
     callback.after_report(None, [history([3])[0]], None)
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]
+
+
+class _Planted:
+    """A pickle payload: unpickling it would create ``marker`` (it must never run)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_pickle_payload_in_a_checkpoint_is_refused_not_run(tmp_path, capsys):
+    older = checkpoints.save(tmp_path, state(1), history([1]))
+    newer = checkpoints.save(tmp_path, state(2), history([1, 2]))
+    marker = tmp_path / "pwned"
+    torch.save({"model": {"w": torch.zeros(1)}, "optimizer": _Planted(marker)}, newer / "state.pt")
+    manifest = json.loads((newer / "manifest.json").read_text())
+    manifest["state_bytes"] = (newer / "state.pt").stat().st_size  # passes the size check
+    (newer / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(checkpoints.BadCheckpoint) as caught:
+        checkpoints.load(newer)
+    message = str(caught.value)
+    assert "refused" in message and "\n" not in message and len(message) < 400
+    assert not marker.exists()
+    folder, _, loaded = checkpoints.latest(tmp_path, with_state=True)  # the previous one is used
+    assert folder == older and loaded["epoch"] == 1 and not marker.exists()
+    assert "refused" in logged_warnings(capsys)[0]
+
+
+def test_checkpoint_state_is_tensors_and_the_rest_is_json(tmp_path):
+    full = {**state(3), "optimizer": {"state": {0: {"momentum_buffer": torch.ones(2)}},
+                                      "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "params": [0]}]},
+            "config": {"run": {"name": "x"}}, "image_size": 16}
+    folder = checkpoints.save(tmp_path, full, history([1, 2, 3]))
+    raw = torch.load(folder / "state.pt", weights_only=True)
+    assert set(raw) == {"model", "optimizer"}
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["config"] == {"run": {"name": "x"}} and manifest["classes"] == ["a", "b"]
+    loaded, _ = checkpoints.load(folder)
+    assert loaded["epoch"] == 3 and loaded["image_size"] == 16 and loaded["arch"] == "tiny_cnn"
+    assert loaded["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
+    assert torch.equal(loaded["model"]["w"], torch.full((64,), 3.0))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,6 +27,7 @@ from kd_ray.engine import autocast_for, to_device
 from kd_ray.log import get
 from kd_ray.methods import method_class
 from kd_ray.models import load_teachers
+from kd_ray.storage import is_uri, location, rmtree, upload
 
 log = get(__name__)
 ShardRunner = Callable[[Config, list], list]
@@ -47,7 +49,8 @@ def resolve(cfg: Config, default_dir, build_cache: Builder | None = None) -> Con
         log.info(f"distill.loss={cfg.distill.loss} reads teacher features: the teacher runs live "
                  "every step and the teacher cache is not used")
         return cfg.replace(distill={"teacher_cache": "off"})
-    path = Path(default_dir if setting == "auto" else setting).expanduser().resolve()
+    path = location(default_dir if setting == "auto" else setting)
+    path = path if is_uri(path) else path.expanduser().resolve()
     want = wanted(cfg)
     manifest = read_manifest(path)
     if manifest is not None or (path.exists() and setting != "auto"):
@@ -74,6 +77,13 @@ def build(cfg: Config, path, want: dict | None = None, run_shards: ShardRunner =
     ``run_shards(cfg, jobs)`` runs ``build_shard(*job)`` for each job (the cluster layer passes
     one that runs them as Ray tasks); ``workers``: shards to cut (default run.num_workers).
     """
+    if is_uri(path):  # an object store has no rename: build here, copy with the manifest last
+        with tempfile.TemporaryDirectory() as local:
+            manifest = build(cfg, Path(local) / "cache", want, run_shards, workers)
+            rmtree(path)
+            upload(Path(local) / "cache", path, skip=(MANIFEST,))
+        log.info(f"teacher cache copied to {path}")
+        return manifest
     path = Path(path)
     want = want or wanted(cfg)
     samples, views = describe(cfg.data).train_count, want["transform"]["views"]

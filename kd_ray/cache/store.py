@@ -21,6 +21,7 @@ import torch
 from kd_ray.config import Config, teacher_files
 from kd_ray.data import load_source
 from kd_ray.errors import ConfigError
+from kd_ray.storage import is_uri, location, open_bytes
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -39,7 +40,7 @@ def serves(method_cls) -> bool:
 
 def sha256_file(path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb") if not is_uri(path) else open_bytes(path) as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -84,7 +85,7 @@ def wanted(cfg: Config) -> dict:
 
 def read_manifest(path) -> dict | None:
     try:
-        return json.loads((Path(path) / MANIFEST).read_text())
+        return json.loads((location(path) / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
 
@@ -149,12 +150,16 @@ class CachedLogits:
 
 def load(path) -> CachedLogits:
     """Read a finished cache; every (sample, view) must be present exactly once."""
-    path = Path(path)
+    path = location(path)
     manifest = read_manifest(path)
     if manifest is None:
         raise ConfigError(f"teacher cache {path} has no manifest.json; {FIX}")
     n, k, c = manifest["samples"], manifest["views"], manifest["num_classes"]
-    table = pq.read_table(sorted(str(p) for p in path.glob("part-*.parquet")))
+    parts = sorted(path.glob("part-*.parquet"), key=lambda p: p.name)
+    if is_uri(path):  # read through the store's filesystem (s3://, gs://, ...)
+        table = pq.read_table([p.fs_path for p in parts], filesystem=path.fs)
+    else:
+        table = pq.read_table([str(p) for p in parts])
     slot = table.column("view").to_numpy() * n + table.column("sample").to_numpy()
     if len(slot) != n * k or len(np.unique(slot)) != n * k:
         raise ConfigError(f"teacher cache {path} is incomplete ({len(slot)} of {n * k} rows); {FIX}")

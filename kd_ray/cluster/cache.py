@@ -10,6 +10,7 @@ from kd_ray.cluster.session import ensure_ray
 from kd_ray.config import Config
 from kd_ray.log import get
 from kd_ray.runs.stages import check_cache_teacher
+from kd_ray.storage import location, storage_root
 
 log = get(__name__)
 
@@ -29,8 +30,8 @@ def cache_teacher(cfg: Config, out=None, checked: bool = False) -> tuple[Path, d
     if not checked:
         cfg = check_cache_teacher(cfg)
     setting = cfg.distill.teacher_cache
-    path = out or (setting if setting not in ("auto", "off") else Path(cfg.run.storage) / "teacher_cache")
-    path = Path(path).expanduser().resolve()
+    path = out or (setting if setting not in ("auto", "off") else location(storage_root(cfg.run.storage)) / "teacher_cache")
+    path = location(storage_root(path))
     resolve_cache(cfg.replace(distill={"teacher_cache": "auto"}), path)
     return path, read_manifest(path)
 

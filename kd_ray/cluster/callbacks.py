@@ -18,7 +18,8 @@ import ray.util
 from ray.train import UserCallback
 
 from kd_ray.errors import describe
-from kd_ray.runs.files import append_failure, append_metrics, checkpoint_history, write_scalars, written_epochs
+from kd_ray.runs.files import (append_failure, append_metrics, checkpoint_history, push_tensorboard,
+                               tensorboard_dir, write_scalars, written_epochs)
 
 
 class MetricsCallback(UserCallback):
@@ -32,7 +33,7 @@ class MetricsCallback(UserCallback):
         if self._writer is None:  # created lazily: the callback is pickled to the controller
             from torch.utils.tensorboard import SummaryWriter  # local: only the controller writes
 
-            folder = Path(self.run_dir) / "tensorboard"
+            folder = tensorboard_dir(self.run_dir, fetch=True)  # on this (the head) node
             self._writer = SummaryWriter(log_dir=str(folder))
             write_writer_info(folder)
         return self._writer
@@ -51,6 +52,8 @@ class MetricsCallback(UserCallback):
                 write_scalars(self._tb(), earlier)
             append_metrics(self.run_dir, earlier)
             self._written.add(epoch)
+        if self.tensorboard:
+            push_tensorboard(self.run_dir)  # storage URI: copy the event files there
 
     def after_exception(self, run_context, worker_exceptions):
         if self._writer is not None:

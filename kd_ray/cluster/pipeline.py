@@ -17,6 +17,7 @@ from kd_ray.runs.report import find_runs, write_report
 from kd_ray.runs.stages import (assistant_config, check_pipeline, describe_setup, distill_run_name,
                                 method_config, method_label)
 from kd_ray.runs.summary import export_assistant, update_summary
+from kd_ray.storage import location, storage_root
 
 log = get(__name__)
 
@@ -26,7 +27,7 @@ def run_pipeline(cfg: Config, train_teacher: bool = True, distill: bool = True,
     """Run the stages under <storage>/<run.name>/ and write the comparison there (``checked``:
     the caller ran ``runs.stages.check_pipeline`` already). With ``methods`` (compare), also
     ``methods.md``/``methods.csv``."""
-    root = Path(cfg.run.storage).expanduser().resolve() / cfg.run.name
+    root = location(storage_root(cfg.run.storage)) / cfg.run.name
     started = time.perf_counter()
     log.info(f"pipeline {cfg.run.name}: {describe_setup(cfg)}")
     teacher_path = cfg.distill.teacher_path

@@ -11,6 +11,7 @@ import ray.util
 
 from kd_ray.config import Config
 from kd_ray.errors import ConfigError
+from kd_ray.storage import STORAGE_ENV, is_uri
 
 
 def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
@@ -21,7 +22,9 @@ def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True, runtime_env=_name_cluster(os.environ["RAY_ADDRESS"]))
+        env = {**((_name_cluster(os.environ["RAY_ADDRESS"]) or {}).get("env_vars") or {}),
+               **_storage_env(cfg)}
+        ray.init(log_to_driver=True, runtime_env={"env_vars": env} if env else None)
         return
     # A laptop-sized local instance has no preemption to watch for.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -31,6 +34,19 @@ def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
     # The dashboard (and its job server) stays on loopback unless run.dashboard_host says otherwise.
     start_local_ray(num_cpus=max(os.cpu_count() or 1, needed) + math.ceil(extra_cpus),
                     dashboard_host=cfg.run.dashboard_host, include_dashboard=True)
+
+
+def _storage_env(cfg: Config) -> dict:
+    """The driver's storage credentials and endpoint (AWS_*, ...), for workers on other nodes.
+
+    Only for a ``run.storage`` URI, and only the variables the job's own runtime_env leaves out
+    (a local instance's workers inherit this process's environment anyway).
+    """
+    if not is_uri(cfg.run.storage):
+        return {}
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    named = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k) and k not in named}
 
 
 def _name_cluster(address: str) -> dict | None:

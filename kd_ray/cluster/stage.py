@@ -20,6 +20,7 @@ from kd_ray.runs.files import backfill, finished_summary, read_failures
 from kd_ray.runs.progress import ProgressPrinter
 from kd_ray.runs.stages import check_resume, failure_message, fresh_name, preflight, stage_epochs
 from kd_ray.runs.summary import summarize
+from kd_ray.storage import location, storage_root
 
 log = get(__name__)
 
@@ -40,20 +41,20 @@ def run_stage(cfg: Config, stage: str, storage: str | None = None, name: str | N
     ``runs.stages.preflight`` returned (the CLI runs it before Ray is imported).
     """
     cfg = cfg if checked else preflight(cfg, stage)
-    storage = str(Path(storage or cfg.run.storage).expanduser().resolve())
+    storage = storage_root(storage or cfg.run.storage)
     name = name or cfg.run.name
     if new:
-        name = fresh_name(Path(storage), name)
-    run_dir = Path(storage) / name
+        name = fresh_name(storage, name)
+    run_dir = location(storage) / name
     done = finished_summary(run_dir, stage_epochs(cfg, stage))
     if done is not None:
         log.info(f"{name} already finished {done['epochs']} epochs; skipping (delete {run_dir} to "
                  "train it again)")
         return StageResult(stage, run_dir, done)
     if stage == "distill":  # teacher logits once for all epochs (distill.teacher_cache)
-        cfg = resolve_cache(cfg, Path(storage) / "teacher_cache")
+        cfg = resolve_cache(cfg, location(storage) / "teacher_cache")
     resume = check_resume(cfg, stage, run_dir)
-    ensure_ray(cfg)
+    ensure_ray(cfg)  # forwards the storage credentials in the environment to the workers
     check_resources(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
@@ -80,7 +81,7 @@ def run_stage(cfg: Config, stage: str, storage: str | None = None, name: str | N
 
 def make_trainer(cfg: Config, stage: str, storage: str, name: str, callbacks: list) -> TorchTrainer:
     """The ``TorchTrainer`` of one stage; ``kd-ray tune`` builds each trial's with this too."""
-    loop_config = {"config": cfg.to_dict(), "stage": stage, "run_dir": str(Path(storage) / name)}
+    loop_config = {"config": cfg.to_dict(), "stage": stage, "run_dir": str(location(storage) / name)}
     if os.environ.get(FAULTS_ENV):  # the chaos suite's fault plan; never set in user runs
         loop_config["faults"] = importlib.import_module(FAULTS_MODULE).from_env()
     # Ray's own barrier in ray.train.report waits no longer than the process group does (its

@@ -6,7 +6,6 @@ Train V2 pattern: the Tune trainable is a small driver (0.01 CPU) that builds th
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import time
@@ -28,6 +27,7 @@ from kd_ray.errors import ConfigError, one_line, user_error_in
 from kd_ray.log import get
 from kd_ray.runs.stages import check_sweep
 from kd_ray.runs.sweep_report import TRIALS_DIR, write_sweep_report
+from kd_ray.storage import append_text, location, storage_root
 
 log = get(__name__)
 SWEEP_FILE = "sweep.yaml"  # the resolved config a sweep ran with; --resume reads it
@@ -71,12 +71,12 @@ def run_trial(params: dict, base: dict, sweep_dir: str) -> None:
     """The Tune trainable: one distillation run with this trial's values."""
     cfg = apply_params(Config.from_dict(base), params)
     name = f"trial-{tune.get_context().get_trial_id()}"
-    storage = Path(sweep_dir) / TRIALS_DIR
+    storage = location(sweep_dir) / TRIALS_DIR
     run_dir = storage / name
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.replace(run={"name": name}).save(run_dir / "config.yaml")
-    with open(run_dir / STARTS_FILE, "a") as log:  # one line per (re)start of this trial
-        log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()}\n")
+    # one line per (re)start of this trial
+    append_text(run_dir / STARTS_FILE, f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()}\n")
     # metrics.jsonl first: Tune may stop the trial as soon as it hears of the last epoch.
     callbacks = [MetricsCallback(str(run_dir), tensorboard=False), EpochReportCallback(cfg.sweep.metric)]
     try:
@@ -105,7 +105,7 @@ class EpochReportCallback(TuneReportCallback):
         super().after_report(run_context, [row, *metrics[1:]], checkpoint)
 
 
-def make_tuner(cfg: Config, sweep_dir: Path, restore: bool = False):
+def make_tuner(cfg: Config, sweep_dir, restore: bool = False):
     """The Tuner of a new sweep, or of the interrupted one in ``sweep_dir`` (``restore``)."""
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg.to_dict(), sweep_dir=str(sweep_dir)),
@@ -153,7 +153,7 @@ def run_sweep(cfg: Config, train_teacher: bool = False, checked: bool = False):
     """Check (unless the caller did: ``checked``), train the teacher once (optional), run every
     trial, write the summary."""
     cfg = cfg if checked else check_sweep(cfg, train_teacher)
-    sweep_dir = Path(cfg.run.storage) / cfg.run.name
+    sweep_dir = location(storage_root(cfg.run.storage)) / cfg.run.name
     if (sweep_dir / TUNE_DIR).exists():
         raise ConfigError(f"{sweep_dir} already holds a sweep: resume it with `kd-ray tune --resume "
                           f"{sweep_dir}`, or pick another run.name")
@@ -172,7 +172,7 @@ def run_sweep(cfg: Config, train_teacher: bool = False, checked: bool = False):
 
 def resume_sweep(sweep_dir) -> tuple:
     """Finish an interrupted sweep with the config it started with."""
-    sweep_dir = Path(sweep_dir).resolve()
+    sweep_dir = location(storage_root(sweep_dir))
     if not (sweep_dir / SWEEP_FILE).is_file() or not tune.Tuner.can_restore(str(sweep_dir / TUNE_DIR)):
         raise ConfigError(f"{sweep_dir} holds no sweep to resume (no {SWEEP_FILE} or Tune state); "
                           "pass the folder `kd-ray tune` printed")
@@ -189,11 +189,11 @@ def resume_sweep(sweep_dir) -> tuple:
 
 def trial_states(sweep_dir) -> dict[str, str]:
     """Trial id -> Tune status (PENDING, RUNNING, TERMINATED, ERROR) as last saved by Tune."""
-    files = sorted(glob.glob(str(Path(sweep_dir) / TUNE_DIR / "experiment_state-*.json")))
+    files = sorted((location(sweep_dir) / TUNE_DIR).glob("experiment_state-*.json"), key=lambda p: p.name)
     if not files:
         return {}
     states = {}
-    for trial_json, _ in json.loads(Path(files[-1]).read_text())["trial_data"]:
+    for trial_json, _ in json.loads(files[-1].read_text())["trial_data"]:
         trial = json.loads(trial_json)
         states[trial["trial_id"]] = trial["status"]
     return states

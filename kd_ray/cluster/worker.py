@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from pathlib import Path
+import tempfile
 
 import ray.train
 import ray.train.torch
@@ -21,6 +21,7 @@ from kd_ray.errors import KdRayError, PeerFailedError, to_payload
 from kd_ray.methods import TrainStep, build_method
 from kd_ray.models import build_model, load_teachers
 from kd_ray.runs.stages import stage_epochs, stage_method, stage_model
+from kd_ray.storage import is_uri, location
 
 log = kd_log.get(__name__)
 FAULTS_ENV = "KD_RAY_FAULTS"  # the chaos suite's fault plan (tests only)
@@ -103,7 +104,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     epochs = stage_epochs(cfg, stage)
     optimizer, scheduler = build_optimizer(step, cfg.optim, len(train_loader), epochs)
 
-    run_dir = Path(loop_config["run_dir"])
+    run_dir = location(loop_config["run_dir"])  # a local folder or a storage URI
     hooks = worker_hooks(loop_config, rank)
     if rank == 0:
         checkpoints.clean_partial(run_dir)  # the previous attempt's rank 0 is gone
@@ -158,10 +159,11 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     return None
 
 
-def step_writer(run_dir: Path, rank: int):
+def step_writer(run_dir, rank: int):
     """Rank 0's TensorBoard writer for the step-level loss (<run>/tensorboard/steps, beside the
-    controller's per-epoch scalars; run_dir is on storage every node shares, like checkpoints)."""
-    if rank != 0:
+    controller's per-epoch scalars; run_dir is on storage every node shares, like checkpoints).
+    None on object storage: event files are appended to, which an object store cannot do."""
+    if rank != 0 or is_uri(run_dir):
         return None
     from torch.utils.tensorboard import SummaryWriter  # local: slow to import, rank 0 only
 
@@ -178,10 +180,20 @@ def shared_error(exc: KdRayError, world: int) -> dict:
     return {**payload, "message": f"{payload['message']} (rank {rank})"}
 
 
-def _report(metrics: dict, state: dict | None, run_dir: Path, history: list) -> None:
-    """Every rank reports (it is a barrier); rank 0 first writes the checkpoint where it stays."""
+def _report(metrics: dict, state: dict | None, run_dir, history: list) -> None:
+    """Every rank reports (it is a barrier); rank 0 first writes the checkpoint where it stays.
+
+    On object storage rank 0 writes the folder here and Ray's own upload copies it into the run
+    (an upload cut short leaves a folder that fails its checks and is skipped on resume).
+    """
     if state is None:
         ray.train.report(metrics, checkpoint=None)
+        return
+    if is_uri(run_dir):
+        with tempfile.TemporaryDirectory() as local:
+            folder = checkpoints.save(local, state, history)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                             checkpoint_dir_name=folder.name)
         return
     folder = checkpoints.save(run_dir, state, history)  # atomic: whole folder or none
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint(str(folder)),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kd_ray.errors import ConfigError, DataError
+from kd_ray.storage import check_storage
 
 PRETRAINED_FIX = "give a local .pt/.pth file (weights are never downloaded)"
 
@@ -25,6 +26,9 @@ def check_paths(cfg, stages=("teacher", "student", "distill")) -> None:
         weights = cfg.model.teacher_pretrained if stage == "teacher" else cfg.model.student_pretrained
         if weights and not is_uri(weights) and not Path(weights).expanduser().is_file():
             raise ConfigError(f"pretrained weights {weights} not found; {PRETRAINED_FIX}")
+    if is_uri(cfg.run.storage):
+        check_storage(cfg.run.storage)  # a missing bucket or an unknown scheme: one line, now
+        return
     storage = Path(cfg.run.storage).expanduser()
     for folder in (storage, *storage.parents):
         if folder.exists():

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from kd_ray.config.args_file import read_args_file
+from kd_ray.storage import location
 from kd_ray.config.sections import (PATH_KEYS, RUN_SECTIONS, DataConfig, DistillConfig, ModelConfig,
                                     OptimConfig, RunConfig)
 from kd_ray.config.sweep import SweepConfig
@@ -66,8 +67,10 @@ class Config:
         return cls(**parts)
 
     def save(self, path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        path = location(path)  # a local file, or an object in run.storage
+        if isinstance(path, Path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def with_absolute_paths(self) -> "Config":
         """Workers run in another folder: make file paths absolute on the driver (URIs stay)."""
@@ -156,7 +159,7 @@ def load_config(path=None, overrides=(), args_file=None) -> Config:
     """YAML file (optional), then the args file (optional), then ``--set`` overrides."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
+        path = location(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; see configs/ for examples")
         try:

@@ -1,8 +1,10 @@
 """Epoch checkpoints: written atomically, checked on load, older ones used when the newest is bad.
 
-A checkpoint is a folder ``<run>/checkpoint_<time>/`` with ``state.pt`` (model, optimizer,
-schedule, epoch, classes, config) and ``manifest.json`` (epoch, arch, classes, the byte size of
-state.pt and every epoch's metrics so far). Rank 0 writes both into ``.tmp_checkpoint_<time>/``
+A checkpoint is a folder ``<run>/checkpoint_<time>/`` with ``state.pt`` (tensors and plain numbers
+only: model, method, optimizer and schedule state) and ``manifest.json`` (everything else: epoch,
+stage, arch, classes, image size, config, the byte size of state.pt and every epoch's metrics so
+far). state.pt is read with ``torch.load(weights_only=True)``: storage that others can write to
+must not be able to run code in ours, so a pickled object in it is refused, never unpickled. Rank 0 writes both into ``.tmp_checkpoint_<time>/``
 and renames the folder when they are complete: a writer killed half-way leaves no folder under a
 checkpoint name, and a file cut short later (full disk, a bad copy) fails the size check.
 """
@@ -10,15 +12,19 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
+import tempfile
 import time
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import torch
 
 from kd_ray.log import get
+from kd_ray.storage import is_uri, location, open_bytes, upload
 
 log = get(__name__)
 
@@ -26,6 +32,7 @@ STATE_FILE = "state.pt"
 MANIFEST = "manifest.json"
 PREFIX = "checkpoint_"
 TMP = ".tmp_"
+TENSOR_KEYS = ("model", "method", "optimizer", "scheduler")  # state.pt; the rest goes to the manifest
 
 
 class BadCheckpoint(Exception):
@@ -45,15 +52,25 @@ def _write(path: Path, write: Callable) -> None:
 
 
 def save(run_dir, state: dict, history: list) -> Path:
-    """Write ``state`` and the manifest under a temporary name, then rename the folder."""
+    """Write ``state`` and the manifest under a temporary name, then rename the folder.
+
+    ``state``'s TENSOR_KEYS go to state.pt; every other key (epoch, arch, classes, config, ...)
+    must be JSON and goes to the manifest.
+    """
+    if is_uri(run_dir):  # an object store has no rename: write here, copy with the manifest last
+        with tempfile.TemporaryDirectory() as local:
+            folder = save(local, state, history)
+            upload(folder, location(run_dir) / folder.name, skip=(MANIFEST,))
+            return location(run_dir) / folder.name
     run_dir = Path(run_dir)
     final = run_dir / new_name()
     tmp = run_dir / (TMP + final.name)
     tmp.mkdir(parents=True)
-    _write(tmp / STATE_FILE, lambda out: torch.save(state, out))
-    manifest = {"epoch": state["epoch"], "stage": state.get("stage"), "arch": state.get("arch"),
-                "classes": state.get("classes"), "state_bytes": (tmp / STATE_FILE).stat().st_size,
-                "history": history, "written": time.time()}
+    tensors = {k: v for k, v in state.items() if k in TENSOR_KEYS}
+    meta = {k: v for k, v in state.items() if k not in TENSOR_KEYS}
+    _write(tmp / STATE_FILE, lambda out: torch.save(tensors, out))
+    manifest = {**meta, "state_bytes": (tmp / STATE_FILE).stat().st_size, "history": history,
+                "written": time.time()}
     _write(tmp / MANIFEST, lambda out: out.write(json.dumps(manifest).encode()))
     os.rename(tmp, final)
     return final
@@ -61,12 +78,12 @@ def save(run_dir, state: dict, history: list) -> Path:
 
 def read_manifest(folder) -> dict:
     """The manifest of a complete checkpoint; BadCheckpoint says what is wrong otherwise."""
-    folder = Path(folder)
+    folder = location(folder)
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         size = (folder / STATE_FILE).stat().st_size
     except FileNotFoundError as exc:
-        raise BadCheckpoint(f"{Path(exc.filename).name} is missing") from None
+        raise BadCheckpoint(f"{PurePosixPath(str(exc.filename)).name} is missing") from None
     except (OSError, ValueError) as exc:
         raise BadCheckpoint(f"{MANIFEST} is unreadable ({exc})") from None
     if not isinstance(manifest, dict) or size != manifest.get("state_bytes"):
@@ -76,18 +93,39 @@ def read_manifest(folder) -> dict:
 
 
 def load(folder, map_location="cpu") -> tuple[dict, dict]:
-    """(state, manifest) of a checkpoint that passes the checks and loads."""
+    """(state, manifest) of a checkpoint that passes the checks and loads.
+
+    ``state`` is state.pt's tensors plus the manifest's other fields (epoch, arch, classes, ...).
+    """
     manifest = read_manifest(folder)
     try:
-        state = torch.load(Path(folder) / STATE_FILE, map_location=map_location, weights_only=False)
-    except Exception as exc:  # a torn zip, a pickle error: any of them means this one is unusable
-        raise BadCheckpoint(f"{STATE_FILE} does not load ({type(exc).__name__}: {exc})") from None
-    return state, manifest
+        state_file = location(folder) / STATE_FILE
+        source = open_bytes(state_file) if is_uri(folder) else state_file
+        tensors = torch.load(source, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only met an object: refused, not unpickled
+        raise BadCheckpoint(f"{STATE_FILE} holds a pickled object that is not a tensor or plain "
+                            f"value ({_first_line(exc)}); refused, it was not loaded") from None
+    except Exception as exc:  # a torn zip: any error means this one is unusable
+        raise BadCheckpoint(f"{STATE_FILE} does not load ({type(exc).__name__}: "
+                            f"{_first_line(exc)})") from None
+    if not isinstance(tensors, dict):
+        raise BadCheckpoint(f"{STATE_FILE} holds a {type(tensors).__name__}, not a dict of tensors")
+    meta = {k: v for k, v in manifest.items() if k not in ("state_bytes", "history", "written")}
+    return {**meta, **tensors}, manifest
+
+
+def _first_line(exc: Exception) -> str:
+    """torch's refusal is a page of advice; its "GLOBAL <name>" says what was refused."""
+    found = re.search(r"GLOBAL [\w.]+", str(exc))
+    if found:
+        return f"{found.group(0)} is not allowed"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:200]
 
 
 def folders(run_dir) -> list[Path]:
     """The run's checkpoint folders, newest first (their names carry the time)."""
-    found = [p for p in Path(run_dir).glob(PREFIX + "*") if p.is_dir()]
+    found = [p for p in location(run_dir).glob(PREFIX + "*") if p.is_dir()]
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
@@ -118,6 +156,11 @@ def latest(run_dir, with_state: bool = False, map_location="cpu"):
 
 
 def clean_partial(run_dir) -> None:
-    """Remove the folders of writers killed mid-write (call before an attempt's rank 0 writes)."""
+    """Remove the folders of writers killed mid-write (call before an attempt's rank 0 writes).
+
+    Remote storage has none: a folder there is copied whole (manifest last) or fails its checks.
+    """
+    if is_uri(run_dir):
+        return
     for folder in Path(run_dir).glob(TMP + PREFIX + "*"):
         shutil.rmtree(folder, ignore_errors=True)

@@ -1,6 +1,7 @@
 """The teacher file: one ``teacher.pt`` with architecture, classes, image size and weights."""
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from kd_ray.errors import TeacherError
+from kd_ray.storage import is_uri, location
 from kd_ray.models.zoo import MODELS, build_model, load_file, strip_prefixes
 
 TEACHER_FORMAT = "kd_ray-teacher-v1"
@@ -28,6 +30,11 @@ def export_teacher(path, model: nn.Module, arch: str, classes: list[str], image_
         "mean": list(norm[0]) if norm else None, "std": list(norm[1]) if norm else None,
         "state_dict": state, "extra": dict(extra or {}),
     }
+    if is_uri(path):  # one object: written whole or not at all
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        location(path).write_bytes(buffer.getvalue())
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Temp file in the same folder so os.replace is atomic: readers never see half a file.

@@ -11,6 +11,7 @@ from torch import nn
 from kd_ray.config.checks import PRETRAINED_FIX
 from kd_ray.errors import ConfigError
 from kd_ray.registry import Registry
+from kd_ray.storage import location, open_bytes
 
 log = logging.getLogger(__name__)  # a child of the "kd_ray" logger
 
@@ -117,7 +118,7 @@ def model_fn(name: str):
 
 def require_file(path, error, what: str, fix: str) -> Path:
     """The path of an existing file, else a one-line ``error`` naming the fix."""
-    path = Path(path)
+    path = location(path)  # a local file or an object in storage
     if not path.is_file():
         raise error(f"{what} {path} not found; {fix}")
     return path
@@ -127,7 +128,8 @@ def load_file(path, error, what: str, fix: str):
     """torch.load a local file (tensors only), with one-line errors of class ``error``."""
     path = require_file(path, error, what, fix)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        source = path if isinstance(path, Path) else open_bytes(path)
+        return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise error(f"{what} {path} is unreadable: {exc}".splitlines()[0]) from None
 

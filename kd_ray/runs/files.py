@@ -1,5 +1,9 @@
 """The files a run leaves beside its checkpoints: metrics.jsonl (one line per epoch), failures.jsonl
-(one line per failed attempt), summary.json, TensorBoard scalars. Readers and writers, no Ray."""
+(one line per failed attempt), summary.json, TensorBoard scalars. Readers and writers, no Ray.
+
+``run_dir`` may be a local folder or a storage URI (kd_ray.storage). TensorBoard's event files are
+always written to a local folder on the head node (``tensorboard_dir``) and, for a URI, copied to
+``<run>/tensorboard`` after each epoch (``push_tensorboard``)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +12,7 @@ import time
 from pathlib import Path
 
 from kd_ray.engine.checkpoints import MANIFEST
+from kd_ray.storage import append_text, download, is_uri, local_mirror, location, upload
 
 METRICS_FILE = "metrics.jsonl"
 FAILURES_FILE = "failures.jsonl"  # one line per failed attempt: time and each rank's error
@@ -17,7 +22,12 @@ SUMMARY_FILE = "summary.json"
 def checkpoint_history(checkpoint) -> list:
     """Per-epoch metrics kept in a checkpoint's manifest (empty when there is none to read)."""
     try:
-        return json.loads((Path(checkpoint.path) / MANIFEST).read_text()).get("history", [])
+        path = checkpoint.path
+        fs = getattr(checkpoint, "filesystem", None)
+        if fs is not None and fs.type_name != "local":  # Ray's persisted copy on an object store
+            with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
+                return json.loads(f.read()).get("history", [])
+        return json.loads((Path(path) / MANIFEST).read_text()).get("history", [])
     except (AttributeError, TypeError, OSError, ValueError):
         return []
 
@@ -33,12 +43,11 @@ def write_scalars(writer, row: dict) -> None:
 
 def append_metrics(run_dir, row: dict) -> None:
     row = {**row, "time": time.time()}
-    with open(Path(run_dir) / METRICS_FILE, "a") as out:
-        out.write(json.dumps(row) + "\n")
+    append_text(location(run_dir) / METRICS_FILE, json.dumps(row) + "\n")
 
 
 def written_epochs(run_dir) -> set:
-    path = Path(run_dir) / METRICS_FILE
+    path = location(run_dir) / METRICS_FILE
     if not path.exists():
         return set()
     return {json.loads(line)["epoch"] for line in path.read_text().splitlines() if line.strip()}
@@ -55,7 +64,7 @@ def backfill(run_dir, history: list, tensorboard: bool = True) -> list:
     for row in missing:
         append_metrics(run_dir, row)
     if tensorboard:
-        folder = Path(run_dir) / "tensorboard"
+        folder = tensorboard_dir(run_dir, fetch=True)
         logged = tensorboard_epochs(folder)
         rows = [row for row in history if row.get("epoch") not in logged]
         if rows:
@@ -64,7 +73,26 @@ def backfill(run_dir, history: list, tensorboard: bool = True) -> list:
             with SummaryWriter(log_dir=str(folder)) as writer:
                 for row in rows:
                     write_scalars(writer, row)
+            push_tensorboard(run_dir)
     return missing
+
+
+def tensorboard_dir(run_dir, fetch: bool = False) -> Path:
+    """The local folder TensorBoard writes to: ``<run>/tensorboard``, or for a storage URI its
+    mirror on this node (``fetch``: filled from storage first when empty, e.g. on a new head)."""
+    if not is_uri(run_dir):
+        return Path(run_dir) / "tensorboard"
+    folder = local_mirror(run_dir) / "tensorboard"
+    remote = location(run_dir) / "tensorboard"
+    if fetch and not folder.is_dir() and remote.is_dir():
+        download(remote, folder)
+    return folder
+
+
+def push_tensorboard(run_dir) -> None:
+    """Copy the local TensorBoard files to storage (a no-op for a local run)."""
+    if is_uri(run_dir) and tensorboard_dir(run_dir).is_dir():
+        upload(tensorboard_dir(run_dir), location(run_dir) / "tensorboard")
 
 
 def tensorboard_epochs(folder: Path) -> set:
@@ -79,22 +107,19 @@ def tensorboard_epochs(folder: Path) -> set:
 
 
 def read_failures(run_dir) -> list[dict]:
-    path = Path(run_dir) / FAILURES_FILE
+    path = location(run_dir) / FAILURES_FILE
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-
-
 def append_failure(run_dir, errors: dict) -> None:
-    with open(Path(run_dir) / FAILURES_FILE, "a") as out:
-        out.write(json.dumps({"time": time.time(), "errors": errors}) + "\n")
+    append_text(location(run_dir) / FAILURES_FILE, json.dumps({"time": time.time(), "errors": errors}) + "\n")
 
 
 def read_history(run_dir) -> list[dict]:
     """Per-epoch metrics written by the callback; a resumed run's later lines win."""
-    path = Path(run_dir) / METRICS_FILE
+    path = location(run_dir) / METRICS_FILE
     if not path.exists():
         return []
     by_epoch = {}
@@ -105,9 +130,9 @@ def read_history(run_dir) -> list[dict]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def finished_summary(run_dir: Path, epochs: int) -> dict | None:
+def finished_summary(run_dir, epochs: int) -> dict | None:
     """The summary of a run that already trained ``epochs`` epochs, else None."""
-    path = Path(run_dir) / SUMMARY_FILE
+    path = location(run_dir) / SUMMARY_FILE
     if path.is_file():
         summary = json.loads(path.read_text())
         if summary.get("epochs", 0) >= epochs:

@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 from kd_ray.log import get
+from kd_ray.storage import location
 
 log = get(__name__)
 
@@ -14,9 +15,9 @@ class ProgressPrinter:
     """Prints each new line of metrics.jsonl on the driver while ``fit()`` blocks."""
 
     def __init__(self, run_dir, label: str, interval: float = 0.5):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = location(run_dir) / "metrics.jsonl"  # a local file or an object in storage
         self.label = label
-        self.interval = interval
+        self.interval = interval if isinstance(self.path, Path) else max(interval, 2.0)
         self._offset = self.path.stat().st_size if self.path.exists() else 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -37,11 +38,10 @@ class ProgressPrinter:
     def _print_new(self):
         if not self.path.exists():
             return
-        with open(self.path) as f:
-            f.seek(self._offset)
-            text = f.read()
-        complete = text[: text.rfind("\n") + 1]
-        self._offset += len(complete.encode())
+        data = self.path.read_bytes()[self._offset:]
+        complete = data[: data.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        complete = complete.decode()
         for line in complete.splitlines():
             if line.strip():
                 log.info(progress_line(self.label, json.loads(line)))

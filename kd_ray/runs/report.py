@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import statistics
 from pathlib import Path
@@ -9,13 +10,14 @@ from pathlib import Path
 from kd_ray.errors import KdRayError
 from kd_ray.runs.files import read_history
 from kd_ray.runs.tradeoff import add_deploy_columns, cells, plot_tradeoff
+from kd_ray.storage import location, save_figure
 
 ROLE_NAMES = {"teacher": "teacher", "student": "student, labels only", "distill": "student, distilled"}
 ROLE_ORDER = ("teacher", "student", "distill")
 
 
 def load_run(run_dir) -> dict:
-    run_dir = Path(run_dir)
+    run_dir = location(run_dir)
     path = run_dir / "summary.json"
     if not path.is_file():
         raise KdRayError(f"{run_dir} has no summary.json: pass the folder of a finished kd_ray run")
@@ -25,7 +27,7 @@ def load_run(run_dir) -> dict:
 def find_runs(paths) -> list[dict]:
     """Each path is a run folder, or a pipeline folder whose subfolders are runs."""
     runs = []
-    for path in map(Path, paths):
+    for path in map(location, paths):
         if (path / "summary.json").is_file():
             runs.append(load_run(path))
         else:
@@ -118,14 +120,14 @@ def plot_accuracy(runs: list[dict], path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
 def write_report(out_dir, runs: list[dict], deploy: bool = True) -> str:
     """Write comparison.md, comparison.csv, accuracy.png and (``deploy``: size, MACs, CPU latency
     and teacher agreement per row) tradeoff.png into ``out_dir``; return the table."""
-    out_dir = Path(out_dir)
+    out_dir = location(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = comparison_rows(runs)
     if deploy:
@@ -139,8 +141,9 @@ def write_report(out_dir, runs: list[dict], deploy: bool = True) -> str:
 
 def write_tables(stem: Path, rows: list[dict], markdown: str) -> None:
     """``<stem>.md`` (the markdown table) and ``<stem>.csv`` (the rows)."""
-    stem.with_suffix(".md").write_text(markdown + "\n")
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    stem.with_name(stem.name + ".md").write_text(markdown + "\n")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    stem.with_name(stem.name + ".csv").write_text(text.getvalue())

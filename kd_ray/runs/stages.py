@@ -17,6 +17,7 @@ from kd_ray.methods import Distiller, build_method, method_class
 from kd_ray.models import (build_model, check_same_classes, check_teacher_matches, model_fn,
                            read_teacher_info)
 from kd_ray.runs.files import read_failures
+from kd_ray.storage import location
 
 log = get(__name__)
 
@@ -163,8 +164,9 @@ def check_sweep(cfg: Config, train_teacher: bool) -> Config:
     return preflight(cfg, "distill", teacher_pending=train_teacher)
 
 
-def fresh_name(storage: Path, name: str) -> str:
+def fresh_name(storage, name: str) -> str:
     """``name`` if no run has it yet, else the first free ``name-2``, ``name-3``, ..."""
+    storage = location(storage)
     if not (storage / name).exists():
         return name
     n = 2

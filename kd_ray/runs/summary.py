@@ -11,6 +11,7 @@ from kd_ray.engine import checkpoints
 from kd_ray.errors import RunFailedError
 from kd_ray.models import build_model, count_params, export_teacher
 from kd_ray.runs.files import SUMMARY_FILE, read_history
+from kd_ray.storage import location
 
 TEACHER_FILE = "teacher.pt"
 
@@ -45,13 +46,13 @@ def summarize(cfg: Config, stage: str, run_dir: Path, last_metrics: dict | None 
                        teacher_cache=cfg.distill.teacher_cache)  # the folder read, or "off"
     if stage == "teacher":
         summary["teacher_file"] = str(export_run_teacher(run_dir, model, state, summary))
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    (location(run_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
 
 
 def export_run_teacher(run_dir: Path, model, state: dict, summary: dict) -> Path:
     """``<run>/teacher.pt`` from a finished run (a teacher, or an assistant of a chain)."""
-    path = Path(run_dir) / TEACHER_FILE
+    path = location(run_dir) / TEACHER_FILE
     export_teacher(path, model, state["arch"], state["classes"], state["image_size"],
                    extra={"run": str(run_dir), "val_top1": summary["final"].get("val/top1")},
                    norm=state.get("norm"))
@@ -60,7 +61,7 @@ def export_run_teacher(run_dir: Path, model, state: dict, summary: dict) -> Path
 
 def export_assistant(run_dir) -> Path:
     """The teacher file of a distilled run (a teacher-assistant chain's link), made once."""
-    run_dir = Path(run_dir)
+    run_dir = location(run_dir)
     path = run_dir / TEACHER_FILE
     if not path.is_file():
         _, _, state = checkpoints.latest(run_dir, with_state=True)
@@ -71,11 +72,11 @@ def export_assistant(run_dir) -> Path:
 
 
 def read_summary(run_dir) -> dict:
-    return json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
+    return json.loads((location(run_dir) / SUMMARY_FILE).read_text())
 
 
 def update_summary(run_dir, **fields) -> dict:
     """Add fields to a finished run's summary.json (a row label, a measured agreement)."""
     summary = {**read_summary(run_dir), **fields}
-    (Path(run_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    (location(run_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary

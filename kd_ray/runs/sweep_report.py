@@ -12,7 +12,8 @@ from kd_ray.config.sweep import apply_params, space_entry
 from kd_ray.errors import KdRayError
 from kd_ray.log import get
 from kd_ray.runs.files import read_history
-from kd_ray.runs.report import write_tables
+from kd_ray.runs.report import save_figure, write_tables
+from kd_ray.storage import location
 
 log = get(__name__)
 TRIALS_DIR = "trials"  # one Ray Train run per trial (checkpoints, metrics.jsonl, config.yaml)
@@ -42,7 +43,7 @@ def trial_rows(cfg: Config, sweep_dir: Path, trials: list[dict]) -> list[dict]:
     sign = 1 if cfg.sweep.mode == "max" else -1
     rows = []
     for trial in trials:
-        history = [h for h in read_history(Path(sweep_dir) / TRIALS_DIR / trial["name"]) if metric in h]
+        history = [h for h in read_history(location(sweep_dir) / TRIALS_DIR / trial["name"]) if metric in h]
         last = trial.get("last") or {}
         if metric in last and last.get("epoch", 0) > (history[-1]["epoch"] if history else 0):
             history.append(last)  # Tune heard of an epoch the trial had no time to log
@@ -131,7 +132,7 @@ def plot_sweep(cfg: Config, rows: list[dict], path) -> bool:
     ax.set_title(f"{cfg.run.name}: {metric} per trial (early-stopped trials at their last epoch)",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return True
 
@@ -141,7 +142,7 @@ def write_sweep_report(cfg: Config, sweep_dir, trials: list[dict]) -> tuple[Path
 
     ``trials``: one {"name", "params", "error" (one line or None), "last" (last metrics)} per trial.
     """
-    sweep_dir = Path(sweep_dir)
+    sweep_dir = location(sweep_dir)
     if not trials:
         raise KdRayError(f"the sweep in {sweep_dir} ran no trials")
     first_error = next((t["error"] for t in trials if t["error"]), None)

@@ -17,6 +17,7 @@ from kd_ray.deploy.bench import count_macs, timed, torch_runner, weights_bytes
 from kd_ray.deploy.evaluate import collect_logits, split_dataset
 from kd_ray.deploy.loading import has_teacher, open_model
 from kd_ray.errors import KdRayError
+from kd_ray.storage import is_uri, save_figure
 
 log = logging.getLogger(__name__)
 COLUMNS = ("size_mb", "macs", "cpu_ms", "agreement")
@@ -85,6 +86,9 @@ def add_deploy_columns(rows: list[dict], runs: list[dict], seconds: float = 0.5)
         row.update(dict.fromkeys(COLUMNS))
         measured = []
         for run in groups.get(key, []):
+            if is_uri(run["dir"]):  # measured on a local copy only: `kd-ray bench` does that
+                log.info("no deploy numbers for %s: the run is in object storage", run["dir"])
+                continue
             try:
                 measured.append(run_numbers(run["dir"], teachers, seconds))
             except KdRayError as exc:  # a hand-made or moved run: leave the cells empty
@@ -132,6 +136,6 @@ def plot_tradeoff(rows: list[dict], path) -> bool:
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return True
