@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from kd_ray.config import STAGES, DataConfig
+from kd_ray.data.sampling import item_groups
 from kd_ray.data.sources import DATASETS, Source
 from kd_ray.errors import ConfigError, DataError
 
@@ -50,6 +51,11 @@ class View(Dataset):
 
     def __len__(self):
         return len(self.indices)
+
+    def row_groups(self):
+        """Row group of each item when the raw dataset is read by row group (Parquet), else None."""
+        groups = item_groups(self.raw)
+        return None if groups is None else groups[self.indices]
 
     def __getitem__(self, k):
         image, _ = self.raw[int(self.indices[k])]
