@@ -46,7 +46,7 @@ class View(Dataset):
 
     def __init__(self, raw, transform, indices, labels):
         self.raw, self.transform = raw, transform
-        self.indices = np.asarray(indices, dtype=np.int64)
+        self.indices = np.asarray(indices)  # int32 or int64: 4-8 bytes per item, no copy
         self.labels = np.asarray(labels, dtype=np.int64)
 
     def __len__(self):
@@ -139,7 +139,7 @@ def build_data(cfg: DataConfig, stage: str, seed: int) -> DataBundle:
     size = cfg.image_size or src.image_size
     raw_train, raw_val = src.open(size)
     labels = np.asarray(src.train_labels, dtype=np.int64)
-    indices = np.arange(len(labels))
+    indices = np.arange(len(labels), dtype=np.int32 if len(labels) < 2**31 else np.int64)
     if stage != "teacher" and cfg.labels_per_class is not None:
         keep = labeled_indices(labels, cfg.labels_per_class, seed, src.classes)
         if stage == "student":

@@ -60,9 +60,15 @@ def split_path(root, split: str) -> Path:
 
 
 def read_labels(files) -> np.ndarray:
-    """Only the label column, as int64 (8 bytes a row, however large the images)."""
-    parts = [pq.read_table(f, columns=["label"]).column("label").to_numpy() for f in files]
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    """Only the label column, as int64 (8 bytes a row, however large the images), filled a batch
+    at a time so that the peak is the result plus one batch."""
+    readers = [pq.ParquetFile(f) for f in files]
+    out, at = np.empty(sum(r.metadata.num_rows for r in readers), dtype=np.int64), 0
+    for reader in readers:
+        for batch in reader.iter_batches(batch_size=1 << 16, columns=["label"]):
+            out[at:at + len(batch)] = batch.column(0).to_numpy()
+            at += len(batch)
+    return out
 
 
 def read_classes(files) -> list[str] | None:
@@ -135,7 +141,7 @@ class ParquetImages(Dataset):
         return image, int(self.targets[i])
 
 
-class _ShardWriter:
+class TableWriter:
     """Rows into part-NNNNN.parquet files of about SHARD_BYTES, row groups of bounded size."""
 
     def __init__(self, folder: Path, schema: pa.Schema, shard_bytes: int):
@@ -194,7 +200,7 @@ def convert_imagefolder_to_parquet(src_root, dst_root, splits=("train", "val"),
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         schema = SCHEMA.with_metadata({CLASSES_KEY: json.dumps(folder.classes).encode()})
-        writer = _ShardWriter(staging, schema, int(shard_mb * 2**20))
+        writer = TableWriter(staging, schema, int(shard_mb * 2**20))
         for p, label in folder.samples:
             writer.add(Path(p).read_bytes(), label, Path(p).relative_to(src_root / split).as_posix())
         writer.finish()

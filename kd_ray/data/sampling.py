@@ -27,17 +27,23 @@ def item_groups(dataset) -> np.ndarray | None:
     return groups() if callable(groups) else None
 
 
-def epoch_order(n: int, groups: np.ndarray | None, seed: int, epoch: int, window: int = WINDOW) -> np.ndarray:
-    """A permutation of range(n) (int64) for this (seed, epoch)."""
+def by_group(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(items sorted by row group, where each group starts in that list): computed once."""
+    items = np.argsort(groups, kind="stable").astype(np.int32 if len(groups) < 2**31 else np.int64)
+    return items, np.concatenate([[0], np.cumsum(np.bincount(groups))])
+
+
+def epoch_order(n: int, groups, seed: int, epoch: int, window: int = WINDOW) -> np.ndarray:
+    """A permutation of range(n) for this (seed, epoch); ``groups``: the row group of each item,
+    or ``by_group``'s pair for it, or None."""
     rng = np.random.default_rng([seed, epoch])
     if groups is None:
         return rng.permutation(n)
-    by_group = np.argsort(groups, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(np.bincount(groups))])
-    order, at = np.empty(n, dtype=np.int64), 0
+    items, starts = by_group(groups) if isinstance(groups, np.ndarray) else groups
+    order, at = np.empty(n, dtype=items.dtype), 0
     picked = rng.permutation(len(starts) - 1)
     for w in range(0, len(picked), window):
-        members = np.concatenate([by_group[starts[g]:starts[g + 1]] for g in picked[w:w + window]])
+        members = np.concatenate([items[starts[g]:starts[g + 1]] for g in picked[w:w + window]])
         rng.shuffle(members)
         order[at:at + len(members)] = members
         at += len(members)
@@ -57,7 +63,8 @@ class ShuffleSampler(Sampler):
         self.world, self.rank, self.shuffle, self.seed, self.window = num_replicas, rank, shuffle, seed, window
         self.num_samples = math.ceil(self.n / num_replicas)
         self.epoch = 0
-        self.groups = item_groups(dataset) if shuffle else None
+        groups = item_groups(dataset) if shuffle else None
+        self.groups = None if groups is None else by_group(groups)
         # A per-sample offset, so that not every sample uses view 0 in the same epoch.
         self.offsets = (np.random.default_rng(view_seed).integers(views, size=self.n, dtype=np.int16)
                         if views > 1 else None)
