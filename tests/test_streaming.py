@@ -20,6 +20,7 @@ from kd_ray.data.parquet import ParquetImages, split_files
 from kd_ray.data.sampling import ShuffleSampler, epoch_order
 from kd_ray.data.views import ReplayViews
 from kd_ray.engine import make_loaders
+from kd_ray.errors import DataError
 
 
 def png(value: int) -> bytes:
@@ -161,3 +162,26 @@ def test_cache_encoding_is_chosen_by_size():
     assert choose_top_k(1_280_000 * 4, 1000, None) == 32  # ImageNet x 4 views: top-32
     assert choose_top_k(1_280_000 * 4, 1000, 5) == 5
     assert choose_top_k(100, 10, 10) is None  # k >= classes: dense
+
+
+def test_a_corrupt_image_names_its_file_and_row(tmp_path):
+    folder = tmp_path / "t" / "train"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"image": [png(1), b"not a png"], "label": [0, 1]}), folder / "a.parquet")
+    table = ParquetImages(split_files(tmp_path / "t", "train"))
+    assert pixel(table[0]) == 1
+    with pytest.raises(DataError, match=r"cannot read image a.parquet row 1 \(row 1 of row group 0\)"):
+        table[1]
+
+
+def test_cli_convert_writes_shards(tmp_path, capsys):
+    from kd_ray import cli
+
+    folder = write_synthetic_imagefolder(tmp_path / "img", num_classes=2, per_class=(3, 1))
+    assert cli.main(["convert", str(folder), str(tmp_path / "pq"), "--shard-mb", "64"]) == 0
+    assert "train: 6 images" in capsys.readouterr().out
+    assert describe(DataConfig(name="parquet", root=str(tmp_path / "pq"))).train_count == 6
+    (tmp_path / "pq" / "val" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="holds other files"):
+        convert_imagefolder_to_parquet(folder, tmp_path / "pq")
+    assert (tmp_path / "pq" / "val" / "notes.txt").exists()

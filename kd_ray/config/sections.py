@@ -75,7 +75,8 @@ class DistillConfig:
     cache_views: int = 4
     """Augmented views cached per image when data.augment is on (one per epoch, in turn)."""
     cache_top_k: Optional[int] = None
-    """Store only the k largest logits and the others' total mass (for many classes)."""
+    """Store only the k largest logits and the others' total mass (for many classes). Unset: dense
+    float16 while the cache stays under 1 GiB, else top-32; k >= the classes: dense."""
     cache_batch_size: int = 256
     """Images per teacher forward pass while building the cache."""
 
