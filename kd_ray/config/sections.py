@@ -17,7 +17,7 @@ class DataConfig:
     name: str = "mnist5k"
     """Dataset registry name: imagefolder, parquet, mnist5k, digits, synthetic."""
     root: Optional[str] = None
-    """Folder holding the splits (imagefolder: class folders; parquet: <split>.parquet)."""
+    """Folder holding the splits (imagefolder: class folders; parquet: <split>.parquet or <split>/ shards)."""
     train_split: str = "train"
     val_split: str = "val"
     image_size: Optional[int] = None
