@@ -192,7 +192,8 @@ def convert_imagefolder_to_parquet(src_root, dst_root, splits=("train", "val"),
             raise DataError(f"source split folder {src_root / split} not found: pass a folder with {'/, '.join(splits)}/ class folders")
         out = dst_root / split
         if out.exists() and (not out.is_dir() or any(not f.name.startswith("part-") for f in out.iterdir())):
-            raise DataError(f"{out} exists and holds other files than part-*.parquet: pass an empty DST folder")
+            raise DataError(f"{out} exists and holds other files than part-*.parquet: "
+                            "pass an empty DST folder")
     rows = {}
     for split in splits:
         folder = ImageFolder(src_root / split, allow_empty=True)
