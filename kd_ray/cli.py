@@ -139,9 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("-o", "--out", help="where to write (default: the first folder given)")
     convert = sub.add_parser("convert", help="convert an ImageFolder tree to Parquet tables")
     convert.add_argument("src", help="folder with train/ and val/ class folders")
-    convert.add_argument("dst", help="folder for <split>.parquet")
+    convert.add_argument("dst", help="folder for <split>/part-NNNNN.parquet shards")
     convert.add_argument("--splits", default="train,val")
     _deploy_args(sub)
+    convert.add_argument("--shard-mb", type=float, default=512.0, help="about this many MiB per shard file")
     _submit_args(sub.add_parser(
         "submit", help="run a kd-ray command as a Ray job on a cluster and follow its logs",
         usage="kd-ray submit [--address URL] [--head-dir DIR] COMMAND -c config.yaml [--set ...]",
@@ -259,9 +260,11 @@ def run(args) -> int:
     if args.command == "convert":
         from kd_ray.data.parquet import convert_imagefolder_to_parquet  # local: heavy, see above
 
-        rows = convert_imagefolder_to_parquet(args.src, args.dst, tuple(args.splits.split(",")))
+        rows = convert_imagefolder_to_parquet(args.src, args.dst, tuple(args.splits.split(",")),
+                                              shard_mb=args.shard_mb)
         for split, count in rows.items():
-            log.info(f"{split}: {count} images -> {Path(args.dst) / (split + '.parquet')}")
+            shards = len(list((Path(args.dst) / split).glob("part-*.parquet")))
+            log.info(f"{split}: {count} images -> {Path(args.dst) / split}/ ({shards} shard(s))")
         return 0
     raise AssertionError(args.command)
 

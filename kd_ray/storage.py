@@ -245,3 +245,24 @@ def save_figure(fig, path, dpi: int = 120) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=dpi, format="png")
     location(path).write_bytes(buffer.getvalue())
+
+
+def local_copy(path, stamp: str = "manifest.json") -> Path:
+    """A local copy of a remote folder, downloaded once per machine (under ``local_mirror``) and
+    kept while its ``stamp`` file is unchanged: readers that seek (the teacher cache's row files)
+    read a local disk, never the object store row by row."""
+    path = location(path)
+    target = local_mirror(path)
+    remote_stamp = (path / stamp).read_bytes()
+    if (target / stamp).is_file() and (target / stamp).read_bytes() == remote_stamp:
+        return target
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    download(path, tmp)
+    import shutil
+
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process on this machine finished its copy first: use that one
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -6,8 +6,10 @@ Each figure is a ratio of two timings taken in this one run (the machine is shar
   B2  kd_ray TorchTrainer, 1 worker, steady-state images/s / plain PyTorch loop  target >= 0.95
   B3  8-trial (T, alpha) sweep incl. the cache build / 8 x plain student run     target <= 1.15
       (and the same sweep with the live teacher, for reference)
-Synthetic 32 px data; a resnet18 teacher (random weights: speed only) and the simple_cnn student;
-1 thread per worker on both sides.
+  B4  cached-KD epoch images/s / labels-only epoch images/s, the same augmented  target >= 0.97
+      PNG image folder (96 px files trained at 32 px), train_one_epoch on both sides
+Synthetic 32 px data (B1-B3); a resnet18 teacher (random weights: speed only) and the simple_cnn
+student; 1 thread per worker on both sides.
 
     python scripts/bench_kd.py [--quick] [--skip-live] [--out benchmarks/results.md]
 """
@@ -36,10 +38,10 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from kd_ray import cache as teacher_cache  # noqa: E402
 from kd_ray.config import Config  # noqa: E402
-from kd_ray.data import build_data  # noqa: E402
+from kd_ray.data import build_data, write_synthetic_imagefolder  # noqa: E402
 from kd_ray.data.views import CachedViews, ViewSampler  # noqa: E402
-from kd_ray.engine import build_optimizer, evaluate  # noqa: E402
-from kd_ray.methods import build_method  # noqa: E402
+from kd_ray.engine import build_optimizer, evaluate, make_loaders, train_one_epoch  # noqa: E402
+from kd_ray.methods import TrainStep, build_method  # noqa: E402
 from kd_ray.models import build_model, export_teacher, load_teacher  # noqa: E402
 
 TEACHER, STUDENT, BATCH = "resnet18", "simple_cnn", 64
@@ -218,14 +220,59 @@ def run_b3(storage: Path, teacher: Path, args, say) -> list:
     return rows
 
 
+def b4_epochs(storage: Path, teacher: Path, per_class: int, epochs: int) -> dict:
+    """Images/s of whole epochs (data loading included), labels-only and cached KD interleaved."""
+    torch.set_num_threads(1)
+    folder = write_synthetic_imagefolder(storage / "b4_images", num_classes=10,
+                                         per_class=(per_class, 2), image_size=96)
+    cfg = Config.from_dict({
+        "data": {"name": "imagefolder", "root": str(folder), "image_size": 32, "augment": True},
+        "model": {"teacher": TEACHER, "student": STUDENT},
+        "distill": {"loss": "kd", "teacher_path": str(teacher), "cache_views": 4},
+        "optim": {"epochs": epochs, "batch_size": BATCH, "lr": 0.02},
+        "run": {"storage": str(storage), "num_workers": 1, "threads_per_worker": 1},
+    })
+    cache_dir = storage / "b4_cache"
+    teacher_cache.build(cfg, cache_dir)
+    runs = {}
+    for name, stage in (("ce", "student"), ("cached", "distill")):
+        bundle = build_data(cfg.data, stage, 0)
+        if name == "cached":
+            bundle.train = CachedViews(bundle.train, teacher_cache.load(cache_dir), cfg.data.split_seed)
+        loader, sampler, _ = make_loaders(bundle, BATCH, 0, 1, 0, 0)
+        torch.manual_seed(0)
+        step = TrainStep(build_model(STUDENT, 10), build_method(cfg.distill, "ce" if name == "ce" else "kd"))
+        optimizer = torch.optim.SGD(step.parameters(), lr=0.02, momentum=0.9)
+        runs[name] = (step, optimizer, loader, sampler)
+    speeds = {name: [] for name in runs}
+    for epoch in range(epochs + 1):  # epoch 0 warms both up; the order alternates
+        for name in (list(runs) if epoch % 2 else list(runs)[::-1]):
+            step, optimizer, loader, sampler = runs[name]
+            sampler.set_epoch(epoch)
+            sums = train_one_epoch(step, loader, optimizer, epoch=epoch + 1, device=torch.device("cpu"))
+            if epoch:
+                speeds[name].append(sums["images"] / sums["seconds"])
+    return speeds
+
+
+def run_b4(storage: Path, teacher: Path, args, say) -> list:
+    per_class, epochs = (40, 2) if args.quick else (200, 6)
+    speeds = b4_epochs(storage, teacher, per_class, epochs)
+    ce, cached = statistics.median(speeds["ce"]), statistics.median(speeds["cached"])
+    say(f"B4 epoch images/s ({10 * per_class} augmented 96 px PNGs at 32 px, {epochs} epochs each, "
+        f"interleaved): labels-only {[round(s) for s in speeds['ce']]}, cached KD "
+        f"{[round(s) for s in speeds['cached']]}")
+    return [("B4", "cached KD epoch img/s / labels-only epoch img/s", cached / ce, ">= 0.97", cached / ce >= 0.97)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: checks the script, not the speed")
-    parser.add_argument("--only", default="B1,B2,B3", help="comma-separated subset of B1,B2,B3")
+    parser.add_argument("--only", default="B1,B2,B3,B4", help="comma-separated subset of B1,B2,B3,B4")
     parser.add_argument("--skip-live", action="store_true", help="skip the live-teacher reference sweep")
     parser.add_argument("--min-plain-seconds", type=float, default=60.0)
     parser.add_argument("--out", default=None, help="markdown file for the results (default "
-                        "benchmarks/results.md when all of B1-B3 run; none with --quick)")
+                        "benchmarks/results.md when all of B1-B4 run; none with --quick)")
     args = parser.parse_args()
     from kd_ray.cluster.session import ensure_ray
     from kd_ray.cluster.tune import DRIVER_CPUS
@@ -244,16 +291,17 @@ def main() -> None:
     say(f"teacher {TEACHER}, student {STUDENT}, 32 px synthetic, batch {BATCH}, 1 thread per worker")
     only = [name.strip().upper() for name in args.only.split(",")]
     rows = []
-    for name, bench in (("B1", run_b1), ("B2", run_b2), ("B3", run_b3)):
+    for name, bench in (("B1", run_b1), ("B4", run_b4), ("B2", run_b2), ("B3", run_b3)):
         if name in only:
-            if name != "B1":  # once, with room for the sweep's trial drivers
+            if name in ("B2", "B3"):  # once, with room for the sweep's trial drivers
                 ensure_ray(make_config(storage, teacher, 64, 1), extra_cpus=DRIVER_CPUS)
             rows += bench(storage, teacher, args, say)
+    rows.sort(key=lambda row: row[0].split()[0])  # B1..B4, each with its reference rows
     table = ["| | ratio | value | target | met |", "|---|---|---:|---|---|"]
     table += [f"| {k} | {what} | {value:.3f} | {target} | {'-' if ok is None else 'yes' if ok else 'NO'} |"
               for k, what, value, target, ok in rows]
     print("\n".join(table), flush=True)
-    out = args.out or (None if args.quick or len(only) < 3 else "benchmarks/results.md")
+    out = args.out or (None if args.quick or len(only) < 4 else "benchmarks/results.md")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(f"# bench_kd ({time.strftime('%Y-%m-%d %H:%M')}, `python scripts/bench_kd.py`)\n\n"

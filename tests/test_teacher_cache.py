@@ -153,7 +153,7 @@ def test_an_unfinished_cache_is_never_used(tmp_path):
     (path / "manifest.json").unlink()
     with pytest.raises(ConfigError, match="no readable manifest"):
         teacher_cache.resolve(cfg.replace(distill={"teacher_cache": str(path)}), tmp_path / "x")
-    part = next(path.glob("part-*.parquet"))
+    part = next(path.glob("part-*.npy"))
     _built(cfg, tmp_path)
     part.unlink()
     with pytest.raises(ConfigError, match="incomplete"):

@@ -13,13 +13,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from kd_ray.cache.store import (MANIFEST, encode, mismatch, num_views, read_manifest, check, serves,
-                                wanted)
+from kd_ray.cache.rows import ShardWriter
+from kd_ray.cache.store import MANIFEST, mismatch, num_views, read_manifest, check, serves, wanted
 from kd_ray.config import Config, teacher_files
 from kd_ray.data import build_data, describe
 from kd_ray.data.views import ReplayViews
@@ -96,25 +94,30 @@ def build(cfg: Config, path, want: dict | None = None, run_shards: ShardRunner =
     log.info(f"teacher cache: {samples} images x {views} view(s) through the teacher on "
              f"{shards} worker(s) -> {path}")
     started = time.perf_counter()
-    jobs = [(cfg.to_dict(), k, int(bounds[k]), int(bounds[k + 1]), str(staging)) for k in range(shards)]
+    jobs = [(cfg.to_dict(), k, int(bounds[k]), int(bounds[k + 1]), str(staging), want["top_k"])
+            for k in range(shards)]
     stats = run_shards(cfg, jobs)
     seconds = time.perf_counter() - started
     rows = sum(s["rows"] for s in stats)
     manifest = dict(want, rows=rows, samples=samples, views=views, num_classes=stats[0]["classes"],
                     teacher_forwards=sum(s["forwards"] for s in stats), shards=shards,
+                    bounds=[int(b) for b in bounds], encoding="top_k" if want["top_k"] else "dense",
                     teacher_path=cfg.distill.teacher_path, build_seconds=round(seconds, 2),
                     created=time.strftime("%Y-%m-%dT%H:%M:%S"))
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(path, ignore_errors=True)
     staging.rename(path)  # the finished cache appears at once, manifest included
-    size = sum(f.stat().st_size for f in path.glob("part-*.parquet"))
+    size = sum(f.stat().st_size for f in path.glob("part-*"))
+    encoding = f"top-{want['top_k']} logits + rest" if want["top_k"] else "dense float16 logits"
     log.info(f"teacher cache: {rows} rows in {seconds:.1f}s ({rows / max(seconds, 1e-9):.0f} "
-             f"images/s), {size / 2**20:.1f} MiB on disk")
+             f"images/s), {encoding}, {size / 2**20:.1f} MiB on disk")
     return manifest
 
 
-def build_shard(cfg_dict: dict, shard: int, start: int, stop: int, folder: str) -> dict:
-    """Teacher logits of flat ids [start, stop) (flat id = view * N + sample) as one Parquet file."""
+def build_shard(cfg_dict: dict, shard: int, start: int, stop: int, folder: str,
+                top_k: int | None = None) -> dict:
+    """Teacher logits of flat ids [start, stop) (flat id = view * N + sample), written batch by
+    batch to this shard's row files (``top_k``: the encoding ``wanted`` chose; None = dense)."""
     cfg = Config.from_dict(cfg_dict)
     torch.set_num_threads(cfg.run.threads_per_worker)
     device = torch.device("cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu")
@@ -130,19 +133,17 @@ def build_shard(cfg_dict: dict, shard: int, start: int, stop: int, folder: str) 
                          cfg.data.split_seed)
     loader = DataLoader(Subset(replay, range(start, stop)), batch_size=cfg.distill.cache_batch_size,
                         num_workers=cfg.data.loader_workers)
-    top_k = cfg.distill.cache_top_k
-    columns: dict[str, list] = {"sample": [], "view": [], "logits": []}
+    writer, expected = None, start
     with torch.inference_mode():
         for images, _labels, index, view in loader:
             with autocast_for(device, cfg.run.bf16):
-                logits = teacher(to_device(images, device, nhwc))
-            columns["sample"].append(index.numpy())
-            columns["view"].append(view.numpy().astype(np.int32))
-            columns["logits"].append(logits.float().cpu().numpy())
-    logits = np.concatenate(columns["logits"])
-    table = {"sample": np.concatenate(columns["sample"]), "view": np.concatenate(columns["view"])}
-    table.update(encode(logits, top_k))
-    pq.write_table(pa.table(table), Path(folder) / f"part-{shard:05d}.parquet")
-    return {"rows": len(logits), "forwards": forwards[0], "classes": logits.shape[1]}
-
-
+                logits = teacher(to_device(images, device, nhwc)).float().cpu().numpy()
+            flat = view.numpy().astype(np.int64) * len(replay) + index.numpy()
+            if not np.array_equal(flat, np.arange(expected, expected + len(flat))):
+                raise RuntimeError("teacher cache rows came out of order")  # rows are placed by position
+            expected += len(flat)
+            if writer is None:
+                writer = ShardWriter(folder, shard, stop - start, logits.shape[1], top_k)
+            writer.add(logits)
+    writer.close()
+    return {"rows": stop - start, "forwards": forwards[0], "classes": writer.num_classes}

@@ -17,7 +17,7 @@ class DataConfig:
     name: str = "mnist5k"
     """Dataset registry name: imagefolder, parquet, mnist5k, digits, synthetic."""
     root: Optional[str] = None
-    """Folder holding the splits (imagefolder: class folders; parquet: <split>.parquet)."""
+    """Folder holding the splits (imagefolder: class folders; parquet: <split>.parquet or <split>/ shards)."""
     train_split: str = "train"
     val_split: str = "val"
     image_size: Optional[int] = None
@@ -87,7 +87,8 @@ class DistillConfig:
     cache_views: int = 4
     """Augmented views cached per image when data.augment is on (one per epoch, in turn)."""
     cache_top_k: Optional[int] = None
-    """Store only the k largest logits and the others' total mass (for many classes)."""
+    """Store only the k largest logits and the others' total mass (for many classes). Unset: dense
+    float16 while the cache stays under 1 GiB, else top-32; k >= the classes: dense."""
     cache_batch_size: int = 256
     """Images per teacher forward pass while building the cache."""
 

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from kd_ray.config import STAGES, DataConfig
+from kd_ray.data.sampling import item_groups
 from kd_ray.data.sources import DATASETS, Source
 from kd_ray.errors import ConfigError, DataError
 
@@ -54,11 +55,16 @@ class View(Dataset):
 
     def __init__(self, raw, transform, indices, labels):
         self.raw, self.transform = raw, transform
-        self.indices = np.asarray(indices, dtype=np.int64)
+        self.indices = np.asarray(indices)  # int32 or int64: 4-8 bytes per item, no copy
         self.labels = np.asarray(labels, dtype=np.int64)
 
     def __len__(self):
         return len(self.indices)
+
+    def row_groups(self):
+        """Row group of each item when the raw dataset is read by row group (Parquet), else None."""
+        groups = item_groups(self.raw)
+        return None if groups is None else groups[self.indices]
 
     def __getitem__(self, k):
         image, _ = self.raw[int(self.indices[k])]
@@ -143,7 +149,7 @@ def build_data(cfg: DataConfig, stage: str, seed: int) -> DataBundle:
     size = cfg.image_size or src.image_size
     raw_train, raw_val = src.open(size)
     labels = np.asarray(src.train_labels, dtype=np.int64)
-    indices = np.arange(len(labels))
+    indices = np.arange(len(labels), dtype=np.int32 if len(labels) < 2**31 else np.int64)
     if stage != "teacher" and cfg.labels_per_class is not None:
         keep = labeled_indices(labels, cfg.labels_per_class, seed, src.classes)
         if stage == "student":

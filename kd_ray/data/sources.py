@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from kd_ray.config import DataConfig
-from kd_ray.data.parquet import ParquetImages, read_classes, read_labels, split_path
+from kd_ray.data.parquet import ParquetImages, read_classes, read_labels, split_files
 from kd_ray.errors import DataError
 from kd_ray.registry import Registry
 
@@ -27,7 +27,7 @@ _CACHE: dict = {}  # parsed mnist/digits arrays, so repeated builds in one proce
 @dataclass
 class Source:
     classes: list[str]
-    train_labels: list[int]
+    train_labels: list[int]  # or an int64 array (large tables)
     val_labels: list[int]
     image_size: int  # default side when cfg.image_size is None
     pil: bool  # True: raw items are PIL images (ImageNet transforms), else float [C,h,w] in [0,1]
@@ -96,12 +96,17 @@ def _imagefolder(cfg: DataConfig) -> Source:
 
 @DATASETS.register("parquet")
 def _parquet(cfg: DataConfig) -> Source:
-    root = _root(cfg, f"{cfg.train_split}.parquet and {cfg.val_split}.parquet")
-    train_path, val_path = split_path(root, cfg.train_split), split_path(root, cfg.val_split)
-    classes = read_classes(train_path)
-    _same_classes(classes, read_classes(val_path), root)
-    return Source(classes, read_labels(train_path), read_labels(val_path), 224, True,
-                  lambda size: (ParquetImages(train_path), ParquetImages(val_path)))
+    root = _root(cfg, f"{cfg.train_split}.parquet and {cfg.val_split}.parquet (files or folders of shards)")
+    train_files, val_files = split_files(root, cfg.train_split), split_files(root, cfg.val_split)
+    train_labels, val_labels = read_labels(train_files), read_labels(val_files)  # int64 arrays
+    classes, val_classes = read_classes(train_files), read_classes(val_files)
+    if classes is None and val_classes is None:  # e.g. written by Ray Data: names are the labels
+        top = max([int(x.max()) for x in (train_labels, val_labels) if len(x)], default=-1)
+        classes = val_classes = [str(c) for c in range(top + 1)]
+    _same_classes(classes or [], val_classes or [], root)
+    return Source(classes, train_labels, val_labels, 224, True,
+                  lambda size: (ParquetImages(train_files, labels=train_labels),
+                                ParquetImages(val_files, labels=val_labels)))
 
 
 # ----- tensor datasets ---------------------------------------------------------------------

@@ -7,18 +7,28 @@ by running the ordinary (random) training transform under a seed derived from
 
 Datasets here take a *flat id* ``v * N + i``; ``ViewSampler`` picks the view of each sample per
 epoch (each of the K views once every K epochs, in a per-sample order).
+
+Seeding is per item, so it must be cheap: a splitmix64 hash (< 1 us) and the CPU generator's own
+``manual_seed`` with its state saved and restored (~3 us). ``torch.manual_seed`` and
+``fork_rng`` cost ~0.2 ms here, as they also seed (or check) every accelerator backend.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset
+
+from kd_ray.data.sampling import ShuffleSampler, item_groups
+
+MASK = (1 << 64) - 1
 
 
 def view_seed(seed: int, view: int, index: int) -> int:
-    """A 63-bit seed per (seed, view, sample); independent of process, rank and epoch."""
-    mixed = np.random.SeedSequence([seed, view, index]).generate_state(2, dtype=np.uint32)
-    return int(mixed[0]) << 31 ^ int(mixed[1])
+    """A 63-bit seed per (seed, view, sample) (splitmix64); independent of process, rank, epoch."""
+    z = (seed * 0x9E3779B97F4A7C15 + view * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB
+         + 0x632BE59BD9B4E019) & MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+    return (z ^ (z >> 31)) >> 1
 
 
 class ReplayViews(Dataset):
@@ -33,6 +43,9 @@ class ReplayViews(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    def row_groups(self):
+        return item_groups(self.base)
+
     def split(self, flat: int) -> tuple[int, int]:
         n = len(self.base)
         return flat % n, flat // n
@@ -40,9 +53,13 @@ class ReplayViews(Dataset):
     def image(self, index: int, view: int):
         if self.views == 1:
             return self.base[index]
-        with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG stream untouched
-            torch.manual_seed(view_seed(self.seed, view, index))
+        rng = torch.default_generator  # what the torchvision transforms draw from
+        state = rng.get_state()  # leaves the caller's RNG stream untouched
+        rng.manual_seed(view_seed(self.seed, view, index))
+        try:
             return self.base[index]
+        finally:
+            rng.set_state(state)
 
     def __getitem__(self, flat: int):
         index, view = self.split(int(flat))
@@ -65,19 +82,8 @@ class CachedViews(ReplayViews):
         return image, label, self.logits.row(index, view)
 
 
-class ViewSampler(DistributedSampler):
-    """A ``DistributedSampler`` that yields flat ids: the view of sample i changes every epoch."""
+class ViewSampler(ShuffleSampler):
+    """Flat ids: the view of sample i changes every epoch (``data.sampling.ShuffleSampler``)."""
 
     def __init__(self, dataset, views: int, view_seed: int, **kwargs):
-        super().__init__(dataset, **kwargs)
-        self.views = views
-        # A per-sample offset, so that not every sample uses view 0 in the same epoch.
-        self.offsets = np.random.default_rng(view_seed).integers(views, size=len(dataset))
-
-    def view_of(self, index: int) -> int:
-        return int((self.offsets[index] + self.epoch) % self.views)
-
-    def __iter__(self):
-        n = len(self.dataset)
-        for index in super().__iter__():
-            yield self.view_of(index) * n + index
+        super().__init__(dataset, views, view_seed, **kwargs)

@@ -3,25 +3,29 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
-from kd_ray.data.views import CachedViews, ViewSampler
+from kd_ray.data.sampling import ShuffleSampler
+from kd_ray.data.views import CachedViews
 
 
 def make_loaders(bundle, batch_size: int, rank: int, world: int, seed: int, workers: int):
     """Shuffled, sharded training loader and an exact (unpadded) validation shard."""
     per_worker = max(1, batch_size // world)
+    views, view_seed = 1, 0
     if isinstance(bundle.train, CachedViews):  # yields (view, sample) ids, a new view each epoch
-        sampler = ViewSampler(bundle.train, bundle.train.views, bundle.train.seed,
-                              num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    else:
-        sampler = DistributedSampler(bundle.train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        views, view_seed = bundle.train.views, bundle.train.seed
+    # Row-group aware for Parquet tables: each rank reads a contiguous share, each group once.
+    sampler = ShuffleSampler(bundle.train, views, view_seed, num_replicas=world, rank=rank,
+                             shuffle=True, seed=seed)
     # drop_last keeps BatchNorm away from 1-image batches; tiny sets keep their only batch.
     drop_last = len(sampler) > per_worker
     train = DataLoader(bundle.train, batch_size=per_worker, sampler=sampler, drop_last=drop_last,
                        num_workers=workers, persistent_workers=workers > 0)
-    # Every val image is seen exactly once across ranks, so summed counts give exact accuracy.
-    shard = Subset(bundle.val, range(rank, len(bundle.val), world))
+    # Every val image is seen exactly once across ranks, so summed counts give exact accuracy;
+    # contiguous shares, so that a rank reads only its own row groups of a Parquet table.
+    n = len(bundle.val)
+    shard = Subset(bundle.val, range(rank * n // world, (rank + 1) * n // world))
     val = DataLoader(shard, batch_size=per_worker * 2, num_workers=workers)
     return train, sampler, val
 

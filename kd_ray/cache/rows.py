@@ -1,0 +1,123 @@
+"""The cache's row files: fixed-width ``.npy`` arrays written as a stream, read a row at a time.
+
+Shard ``s`` holds the rows of flat ids ``[bounds[s], bounds[s+1])`` (flat id = view * samples +
+sample, in order) as ``part-SSSSS.<column>.npy``: ``logits`` float16 [rows, C] (dense), or
+``top_index`` int32 [rows, k], ``top_logit`` float16 [rows, k] and ``rest`` float32 [rows] (the log
+of the mass of the other classes). A reader ``pread``s the bytes of one row: nothing is held in
+memory between rows, and nothing is memory-mapped (mapped pages would count towards the worker's
+resident memory as an epoch touches them, growing it to the cache's size).
+"""
+from __future__ import annotations
+
+import bisect
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DENSE = {"logits": np.float16}
+TOP_K = {"top_index": np.int32, "top_logit": np.float16, "rest": np.float32}
+
+
+def encode(logits: np.ndarray, top_k: int | None) -> dict:
+    """Columns of a block of float32 logits [rows, C]: dense float16, or top-k plus the rest."""
+    if not top_k or top_k >= logits.shape[1]:
+        return {"logits": logits.astype(np.float16)}
+    index = np.argpartition(-logits, top_k - 1, axis=1)[:, :top_k]
+    top = np.take_along_axis(logits, index, axis=1)
+    others = logits.copy()
+    np.put_along_axis(others, index, -np.inf, axis=1)
+    peak = others.max(axis=1, keepdims=True)
+    rest = peak[:, 0] + np.log(np.exp(others - peak).sum(axis=1))  # logsumexp of the other classes
+    return {"top_index": index.astype(np.int32), "top_logit": top.astype(np.float16),
+            "rest": rest.astype(np.float32)}
+
+
+def shard_file(folder, shard: int, column: str) -> Path:
+    return Path(folder) / f"part-{shard:05d}.{column}.npy"
+
+
+class ShardWriter:
+    """Appends encoded blocks to one shard's column files; the row count is fixed up front."""
+
+    def __init__(self, folder, shard: int, rows: int, num_classes: int, top_k: int | None):
+        self.rows, self.top_k, self.written, self.num_classes = rows, top_k, 0, num_classes
+        dense = not top_k or top_k >= num_classes
+        widths = {"logits": num_classes} if dense else {"top_index": top_k, "top_logit": top_k, "rest": 0}
+        self.files = {}
+        for column, width in widths.items():
+            dtype = np.dtype((DENSE if dense else TOP_K)[column])
+            f = open(shard_file(folder, shard, column), "wb")
+            shape = (rows, width) if width else (rows,)
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+            self.files[column] = (f, dtype)
+
+    def add(self, logits: np.ndarray) -> None:
+        for column, values in encode(logits, self.top_k).items():
+            f, dtype = self.files[column]
+            f.write(np.ascontiguousarray(values, dtype=dtype).tobytes())
+        self.written += len(logits)
+
+    def close(self) -> None:
+        for f, _ in self.files.values():
+            f.close()
+        if self.written != self.rows:
+            raise RuntimeError(f"cache shard got {self.written} rows, expected {self.rows}")
+
+
+class _Column:
+    def __init__(self, path: Path):
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read(f)
+            self.offset = f.tell()
+        self.path, self.rows, self.dtype = str(path), shape[0], dtype
+        self.width = shape[1] if len(shape) > 1 else 1
+        self.row_bytes = self.width * dtype.itemsize
+        self.fd = None
+
+    def read(self, row: int) -> np.ndarray:
+        if self.fd is None:  # opened in the process that reads (loader workers included)
+            self.fd = os.open(self.path, os.O_RDONLY)
+        data = os.pread(self.fd, self.row_bytes, self.offset + row * self.row_bytes)
+        return np.frombuffer(data, dtype=self.dtype)
+
+    def __getstate__(self):
+        return {**self.__dict__, "fd": None}
+
+
+class CachedLogits:
+    """Teacher logits of (sample, view), read from the shard files one row at a time."""
+
+    def __init__(self, folder, samples: int, views: int, num_classes: int, bounds: list[int]):
+        self.samples, self.views, self.num_classes = samples, views, num_classes
+        self.bounds = list(bounds)
+        names = DENSE if shard_file(folder, 0, "logits").exists() else TOP_K
+        self.columns = [{name: _Column(shard_file(folder, s, name)) for name in names}
+                        for s in range(len(bounds) - 1)]
+        self.dense = names is DENSE
+
+    def complete(self) -> bool:
+        return all(col.rows == self.bounds[s + 1] - self.bounds[s]
+                   for s, shard in enumerate(self.columns) for col in shard.values())
+
+    def nbytes_per_row(self) -> int:
+        return sum(col.row_bytes for col in self.columns[0].values())
+
+    def row(self, index: int, view: int) -> torch.Tensor:
+        flat = view * self.samples + index
+        s = bisect.bisect_right(self.bounds, flat) - 1
+        shard, local = self.columns[s], flat - self.bounds[s]
+        if self.dense:
+            return torch.from_numpy(shard["logits"].read(local).copy())  # float16; the loss upcasts
+        index_, top = shard["top_index"].read(local), shard["top_logit"].read(local)
+        rest = float(shard["rest"].read(local)[0])
+        # The other classes share the stored mass equally: exact top-k probabilities at T = 1.
+        full = np.full(self.num_classes, rest - math.log(self.num_classes - len(index_)), dtype=np.float32)
+        full[index_] = top
+        return torch.from_numpy(full)
