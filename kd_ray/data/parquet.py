@@ -15,6 +15,9 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from kd_ray.errors import DataError
+from kd_ray.log import get
+
+log = get(__name__)
 
 CLASSES_KEY = b"kd_ray.classes"
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("path", pa.string())])
@@ -78,15 +81,43 @@ def convert_imagefolder_to_parquet(src_root, dst_root, splits=("train", "val")) 
     rows = {}
     for split in splits:
         folder = ImageFolder(src_root / split, allow_empty=True)
+        _report_skipped(src_root / split, {p for p, _ in folder.samples})
         meta = {CLASSES_KEY: json.dumps(folder.classes).encode()}
         schema = SCHEMA.with_metadata(meta)
-        with pq.ParquetWriter(dst_root / f"{split}.parquet", schema) as writer:
-            for start in range(0, len(folder.samples), BATCH_ROWS):
-                batch = folder.samples[start:start + BATCH_ROWS]
-                writer.write_table(pa.table({
-                    "image": [Path(p).read_bytes() for p, _ in batch],
-                    "label": [label for _, label in batch],
-                    "path": [Path(p).relative_to(src_root / split).as_posix() for p, _ in batch],
-                }, schema=schema))
+        out = dst_root / f"{split}.parquet"
+        try:
+            with pq.ParquetWriter(out, schema) as writer:
+                for start in range(0, len(folder.samples), BATCH_ROWS):
+                    batch = folder.samples[start:start + BATCH_ROWS]
+                    writer.write_table(pa.table({
+                        "image": [_checked_bytes(p) for p, _ in batch],
+                        "label": [label for _, label in batch],
+                        "path": [Path(p).relative_to(src_root / split).as_posix() for p, _ in batch],
+                    }, schema=schema))
+        except DataError:
+            out.unlink(missing_ok=True)  # no half-written split
+            raise
         rows[split] = len(folder.samples)
     return rows
+
+
+def _checked_bytes(path) -> bytes:
+    """The file's bytes, once PIL has checked them (a corrupt image would stop training later)."""
+    data = Path(path).read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()
+    except Exception as exc:  # PIL raises many types for broken files
+        raise DataError(f"cannot read image {path}: {exc}; delete or replace the file and convert "
+                        "again") from None
+    return data
+
+
+def _report_skipped(split_root: Path, packed: set) -> None:
+    """Name the files in class folders that are not images (ImageFolder skips them)."""
+    skipped = sorted(p for p in split_root.glob("*/*") if p.is_file() and str(p) not in packed)
+    if skipped:
+        names = ", ".join(str(p.relative_to(split_root)) for p in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        log.warning(f"{split_root.name}: skipped {len(skipped)} file(s) that are not images by their "
+                    f"extension: {names}{more}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kd_ray.config import Config
-from kd_ray.config.checks import check_paths
+from kd_ray.config.checks import check_machine, check_paths
 from kd_ray.config.sweep import apply_params, space_entry
 from kd_ray.data import describe
 from kd_ray.engine import checkpoints
@@ -15,6 +15,7 @@ from kd_ray.log import get
 from kd_ray.methods import build_method, method_class
 from kd_ray.models import MODELS, check_teacher_matches, read_teacher_info
 from kd_ray.runs.files import read_failures
+from kd_ray.runs.lock import fresh_name  # noqa: F401  (re-exported: cluster.stage uses it)
 
 log = get(__name__)
 
@@ -43,6 +44,7 @@ def preflight(cfg: Config, stage: str, teacher_pending: bool = False) -> Config:
     ``teacher_pending``: the teacher file is still to be trained (pipeline), so skip its checks.
     """
     check_paths(cfg, (stage,))
+    check_machine(cfg)
     cfg = cfg.with_absolute_paths()
     MODELS.get(stage_model(cfg, stage)[0])
     method = build_method(cfg.distill, stage_method(cfg, stage))  # checks distill.params too
@@ -56,6 +58,10 @@ def preflight(cfg: Config, stage: str, teacher_pending: bool = False) -> Config:
         check_teacher_matches(teacher, info.classes)
         if cfg.data.image_size is None and teacher.get("image_size"):
             cfg = cfg.replace(data={"image_size": teacher["image_size"]})
+    if cfg.data.image_size is None:
+        # Resolved here, once: the sweep's teacher cache, its sweep.yaml and best.yaml, and a later
+        # `kd-ray distill -c best.yaml` then all name the same size (the cache manifest compares it).
+        cfg = cfg.replace(data={"image_size": info.image_size})
     return cfg
 
 
@@ -87,17 +93,6 @@ def check_sweep(cfg: Config, train_teacher: bool) -> Config:
     if train_teacher:
         preflight(cfg, "teacher")
     return preflight(cfg, "distill", teacher_pending=train_teacher)
-
-
-def fresh_name(storage: Path, name: str) -> str:
-    """``name`` if no run has it yet, else the first free ``name-2``, ``name-3``, ..."""
-    if not (storage / name).exists():
-        return name
-    n = 2
-    while (storage / f"{name}-{n}").exists():
-        n += 1
-    log.info(f"{storage / name} exists; --new starts {name}-{n} beside it")
-    return f"{name}-{n}"
 
 
 def check_resume(cfg: Config, stage: str, run_dir: Path) -> dict | None:
