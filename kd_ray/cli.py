@@ -133,7 +133,8 @@ def run(args) -> int:
             if args.config or args.overrides or args.train_teacher:
                 raise KdRayError("--resume takes only the sweep folder: the sweep keeps its config")
             if not Path(args.resume).is_dir():
-                raise KdRayError(f"{args.resume} holds no sweep to resume (no such folder): pass the folder `kd-ray tune` printed")
+                raise KdRayError(f"{args.resume} holds no sweep to resume (no such folder): pass the "
+                                 "folder `kd-ray tune` printed")
             with RunLock(args.resume, "sweep", SWEEP_FIX):
                 from kd_ray.cluster.tune import resume_sweep  # local: heavy, see above
 

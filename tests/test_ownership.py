@@ -117,11 +117,11 @@ def test_run_names_no_folder_can_have_are_refused(name):
 
 
 def test_non_ascii_run_names_keep_their_folder_and_give_ray_an_ascii_name(tmp_path):
-    from kd_ray.cluster.stage import RAY_STATE_DIR, ray_names
+    from kd_ray.cluster.stage import ray_names
 
     assert load_config(overrides=["run.name='run ä 1'"]).run.name == "run ä 1"
     assert ray_names("/s", "plain-name") == ("/s", "plain-name")
-    assert ray_names("/s", "café") == ("/s/café", RAY_STATE_DIR)
+    assert ray_names("/s", "café") == ("/s/café", ".")  # Ray's folder is the run folder still
 
 
 def test_empty_config_file_is_refused(capsys, tmp_path):
@@ -176,7 +176,7 @@ def test_convert_refuses_a_corrupt_image_and_names_skipped_files(capsys, tmp_pat
 def test_prune_keeps_the_newest_and_what_ray_lists(tmp_path):
     made = [checkpoints.save(tmp_path, {"epoch": e}, []) for e in range(1, 6)]
     (tmp_path / RAY_SNAPSHOT).write_text(json.dumps({"dirs": [made[0].name]}))
-    removed = prune_checkpoints(tmp_path, 2, tmp_path, protect=made[1])
+    removed = prune_checkpoints(tmp_path, 2, protect=made[1])
     assert sorted(removed) == [made[2]]
     assert sorted(checkpoints.folders(tmp_path)) == [made[0], made[1], made[3], made[4]]
 

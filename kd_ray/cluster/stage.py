@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,6 @@ from kd_ray.runs.stages import check_resume, failure_message, fresh_name, prefli
 from kd_ray.runs.summary import summarize
 
 log = get(__name__)
-RAY_STATE_DIR = "ray_state"  # Ray's own files of a run whose name is not ASCII (ray_names)
 
 
 @dataclass
@@ -75,16 +75,16 @@ def _run_locked(cfg: Config, stage: str, storage: str, name: str, run_dir: Path)
     cfg.save(run_dir / "config.yaml")
     label = f"{name} ({stage})"
     log.info(f"{label}: {epochs} epochs on {cfg.run.num_workers} worker(s), results in {run_dir}")
-    ray_dir = Path(*ray_names(storage, name))  # where Ray keeps its list of checkpoints
     if resume:
         done = "epoch 1" if resume["epoch"] == 1 else f"epochs 1-{resume['epoch']}"
         log.info(f"resuming {name} from epoch {resume['epoch'] + 1} ({done} done, "
                  f"{run_dir.name}/{resume['folder']}); --new starts a fresh run beside it")
         backfill(run_dir, resume.get("history", []))  # epochs whose metrics line was lost
-        prune_checkpoints(run_dir, cfg.run.keep_checkpoints, ray_dir, protect=run_dir / resume["folder"])
+        prune_checkpoints(run_dir, cfg.run.keep_checkpoints, protect=run_dir / resume["folder"])
     failures_before = len(read_failures(run_dir))
     trainer = make_trainer(cfg, stage, storage, name, [MetricsCallback(str(run_dir))],
                            stop_file=run_dir / STOP_FILE)
+    before = signal.getsignal(signal.SIGINT)  # Ray's fit() replaces it and never puts it back
     try:
         with ProgressPrinter(run_dir, label):
             result = trainer.fit()
@@ -98,8 +98,10 @@ def _run_locked(cfg: Config, stage: str, storage: str, name: str, run_dir: Path)
         raise
     finally:
         (run_dir / STOP_FILE).unlink(missing_ok=True)
+        if before is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, before)
     raise_returned_error(result)
-    prune_checkpoints(run_dir, cfg.run.keep_checkpoints, ray_dir)
+    prune_checkpoints(run_dir, cfg.run.keep_checkpoints)
     found = checkpoints.latest(run_dir)
     reached = found[1]["epoch"] if found else 0
     if reached < epochs:  # the first Ctrl-C: every rank stopped after this epoch's checkpoint
@@ -110,14 +112,15 @@ def _run_locked(cfg: Config, stage: str, storage: str, name: str, run_dir: Path)
 
 
 def ray_names(storage: str, name: str) -> tuple[str, str]:
-    """Ray's (storage_path, name) for a run folder ``storage/name``.
+    """Ray's (storage_path, name) for the run folder ``storage/name``.
 
-    Ray tags its metrics with the run name and fails on non-ASCII text, so such a run gives Ray
-    an ASCII name for its own state inside the run folder, which keeps the name as written.
+    Ray tags its metrics with the run name and fails on non-ASCII text; such a run gives Ray the
+    run folder itself as storage and "." as its name: the same folder (Ray accepts checkpoints only
+    inside it), named as the user wrote it.
     """
     if name.isascii() and name.isprintable():
         return storage, name
-    return str(Path(storage) / name), RAY_STATE_DIR
+    return str(Path(storage) / name), "."
 
 
 class _Trainer(TorchTrainer):

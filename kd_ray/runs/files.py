@@ -116,14 +116,14 @@ def finished_summary(run_dir: Path, epochs: int) -> dict | None:
     return None
 
 
-def prune_checkpoints(run_dir, keep: int, ray_dir, protect=None) -> list[Path]:
+def prune_checkpoints(run_dir, keep: int, protect=None) -> list[Path]:
     """Remove checkpoints beyond the newest ``keep`` that Ray's snapshot does not list.
 
     Ray deletes the old checkpoints it was told of (``num_to_keep``); a checkpoint written by an
-    attempt or a driver that died before Ray recorded it is ours to delete. One Ray lists must
-    stay: Ray refuses to resume a run whose snapshot names a missing folder.
+    attempt or a driver that died before Ray recorded it is ours to delete. Those Ray lists
+    must stay: Ray refuses to resume a run whose snapshot names a missing folder.
     """
-    snapshot = Path(ray_dir) / RAY_SNAPSHOT
+    snapshot = Path(run_dir) / RAY_SNAPSHOT  # Ray's run folder is the run folder (stage.ray_names)
     known = snapshot.read_text() if snapshot.is_file() else ""
     removed = []
     for folder in folders(run_dir)[keep:]:

@@ -49,7 +49,8 @@ def find_runs(paths) -> list[dict]:
         subs = sorted(p for p in path.glob("*") if (p / "summary.json").is_file())
         unfinished = sorted(p for p in path.glob("*") if p.is_dir() and is_unfinished(p))
         if not subs:
-            hint = f" ({'; '.join(_unfinished(p) for p in unfinished)}: rerun to finish)" if unfinished else ""
+            hint = "; ".join(_unfinished(p) for p in unfinished)
+            hint = f" ({hint}: rerun to finish)" if hint else ""
             raise KdRayError(f"no finished runs under {path}{hint}: pass run or pipeline folders")
         for folder in unfinished:
             log.warning(f"skipping run {_unfinished(folder)}: rerun its command to finish it")
