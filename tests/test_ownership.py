@@ -214,3 +214,19 @@ def test_rerun_of_a_run_finished_but_unsummarized_starts_no_workers(tmp_path, mo
     assert result.summary["epochs"] == 2 and [r["epoch"] for r in read_history(run_dir)] == [1, 2]
     assert "already finished 2 epochs" in capsys.readouterr().out
     assert not (run_dir / LOCK_FILE).exists()
+
+
+def test_ray_that_does_not_start_is_one_line_exit_1(capsys, tmp_path, monkeypatch):
+    from kd_ray.cluster import session
+
+    def times_out(**_):
+        raise TimeoutError("Timed out after 30 seconds while waiting for node to startup.\nmore")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(session, "start_local_ray", times_out)
+    code = main(["train-student", "--set", "data.name=synthetic", "--set", "model.student=tiny_cnn",
+                 "--set", "run.num_workers=1", "--set", f"run.storage={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.count("\n") == 0, err
+    assert "local Ray instance did not start (TimeoutError: Timed out after 30 s" in err
+    assert "retry when it is less busy" in err and not (tmp_path / "kd").exists()

@@ -10,7 +10,7 @@ import ray
 import ray.util
 
 from kd_ray.config import Config
-from kd_ray.errors import ConfigError, RayStartError, one_line
+from kd_ray.errors import ConfigError, RayStartError
 from kd_ray.config.checks import check_machine
 
 
@@ -45,7 +45,8 @@ def _start(what: str, fix: str, init) -> None:
         init()
     except Exception as exc:  # Ray raises bare Exception, TimeoutError, ConnectionError ...
         ray.shutdown()  # stop what this process started, if anything
-        raise RayStartError(f"{what} ({type(exc).__name__}: {one_line(exc)}): {fix}") from exc
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:200]
+        raise RayStartError(f"{what} ({type(exc).__name__}: {first}): {fix}") from exc
 
 
 def _name_cluster(address: str) -> dict | None:

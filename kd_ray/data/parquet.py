@@ -108,7 +108,8 @@ def _checked_bytes(path) -> bytes:
         with Image.open(io.BytesIO(data)) as img:
             img.verify()
     except Exception as exc:  # PIL raises many types for broken files
-        raise DataError(f"cannot read image {path}: {exc}; delete or replace the file and convert "
+        why = "not an image PIL can identify" if "BytesIO" in str(exc) else str(exc)
+        raise DataError(f"cannot read image {path}: {why}; delete or replace the file and convert "
                         "again") from None
     return data
 
