@@ -12,11 +12,16 @@ from pathlib import Path
 
 from kd_ray import log as kd_log
 from kd_ray.config import demo_config, load_config, read_args_file
-from kd_ray.config.checks import check_paths
-from kd_ray.errors import KdRayError, RunFailedError, TeacherError, one_line, user_error_in
+from kd_ray.config.checks import check_machine, check_paths
+from kd_ray.errors import (KdRayError, RayStartError, RunFailedError, RunInterrupted, TeacherError,
+                           one_line, user_error_in)
+from kd_ray.runs.lock import RunLock, fresh_name
+from kd_ray.storage import location, storage_root
 
 STAGE_COMMANDS = {"train-teacher": "teacher", "train-student": "student", "distill": "distill"}
 log = kd_log.get("cli")
+SWEEP_FIX = "wait for it to finish, or pick another run.name"
+INTERRUPTED = "interrupted; rerun the same command to resume"
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -160,7 +165,13 @@ def _load(args, stages=("teacher", "student", "distill")):
         cfg = load_config(args.config, args.overrides, args.args_file)
         flags = read_args_file(args.args_file)[1] if args.args_file else {}
     check_paths(cfg, stages)
+    check_machine(cfg)  # a local instance: no more workers than this machine holds
     return cfg, flags
+
+
+def _run_folder(cfg):
+    """<run.storage>/<run.name>: a local folder, or a folder in object storage."""
+    return location(storage_root(cfg.run.storage)) / cfg.run.name
 
 
 def run(args) -> int:
@@ -174,12 +185,15 @@ def run(args) -> int:
     if args.command in STAGE_COMMANDS:
         stage = STAGE_COMMANDS[args.command]
         cfg, _ = _load(args, (stage,))
-        from kd_ray.runs.stages import preflight  # local: heavy, see above
+        storage = storage_root(cfg.run.storage)
+        name = fresh_name(storage, cfg.run.name) if args.new else cfg.run.name
+        with RunLock(location(storage) / name):  # one driver per run: taken before torch or Ray load
+            from kd_ray.runs.stages import preflight  # local: heavy, see above
 
-        cfg = preflight(cfg, stage)
-        from kd_ray.cluster.stage import run_stage  # local: heavy, see above
+            cfg = preflight(cfg, stage)
+            from kd_ray.cluster.stage import run_stage  # local: heavy, see above
 
-        result = run_stage(cfg, stage, new=args.new, checked=True)
+            result = run_stage(cfg, stage, name=name, checked=True)
         top1 = result.summary["final"].get("val/top1")
         log.info(f"done: val top-1 {100 * top1:.2f}% after {result.summary['epochs']} epochs; "
                  f"results in {result.run_dir}")
@@ -190,18 +204,23 @@ def run(args) -> int:
         if args.resume:
             if args.config or args.overrides or args.train_teacher:
                 raise KdRayError("--resume takes only the sweep folder: the sweep keeps its config")
-            from kd_ray.cluster.tune import resume_sweep  # local: heavy, see above
+            if not location(args.resume).is_dir():
+                raise KdRayError(f"{args.resume} holds no sweep to resume (no such folder): pass the "
+                                 "folder `kd-ray tune` printed")
+            with RunLock(args.resume, "sweep", SWEEP_FIX):
+                from kd_ray.cluster.tune import resume_sweep  # local: heavy, see above
 
-            sweep_dir, table = resume_sweep(args.resume)
+                sweep_dir, table = resume_sweep(args.resume)
         else:
             cfg, flags = _load(args)
             train_teacher = args.train_teacher or flags.get("train_teacher", False)
-            from kd_ray.runs.stages import check_sweep  # local: heavy, see above
+            with RunLock(_run_folder(cfg), "sweep", SWEEP_FIX):
+                from kd_ray.runs.stages import check_sweep  # local: heavy, see above
 
-            cfg = check_sweep(cfg, train_teacher)
-            from kd_ray.cluster.tune import run_sweep  # local: heavy, see above
+                cfg = check_sweep(cfg, train_teacher)
+                from kd_ray.cluster.tune import run_sweep  # local: heavy, see above
 
-            sweep_dir, table = run_sweep(cfg, train_teacher, checked=True)
+                sweep_dir, table = run_sweep(cfg, train_teacher, checked=True)
         print(f"\nSweep results ({sweep_dir}):\n{table}", flush=True)
         log.info(f"best config: {sweep_dir}/best.yaml (kd-ray distill -c {sweep_dir}/best.yaml); "
                  f"heatmap: {sweep_dir}/heatmap.png; TensorBoard: tensorboard --logdir {sweep_dir}")
@@ -238,12 +257,13 @@ def run(args) -> int:
         stages = flags.get("train_teacher", not cfg.distill.teacher_path), flags.get("distill", True)
         methods = [m for item in args.methods for m in item.split(",") if m] \
             if args.command == "compare" else None
-        from kd_ray.runs.stages import check_pipeline  # local: heavy, see above
+        with RunLock(_run_folder(cfg), "pipeline", "wait for it to finish, or pick another run.name"):
+            from kd_ray.runs.stages import check_pipeline  # local: heavy, see above
 
-        check_pipeline(cfg, *stages, methods)
-        from kd_ray.cluster.pipeline import run_pipeline  # local: heavy, see above
+            check_pipeline(cfg, *stages, methods)
+            from kd_ray.cluster.pipeline import run_pipeline  # local: heavy, see above
 
-        root, table = run_pipeline(cfg, *stages, checked=True, methods=methods)
+            root, table = run_pipeline(cfg, *stages, checked=True, methods=methods)
         print(f"\nResults ({root}):\n{table}", flush=True)
         return 0
     if args.command == "report":
@@ -281,8 +301,14 @@ def main(argv=None) -> int:
         print(f"kd-ray: error: training failed: {one_line(exc)} (full log above; finished epochs "
               "are kept: rerun the same command to resume)", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("kd-ray: interrupted; rerun the same command to resume from the last epoch", file=sys.stderr)
+    except RayStartError as exc:
+        print(f"kd-ray: error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    except RunInterrupted as exc:  # the first Ctrl-C: stopped after an epoch's checkpoint
+        print(f"kd-ray: {INTERRUPTED} ({one_line(exc)})", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # the second Ctrl-C, or one before training started
+        print(f"kd-ray: {INTERRUPTED} from the last checkpoint", file=sys.stderr)
         return 130
 
 

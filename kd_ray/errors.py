@@ -1,6 +1,7 @@
 """Errors a user can fix, and the one place that finds them inside Ray's wrappers.
 
-The CLI prints a KdRayError as one line and exits 2; RunFailedError (retries used up) exits 1.
+The CLI prints a KdRayError as one line and exits 2; RunFailedError (retries used up) and
+RayStartError exit 1; RunInterrupted (Ctrl-C) exits 130.
 Nothing here imports Ray: Ray's wrappers are walked through ``cause`` / ``__cause__``.
 """
 from __future__ import annotations
@@ -35,6 +36,18 @@ class NonFiniteLossError(KdRayError):
 
 class PeerFailedError(KdRayError):
     """Another rank hit one of the errors above; this rank stops at the same step."""
+
+
+class InUseError(KdRayError):
+    """Another kd-ray driver owns this run or sweep folder (runs.lock)."""
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C: the run stopped (after its current epoch's checkpoint, or at once); rerun resumes."""
+
+
+class RayStartError(RuntimeError):
+    """The local Ray instance did not start (a loaded machine); nothing was trained."""
 
 
 class RunFailedError(RuntimeError):

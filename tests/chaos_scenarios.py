@@ -327,6 +327,149 @@ def alive_train_workers(wait_for: int | None = None, seconds: float = 20) -> int
         time.sleep(0.5)
 
 
+# ---- Issue 16: one owner per run, machine-sized local runs, names and paths, Ctrl-C ----
+
+def _popen(argv: list, env: dict, plan: dict | None = None) -> subprocess.Popen:
+    env = {k: v for k, v in env.items() if k != ENV} | ({ENV: json.dumps(plan)} if plan else {})
+    return subprocess.Popen([sys.executable, "-m", "kd_ray.cli", *map(str, argv)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, seconds: float = 300) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+def lineages(run_dir: Path) -> int:
+    """Distinct training histories among the run's checkpoints: 1 when each checkpoint's history
+    is a prefix of the newest one's (same epochs, same values), more when two drivers mixed."""
+    histories = [checkpoints.read_manifest(f).get("history", []) for f in checkpoints.folders(run_dir)]
+    if not histories:
+        return 0
+    newest = histories[0]
+    return 1 + sum(h != newest[:len(h)] for h in histories[1:])
+
+
+def t10_two_drivers(work: Path, env: dict) -> Row:
+    """A second driver on a running run is refused; the first one's lock, left by a SIGKILL, is
+    taken over by the next driver, which resumes: one lineage, no epoch twice."""
+    from kd_ray.runs.lock import LOCK_FILE, read_owner
+
+    argv = ["train-student", *settings(work, "t10", "optim.epochs=3")]
+    run_dir = work / "t10"
+    first = _popen(argv, env, {"dir": str(work / "t10-faults"),  # holds the first driver in epoch 2
+                               "faults": [{"kind": "sleep", "rank": 0, "epoch": 2, "step": 0, "seconds": 120}]})
+    _wait_for(lambda: len(read_history(run_dir)) >= 1, first)
+    second = kd_ray(argv, env, inline=True)  # the same command, while the first one trains
+    owner = read_owner(run_dir) or {}
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    left = (run_dir / LOCK_FILE).exists()
+    third = kd_ray(argv, env, inline=True)  # the lock's owner is gone: taken over, resumed
+    logged = logged_epochs(run_dir)
+    took_over = f"locked by kd-ray PID {first.pid}" in third.out and "taking it over" in third.out
+    return Row("T10", "same run started twice; first driver SIGKILLed, run again",
+               {"second exit": second.code, "second s": second.seconds, "takeover exit": third.code,
+                "duplicate epochs": len(logged) - len(set(logged)), "lineages": lineages(run_dir),
+                "checkpoints": len(checkpoints.folders(run_dir))},
+               {"second refused, exit 2": second.code == 2,
+                "names the owner's PID": f"PID {first.pid}" in second.error and owner.get("pid") == first.pid,
+                "says wait or --new": "--new" in second.error, "stale lock left by SIGKILL": left,
+                "taken over with a warning": took_over, "takeover finishes": third.code == 0,
+                "epochs 1-3 logged once": logged == [1, 2, 3], "one lineage": lineages(run_dir) == 1,
+                "keep_checkpoints=2 honoured": len(checkpoints.folders(run_dir)) == 2,
+                "lock released": not (run_dir / LOCK_FILE).exists()}, run_dir)
+
+
+def t11_oversized_workers(work: Path, env: dict) -> Row:
+    """64 workers: refused before Ray starts on a local instance (naming the machine's CPUs), and
+    by the cluster's resource check when joining one."""
+    local_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    local = kd_ray(["train-student", *settings(work, "t11", "run.num_workers=64")], local_env)
+    cluster = kd_ray(["train-student", *settings(work, "t11c", "run.num_workers=64")], env, inline=True)
+    cpus = os.cpu_count()
+    return Row("T11", "run.num_workers=64, local instance / cluster",
+               {"local exit": local.code, "local s": local.seconds, "cluster exit": cluster.code,
+                "error": local.short_error},
+               {"local refused, exit 2": local.code == 2, f"names the machine's {cpus} CPUs":
+                f"this machine has {cpus}" in local.error, "one line": local.err.count("kd-ray: error:") == 1,
+                "no Ray started": "Started a local Ray instance" not in local.out + local.err,
+                "nothing written": not (work / "t11").exists(),
+                "cluster refused, exit 2": cluster.code == 2 and "the cluster has" in cluster.error})
+
+
+def t12_non_ascii_name(work: Path, env: dict) -> Row:
+    """A run name with spaces and non-ASCII letters trains; its folder keeps the name."""
+    name = "café run ä 1"
+    out = kd_ray(["train-student", *settings(work, name, "optim.epochs=2")], env, inline=True)
+    run_dir = work / name
+    return Row("T12", f"run.name '{name}'",
+               {"exit": out.code, "wall s": out.seconds, "epochs logged": len(logged_epochs(run_dir))},
+               {"run finishes": out.code == 0, "folder named as written": (run_dir / "summary.json").is_file(),
+                "epochs 1-2 logged once": logged_epochs(run_dir) == [1, 2]}, run_dir)
+
+
+def t13_bad_names_and_paths(work: Path, env: dict) -> list[Row]:
+    """Refused before Ray: exit 2, one line, nothing written."""
+    (work / "t13-file").write_text("a regular file")
+    (work / "t13-empty.yaml").write_text("# nothing set\n")
+    cases = [("storage under a regular file", [f"run.storage={work}/t13-file/runs"], [], "is a file"),
+             ("run.name '..'", ["run.name='..'"], [], "run.name"),
+             ("run.name of 300 bytes", [f"run.name={'é' * 150}"], [], "run.name"),
+             ("empty config file", [], ["-c", work / "t13-empty.yaml"], "is empty")]
+    rows = []
+    for i, (what, extra, before, needle) in enumerate(cases):
+        out = kd_ray(["train-student", *before, *settings(work, f"t13{'abcd'[i]}", *extra)], env, inline=True)
+        rows.append(Row(f"T13{'ABCD'[i]}", what, {"exit": out.code, "s to error": out.seconds,
+                                                  "error": out.short_error},
+                        {"exit 2": out.code == 2, f"names '{needle}'": needle in out.error,
+                         "one line": out.err.count("kd-ray: error:") == 1,
+                         "nothing written": not (work / f"t13{'abcd'[i]}").exists()}))
+    return rows
+
+
+def t14_ctrl_c(work: Path, env: dict) -> Row:
+    """Ctrl-C in epoch 2: stops after its checkpoint, exit 130; Ctrl-C twice in epoch 3: stops at
+    once; the same command finishes; once more says finished and starts no worker."""
+    argv = ["train-student", *settings(work, "t14", "optim.epochs=3")]
+    run_dir, faults = work / "t14", [work / f"t14-faults-{i}" for i in range(3)]
+    hold = {"kind": "sleep", "rank": 0, "step": 0}
+    first = _popen(argv, env, {"dir": str(faults[0]), "faults": [{**hold, "epoch": 2, "seconds": 4}]})
+    _wait_for(lambda: len(read_history(run_dir)) >= 1, first)
+    first.send_signal(signal.SIGINT)
+    _, err1 = first.communicate(timeout=300)
+    after_first = logged_epochs(run_dir)
+    newest = checkpoints.latest(run_dir)
+    kept = newest[1]["epoch"] if newest else 0
+    second = _popen(argv, env, {"dir": str(faults[1]), "faults": [{**hold, "epoch": 3, "seconds": 120}]})
+    _wait_for(lambda: any(e["event"] == "fault" for e in read_events(faults[1])), second)
+    second.send_signal(signal.SIGINT)
+    time.sleep(1)
+    pressed = time.time()
+    second.send_signal(signal.SIGINT)
+    _, err2 = second.communicate(timeout=300)
+    at_once = round(time.time() - pressed, 1)
+    third = kd_ray(argv, env, inline=True)
+    fourth = kd_ray(argv, env, faults[2], [], inline=True)  # its workers would log an attempt there
+    workers_started = len(attempts(read_events(faults[2])))
+    return Row("T14", "Ctrl-C in epoch 2; Ctrl-C twice in epoch 3; rerun; rerun when finished",
+               {"exit after 1 Ctrl-C": first.returncode, "epochs logged": len(after_first),
+                "exit after 2": second.returncode, "s 2nd Ctrl-C -> exit": at_once, "rerun exit": third.code,
+                "finished rerun s": fourth.seconds, "workers started": workers_started},
+               {"1st: exit 130": first.returncode == 130,
+                "1st: says rerun to resume": "interrupted; rerun the same command to resume" in err1,
+                "1st: epochs 1-2 logged and checkpointed": after_first == [1, 2] and kept == 2,
+                "2nd: exit 130 within 30 s": second.returncode == 130 and at_once <= 30,
+                "rerun finishes epoch 3": third.code == 0 and logged_epochs(run_dir) == [1, 2, 3],
+                "finished rerun: exit 0, says finished": fourth.code == 0 and "already finished" in fourth.out,
+                "finished rerun starts no worker": workers_started == 0}, run_dir)
+
+
 SCENARIOS = [t1_worker_raises, t2_fails_every_attempt, t3_worker_killed, t4_driver_killed,
-             t5_sweep_killed, t6_rank_stalls, t7_truncated_checkpoint, t8_bad_input]
+             t5_sweep_killed, t6_rank_stalls, t7_truncated_checkpoint, t8_bad_input,
+             t10_two_drivers, t11_oversized_workers, t12_non_ascii_name, t13_bad_names_and_paths, t14_ctrl_c]
 

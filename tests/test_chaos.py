@@ -1,4 +1,4 @@
-"""The chaos suite (tests/chaos_scenarios.py) as tests: T1-T9 of the README's "Failures and resuming".
+"""The chaos suite (tests/chaos_scenarios.py) as tests: T1-T14 of the README's "Failures and resuming".
 
 Each scenario is a real 2-worker Ray Train run on the session's Ray instance, with a fault
 injected through KD_RAY_FAULTS or a process killed from outside. What must hold is written once,
@@ -88,3 +88,29 @@ def test_t8_bad_input_exits_2_without_retries(t8, case):
 
 def test_t9_tensorboard_has_one_point_per_epoch_after_restarts(t1, t3):
     check(chaos.t9_tensorboard([t1, t3]))
+
+
+def test_t10_second_driver_is_refused_and_a_dead_owner_is_taken_over(work, env):
+    row = chaos.t10_two_drivers(work, env)
+    check(row)
+    assert row.figures["duplicate epochs"] == 0 and row.figures["lineages"] == 1
+
+
+def test_t11_more_workers_than_the_machine_is_refused_before_ray(work, env):
+    check(chaos.t11_oversized_workers(work, env))
+
+
+def test_t12_non_ascii_run_name_trains_in_a_folder_named_as_written(work, env):
+    check(chaos.t12_non_ascii_name(work, env))
+
+
+@pytest.mark.parametrize("case", range(4), ids=["storage-under-a-file", "dot-dot-name", "long-name",
+                                                 "empty-config"])
+def test_t13_bad_names_and_paths_exit_2_before_ray(work, env, case):
+    check(chaos.t13_bad_names_and_paths(work, env)[case])
+
+
+def test_t14_ctrl_c_stops_after_the_epoch_and_twice_at_once(work, env):
+    row = chaos.t14_ctrl_c(work, env)
+    check(row)
+    assert row.figures["exit after 1 Ctrl-C"] == 130

@@ -37,10 +37,18 @@ def tb_steps(folder: Path, tag: str) -> list[int]:
     return [event.step for event in acc.Scalars(tag)]
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 def test_asha_sweep_leaves_table_best_yaml_heatmap_and_tensorboard(cli_env, tmp_path):
-    config = write_sweep(tmp_path, "sweep4", {"distill.temperature": [1, 4], "distill.alpha": [0.5, 0.9]},
-                         scheduler="asha", grace_period=1, reduction_factor=2)
-    done = kd_ray(cli_env, "tune", "-c", config, "--train-teacher")
+    """The README's sweep flow as a user runs it: the shipped configs/sweep.yaml (data.image_size
+    left unset), smaller for speed, then `kd-ray distill -c <sweep>/best.yaml`."""
+    small = {"data.name": "synthetic", "data.synthetic_size": 256, "model.teacher": "simple_cnn",
+             "optim.epochs": 3, "optim.teacher_epochs": 2, "optim.lr": 0.05, "run.num_workers": 2,
+             "run.name": "sweep4", "run.storage": tmp_path / "results", "sweep.grace_period": 1,
+             "sweep.space": "{distill.temperature: [1, 4], distill.alpha: [0.5, 0.9]}"}
+    sets = [arg for key, value in small.items() for arg in ("--set", f"{key}={value}")]
+    done = kd_ray(cli_env, "tune", "-c", REPO / "configs" / "sweep.yaml", "--train-teacher", *sets)
     assert done.returncode == 0, done.stderr[-3000:]
     sweep_dir = tmp_path / "results" / "sweep4"
     assert "Trial status" in done.stdout  # Tune's live table
@@ -73,8 +81,8 @@ def test_asha_sweep_leaves_table_best_yaml_heatmap_and_tensorboard(cli_env, tmp_
     rerun = kd_ray(cli_env, "distill", "-c", sweep_dir / "best.yaml")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads((tmp_path / "results" / "sweep4-best" / "summary.json").read_text())
-    if lines[2].rstrip().endswith("| completed |"):  # same seed and config: same accuracy
-        assert abs(100 * summary["final"]["val/top1"] - finals[0]) <= 2.0
+    if lines[2].rstrip().endswith("| completed |"):  # same seed, config and cached logits
+        assert abs(100 * summary["final"]["val/top1"] - finals[0]) <= 0.5
 
 
 def test_sweep_whose_every_trial_fails_exits_non_zero_with_the_first_error(cli_env, tmp_path):

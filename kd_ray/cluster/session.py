@@ -10,7 +10,8 @@ import ray
 import ray.util
 
 from kd_ray.config import Config
-from kd_ray.errors import ConfigError
+from kd_ray.config.checks import check_machine
+from kd_ray.errors import ConfigError, RayStartError
 from kd_ray.storage import STORAGE_ENV, is_uri
 
 
@@ -21,19 +22,33 @@ def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
     """
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        env = {**((_name_cluster(os.environ["RAY_ADDRESS"]) or {}).get("env_vars") or {}),
-               **_storage_env(cfg)}
-        ray.init(log_to_driver=True, runtime_env={"env_vars": env} if env else None)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        env = {**((_name_cluster(address) or {}).get("env_vars") or {}), **_storage_env(cfg)}
+        _start(f"could not join the Ray cluster at RAY_ADDRESS={address}",
+               "check that the cluster is up and the address is right, or unset RAY_ADDRESS",
+               lambda: ray.init(log_to_driver=True, runtime_env={"env_vars": env} if env else None))
         return
+    check_machine(cfg)  # the CLI ran it already; library callers get it here
     # A laptop-sized local instance has no preemption to watch for.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     needed = math.ceil(cfg.run.num_workers * cfg.run.cpus_per_worker)
-    # Oversubscribe a small machine rather than wait forever for CPUs it does not have, plus
-    # one logical CPU for the trials' tiny drivers so they never take a worker's place.
+    # One logical CPU more for a sweep's tiny trial drivers, so they never take a worker's place.
     # The dashboard (and its job server) stays on loopback unless run.dashboard_host says otherwise.
-    start_local_ray(num_cpus=max(os.cpu_count() or 1, needed) + math.ceil(extra_cpus),
-                    dashboard_host=cfg.run.dashboard_host, include_dashboard=True)
+    _start("the local Ray instance did not start",
+           "the machine may be overloaded: retry when it is less busy (nothing was trained)",
+           lambda: start_local_ray(num_cpus=max(os.cpu_count() or 1, needed) + math.ceil(extra_cpus),
+                                   dashboard_host=cfg.run.dashboard_host, include_dashboard=True))
+
+
+def _start(what: str, fix: str, init) -> None:
+    """Run ``init``; Ray's start-up failures (a timeout under load) become one line, exit 1."""
+    try:
+        init()
+    except Exception as exc:  # Ray raises bare Exception, TimeoutError, ConnectionError ...
+        ray.shutdown()  # stop what this process started, if anything
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:200]
+        raise RayStartError(f"{what} ({type(exc).__name__}: {first}): {fix}") from exc
 
 
 def _storage_env(cfg: Config) -> dict:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +16,11 @@ from kd_ray.cluster.callbacks import MetricsCallback
 from kd_ray.cluster.session import check_resources, ensure_ray
 from kd_ray.cluster.worker import FAULTS_ENV, FAULTS_MODULE, train_loop_per_worker
 from kd_ray.config import Config
-from kd_ray.errors import RunFailedError, from_payload, user_error_of_workers
+from kd_ray.engine import checkpoints
+from kd_ray.errors import RunFailedError, RunInterrupted, from_payload, user_error_of_workers
 from kd_ray.log import get
-from kd_ray.runs.files import backfill, finished_summary, read_failures
+from kd_ray.runs.files import STOP_FILE, backfill, finished_summary, prune_checkpoints, read_failures
+from kd_ray.runs.lock import RunLock
 from kd_ray.runs.progress import ProgressPrinter
 from kd_ray.runs.stages import check_resume, failure_message, fresh_name, preflight, stage_epochs
 from kd_ray.runs.summary import summarize
@@ -46,48 +50,125 @@ def run_stage(cfg: Config, stage: str, storage: str | None = None, name: str | N
     if new:
         name = fresh_name(storage, name)
     run_dir = location(storage) / name
-    done = finished_summary(run_dir, stage_epochs(cfg, stage))
+    with RunLock(run_dir):  # a no-op when the CLI holds it already
+        return _run_locked(cfg, stage, storage, name, run_dir)
+
+
+def _run_locked(cfg: Config, stage: str, storage: str, name: str, run_dir: Path) -> StageResult:
+    epochs = stage_epochs(cfg, stage)
+    (run_dir / STOP_FILE).unlink(missing_ok=True)  # a Ctrl-C of an earlier driver
+    done = finished_summary(run_dir, epochs)
     if done is not None:
-        log.info(f"{name} already finished {done['epochs']} epochs; skipping (delete {run_dir} to "
-                 "train it again)")
+        log.info(f"{name} already finished {done['epochs']} epochs; nothing to train (delete {run_dir} "
+                 "or pass --new to train it again)")
         return StageResult(stage, run_dir, done)
+    resume = check_resume(cfg, stage, run_dir)
+    if resume and resume["epoch"] >= epochs:  # stopped between its last checkpoint and summary
+        backfill(run_dir, resume.get("history", []))
+        log.info(f"{name} already finished {resume['epoch']} epochs (checkpoint {resume['folder']}); "
+                 "nothing to train: summary written")
+        return StageResult(stage, run_dir, summarize(cfg, stage, run_dir))
     if stage == "distill":  # teacher logits once for all epochs (distill.teacher_cache)
         cfg = resolve_cache(cfg, location(storage) / "teacher_cache")
-    resume = check_resume(cfg, stage, run_dir)
     ensure_ray(cfg)  # forwards the storage credentials in the environment to the workers
     check_resources(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
     label = f"{name} ({stage})"
-    log.info(f"{label}: {stage_epochs(cfg, stage)} epochs on {cfg.run.num_workers} worker(s), "
-             f"results in {run_dir}")
+    log.info(f"{label}: {epochs} epochs on {cfg.run.num_workers} worker(s), results in {run_dir}")
     if resume:
         done = "epoch 1" if resume["epoch"] == 1 else f"epochs 1-{resume['epoch']}"
         log.info(f"resuming {name} from epoch {resume['epoch'] + 1} ({done} done, "
                  f"{run_dir.name}/{resume['folder']}); --new starts a fresh run beside it")
         backfill(run_dir, resume.get("history", []))  # epochs whose metrics line was lost
+        prune_checkpoints(run_dir, cfg.run.keep_checkpoints, protect=run_dir / resume["folder"])
     failures_before = len(read_failures(run_dir))
-    trainer = make_trainer(cfg, stage, storage, name, [MetricsCallback(str(run_dir))])
+    trainer = make_trainer(cfg, stage, storage, name, [MetricsCallback(str(run_dir))],
+                           stop_file=run_dir / STOP_FILE)
+    before = signal.getsignal(signal.SIGINT)  # Ray's fit() replaces it and never puts it back
     try:
         with ProgressPrinter(run_dir, label):
             result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise_user_error(exc)
         raise RunFailedError(failure_message(cfg, run_dir, failures_before, exc)) from exc
+    except KeyboardInterrupt:  # the second Ctrl-C: workers stopped at once
+        found = checkpoints.latest(run_dir)
+        if found:
+            backfill(run_dir, found[1].get("history", []))
+        raise
+    finally:
+        (run_dir / STOP_FILE).unlink(missing_ok=True)
+        if before is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, before)
     raise_returned_error(result)
+    prune_checkpoints(run_dir, cfg.run.keep_checkpoints)
+    found = checkpoints.latest(run_dir)
+    reached = found[1]["epoch"] if found else 0
+    if reached < epochs:  # the first Ctrl-C: every rank stopped after this epoch's checkpoint
+        backfill(run_dir, found[1].get("history", []) if found else [])
+        raise RunInterrupted(f"stopped after epoch {reached} of {epochs}, checkpointed in {run_dir}")
     summary = summarize(cfg, stage, run_dir, result.metrics)
     return StageResult(stage, run_dir, summary)
 
 
-def make_trainer(cfg: Config, stage: str, storage: str, name: str, callbacks: list) -> TorchTrainer:
-    """The ``TorchTrainer`` of one stage; ``kd-ray tune`` builds each trial's with this too."""
+def ray_names(storage: str, name: str) -> tuple[str, str]:
+    """Ray's (storage_path, name) for the run folder ``storage/name``.
+
+    Ray tags its metrics with the run name and fails on non-ASCII text; such a run gives Ray the
+    run folder itself as storage and "." as its name: the same folder (Ray accepts checkpoints only
+    inside it), named as the user wrote it.
+    """
+    if name.isascii() and name.isprintable():
+        return storage, name
+    return str(location(storage) / name), "."
+
+
+class _Trainer(TorchTrainer):
+    """A TorchTrainer whose driver-side Ctrl-C handler is ours (see ``on_ctrl_c``).
+
+    Ray Train installs its own SIGINT handler in ``fit`` (in the main thread only), which aborts
+    the workers at once and loses the epoch in progress; this hook is where it installs it.
+    """
+
+    stop_file: Path | None = None
+
+    def _register_sigint_handler(self, controller):
+        if self.stop_file is None:
+            return super()._register_sigint_handler(controller)
+        signal.signal(signal.SIGINT, on_ctrl_c(self.stop_file))
+
+
+def on_ctrl_c(stop_file: Path):
+    """The first Ctrl-C asks every rank to stop after the current epoch's checkpoint (a file the
+    workers read after each report); the second raises KeyboardInterrupt, which stops at once."""
+    count = 0
+
+    def handler(signum, frame):
+        nonlocal count
+        count += 1
+        if count > 1:
+            raise KeyboardInterrupt
+        stop_file.write_bytes(b"")  # a local file or an object alike
+        log.warning("Ctrl-C: stopping after the current epoch's checkpoint; Ctrl-C again stops at once")
+
+    return handler
+
+
+def make_trainer(cfg: Config, stage: str, storage: str, name: str, callbacks: list,
+                 stop_file: Path | None = None) -> TorchTrainer:
+    """The ``TorchTrainer`` of one stage; ``kd-ray tune`` builds each trial's with this too.
+
+    ``stop_file``: where the driver's first Ctrl-C asks the workers to stop (a stage's own run).
+    """
     loop_config = {"config": cfg.to_dict(), "stage": stage, "run_dir": str(location(storage) / name)}
     if os.environ.get(FAULTS_ENV):  # the chaos suite's fault plan; never set in user runs
         loop_config["faults"] = importlib.import_module(FAULTS_MODULE).from_env()
     # Ray's own barrier in ray.train.report waits no longer than the process group does (its
     # controller reads this variable from the driver's environment).
     os.environ["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] = str(cfg.run.collective_timeout_s)
-    return TorchTrainer(
+    ray_storage, ray_name = ray_names(storage, name)
+    trainer = _Trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(timeout_s=cfg.run.collective_timeout_s),
@@ -96,13 +177,15 @@ def make_trainer(cfg: Config, stage: str, storage: str, name: str, callbacks: li
             resources_per_worker=None if cfg.run.use_gpu else {"CPU": cfg.run.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
+            name=ray_name, storage_path=ray_storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             callbacks=callbacks,
             logging_config=ray.train.LoggingConfig(log_level=cfg.run.ray_log_level),
         ),
     )
+    trainer.stop_file = stop_file
+    return trainer
 
 
 def raise_user_error(exc: Exception) -> None:

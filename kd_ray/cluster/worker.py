@@ -20,6 +20,7 @@ from kd_ray.engine import (StepProgress, all_sum, build_optimizer, checkpoints, 
 from kd_ray.errors import KdRayError, PeerFailedError, to_payload
 from kd_ray.methods import TrainStep, build_method
 from kd_ray.models import build_model, load_teachers
+from kd_ray.runs.files import STOP_FILE
 from kd_ray.runs.stages import stage_epochs, stage_method, stage_model
 from kd_ray.storage import is_uri, location
 
@@ -152,6 +153,9 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                 "image_size": bundle.image_size, "norm": bundle.norm, "config": cfg.to_dict(),
             }
             _report(metrics, state if rank == 0 else None, run_dir, history)
+            if epoch + 1 < epochs and stop_requested(run_dir, device, world):
+                log.info(f"stopping after epoch {epoch + 1} (Ctrl-C on the driver); checkpoint written")
+                break
     except KdRayError as exc:
         # Every rank got here at the same check (engine.stop_together). Ending normally with the
         # error as the return value uses no Ray retry: a retry would fail the same way.
@@ -168,6 +172,15 @@ def step_writer(run_dir, rank: int):
     from torch.utils.tensorboard import SummaryWriter  # local: slow to import, rank 0 only
 
     return SummaryWriter(log_dir=str(run_dir / "tensorboard" / "steps"))
+
+
+def stop_requested(run_dir, device, world: int) -> bool:
+    """Whether the driver asked to stop (runs.files.STOP_FILE); every rank gets the same answer
+    (any rank that saw the file counts), so no rank waits alone in the next epoch's collectives."""
+    seen = torch.tensor([float((run_dir / STOP_FILE).exists())], device=device)
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(seen)
+    return bool(seen.item() > 0)
 
 
 def shared_error(exc: KdRayError, world: int) -> dict:

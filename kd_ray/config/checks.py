@@ -3,6 +3,7 @@ path is refused in a fraction of a second (the deeper checks, which open the dat
 teacher file, follow in ``runs.stages.preflight``)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from kd_ray.errors import ConfigError, DataError
@@ -35,4 +36,36 @@ def check_paths(cfg, stages=("teacher", "student", "distill")) -> None:
             if not folder.is_dir():
                 raise ConfigError(f"run.storage {cfg.run.storage}: {folder} is a file, not a folder: "
                                   "set run.storage to a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ConfigError(f"run.storage {cfg.run.storage}: {folder} is not writable: set "
+                                  "run.storage to a folder you can write")
             break
+
+
+def machine_counts(gpus: bool = True) -> tuple[int, int]:
+    """(CPUs, GPUs) of this machine, as a local Ray instance would get them (GPUs: 0 unless asked)."""
+    if not gpus:
+        return os.cpu_count() or 1, 0
+    import torch  # local: only for the GPU count
+
+    return os.cpu_count() or 1, torch.cuda.device_count()
+
+
+def check_machine(cfg) -> None:
+    """On a local instance (no RAY_ADDRESS), refuse more workers than this machine holds.
+
+    A cluster's own resources are checked after joining it (cluster.session.check_resources).
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    run = cfg.run
+    cpus, gpus = machine_counts(gpus=run.use_gpu)
+    if run.use_gpu and run.num_workers > gpus:
+        raise ConfigError(f"run.num_workers={run.num_workers} with run.use_gpu needs {run.num_workers} "
+                          f"GPUs but this machine has {gpus} GPU(s) and {cpus} CPUs: lower "
+                          "run.num_workers, or join a cluster (RAY_ADDRESS or `kd-ray submit`)")
+    needed = run.num_workers * run.cpus_per_worker
+    if not run.use_gpu and needed > cpus:
+        raise ConfigError(f"run.num_workers={run.num_workers} x run.cpus_per_worker={run.cpus_per_worker:g} "
+                          f"needs {needed:g} CPUs but this machine has {cpus}: "
+                          "lower run.num_workers, or join a cluster (RAY_ADDRESS or `kd-ray submit`)")

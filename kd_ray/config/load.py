@@ -163,9 +163,12 @@ def load_config(path=None, overrides=(), args_file=None) -> Config:
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; see configs/ for examples")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+        if raw is None:  # an empty file would silently train on every default
+            raise ConfigError(f"config file {path} is empty: give it the sections you mean to set "
+                              "(see configs/), or leave out -c to run on the defaults")
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
     if args_file is not None:

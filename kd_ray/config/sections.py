@@ -213,8 +213,12 @@ class RunConfig:
             raise ConfigError(f"run.seeds must be a non-empty list of integers, got {self.seeds!r}")
         if self.max_failures < -1:
             raise ConfigError("run.max_failures must be >= -1 (-1 = retry forever)")
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"run.name must be a non-empty name without '/', got {self.name!r}")
+        if not self.name or "/" in self.name or "\0" in self.name or self.name in (".", ".."):
+            raise ConfigError(f"run.name must be a folder name (not empty, '.' or '..', without '/'), "
+                              f"got {self.name!r}")
+        if len(self.name.encode("utf-8", "surrogateescape")) > 200:  # filesystems allow 255 bytes
+            raise ConfigError(f"run.name is {len(self.name.encode('utf-8', 'surrogateescape'))} bytes "
+                              "long; a folder name may have at most 200 (room for -2, -3 ...): shorten it")
 
 
 PATH_KEYS = [("data", "root"), ("model", "teacher_pretrained"), ("model", "student_pretrained"),

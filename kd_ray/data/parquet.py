@@ -25,6 +25,9 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from kd_ray.errors import DataError
+from kd_ray.log import get
+
+log = get(__name__)
 
 CLASSES_KEY = b"kd_ray.classes"
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("path", pa.string())])
@@ -201,11 +204,39 @@ def convert_imagefolder_to_parquet(src_root, dst_root, splits=("train", "val"),
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         schema = SCHEMA.with_metadata({CLASSES_KEY: json.dumps(folder.classes).encode()})
+        _report_skipped(src_root / split, {p for p, _ in folder.samples})
         writer = TableWriter(staging, schema, int(shard_mb * 2**20))
-        for p, label in folder.samples:
-            writer.add(Path(p).read_bytes(), label, Path(p).relative_to(src_root / split).as_posix())
-        writer.finish()
+        try:
+            for p, label in folder.samples:
+                writer.add(_checked_bytes(p), label, Path(p).relative_to(src_root / split).as_posix())
+            writer.finish()
+        except DataError:
+            shutil.rmtree(staging, ignore_errors=True)  # no half-written split
+            raise
         shutil.rmtree(out, ignore_errors=True)  # a previous conversion (checked above: ours)
         staging.rename(out)
         rows[split] = len(folder.samples)
     return rows
+
+
+def _checked_bytes(path) -> bytes:
+    """The file's bytes, once PIL has checked them (a corrupt image would stop training later)."""
+    data = Path(path).read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()
+    except Exception as exc:  # PIL raises many types for broken files
+        why = "not an image PIL can identify" if "BytesIO" in str(exc) else str(exc)
+        raise DataError(f"cannot read image {path}: {why}; delete or replace the file and convert "
+                        "again") from None
+    return data
+
+
+def _report_skipped(split_root: Path, packed: set) -> None:
+    """Name the files in class folders that are not images (ImageFolder skips them)."""
+    skipped = sorted(p for p in split_root.glob("*/*") if p.is_file() and str(p) not in packed)
+    if skipped:
+        names = ", ".join(str(p.relative_to(split_root)) for p in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        log.warning(f"{split_root.name}: skipped {len(skipped)} file(s) that are not images by their "
+                    f"extension: {names}{more}")

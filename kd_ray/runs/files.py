@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
-from kd_ray.engine.checkpoints import MANIFEST
+from kd_ray.engine.checkpoints import MANIFEST, folders
 from kd_ray.storage import append_text, download, is_uri, local_mirror, location, upload
 
 METRICS_FILE = "metrics.jsonl"
 FAILURES_FILE = "failures.jsonl"  # one line per failed attempt: time and each rank's error
 SUMMARY_FILE = "summary.json"
+STOP_FILE = ".stop"  # the driver's first Ctrl-C: every rank stops after the epoch's checkpoint
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints it knows
 
 
 def checkpoint_history(checkpoint) -> list:
@@ -138,3 +141,21 @@ def finished_summary(run_dir, epochs: int) -> dict | None:
         if summary.get("epochs", 0) >= epochs:
             return summary
     return None
+
+
+def prune_checkpoints(run_dir, keep: int, protect=None) -> list[Path]:
+    """Remove checkpoints beyond the newest ``keep`` that Ray's snapshot does not list.
+
+    Ray deletes the old checkpoints it was told of (``num_to_keep``); a checkpoint written by an
+    attempt or a driver that died before Ray recorded it is ours to delete. Those Ray lists
+    must stay: Ray refuses to resume a run whose snapshot names a missing folder.
+    """
+    snapshot = Path(run_dir) / RAY_SNAPSHOT  # Ray's run folder is the run folder (stage.ray_names)
+    known = snapshot.read_text() if snapshot.is_file() else ""
+    removed = []
+    for folder in folders(run_dir)[keep:]:
+        if folder.name in known or (protect is not None and Path(folder) == Path(protect)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed

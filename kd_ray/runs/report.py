@@ -8,33 +8,56 @@ import statistics
 from pathlib import Path
 
 from kd_ray.errors import KdRayError
-from kd_ray.runs.files import read_history
+from kd_ray.log import get
+from kd_ray.runs.files import METRICS_FILE, read_history
 from kd_ray.runs.tradeoff import add_deploy_columns, cells, plot_tradeoff
 from kd_ray.storage import location, save_figure
+
+log = get(__name__)
 
 ROLE_NAMES = {"teacher": "teacher", "student": "student, labels only", "distill": "student, distilled"}
 ROLE_ORDER = ("teacher", "student", "distill")
 
 
+def is_unfinished(folder: Path) -> bool:
+    """A run folder that trained (metrics or checkpoints) but has no summary.json yet."""
+    return not (folder / "summary.json").is_file() and (
+        (folder / METRICS_FILE).is_file() or any(folder.glob("checkpoint_*")))
+
+
+def _unfinished(folder: Path) -> str:
+    epochs = len(read_history(folder))
+    return f"{folder} is unfinished ({epochs} epoch(s) logged, no summary.json)"
+
+
 def load_run(run_dir) -> dict:
     run_dir = location(run_dir)
     path = run_dir / "summary.json"
+    if is_unfinished(run_dir):
+        raise KdRayError(f"run {_unfinished(run_dir)}: rerun the command that started it to finish it "
+                         "(it resumes), then report")
     if not path.is_file():
         raise KdRayError(f"{run_dir} has no summary.json: pass the folder of a finished kd_ray run")
     return {"dir": run_dir, "summary": json.loads(path.read_text()), "history": read_history(run_dir)}
 
 
 def find_runs(paths) -> list[dict]:
-    """Each path is a run folder, or a pipeline folder whose subfolders are runs."""
+    """Each path is a run folder, or a pipeline folder whose subfolders are runs (unfinished ones
+    are skipped with a warning naming them)."""
     runs = []
     for path in map(location, paths):
-        if (path / "summary.json").is_file():
+        if (path / "summary.json").is_file() or is_unfinished(path):
             runs.append(load_run(path))
-        else:
-            subs = sorted(p for p in path.glob("*") if (p / "summary.json").is_file())
-            if not subs:
-                raise KdRayError(f"no finished runs under {path}: pass run or pipeline folders")
-            runs.extend(load_run(p) for p in subs)
+            continue
+        subs = sorted(p for p in path.glob("*") if (p / "summary.json").is_file())
+        unfinished = sorted(p for p in path.glob("*") if p.is_dir() and is_unfinished(p))
+        if not subs:
+            hint = "; ".join(_unfinished(p) for p in unfinished)
+            hint = f" ({hint}: rerun to finish)" if hint else ""
+            raise KdRayError(f"no finished runs under {path}{hint}: pass run or pipeline folders")
+        for folder in unfinished:
+            log.warning(f"skipping run {_unfinished(folder)}: rerun its command to finish it")
+        runs.extend(load_run(p) for p in subs)
     return runs
 
 

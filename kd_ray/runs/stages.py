@@ -7,7 +7,7 @@ import itertools
 from pathlib import Path
 
 from kd_ray.config import Config, teacher_files
-from kd_ray.config.checks import check_paths
+from kd_ray.config.checks import check_machine, check_paths
 from kd_ray.config.sweep import apply_params, space_entry
 from kd_ray.data import build_data, describe
 from kd_ray.engine import checkpoints
@@ -18,6 +18,7 @@ from kd_ray.models import (build_model, check_same_classes, check_teacher_matche
                            read_teacher_info)
 from kd_ray.runs.files import read_failures
 from kd_ray.storage import location
+from kd_ray.runs.lock import fresh_name  # noqa: F401  (re-exported: cluster.stage uses it)
 
 log = get(__name__)
 
@@ -46,6 +47,7 @@ def preflight(cfg: Config, stage: str, teacher_pending: bool = False) -> Config:
     ``teacher_pending``: the teacher file is still to be trained (pipeline), so skip its checks.
     """
     check_paths(cfg, (stage,))
+    check_machine(cfg)
     cfg = cfg.with_absolute_paths()
     if stage == "teacher" and cfg.optim.teacher_epochs == 0:
         raise ConfigError("optim.teacher_epochs=0 trains no teacher: set it to at least 1, or bring "
@@ -71,6 +73,10 @@ def preflight(cfg: Config, stage: str, teacher_pending: bool = False) -> Config:
         teacher_arch = teacher["arch"]
         if cfg.data.image_size is None and teacher.get("image_size") and not imported:
             cfg = cfg.replace(data={"image_size": teacher["image_size"]})
+    if cfg.data.image_size is None:
+        # Resolved here, once: the sweep's teacher cache, its sweep.yaml and best.yaml, and a later
+        # `kd-ray distill -c best.yaml` then all name the same size (the cache manifest compares it).
+        cfg = cfg.replace(data={"image_size": info.image_size})
     if stage == "distill":
         check_method_setup(cfg, method, teacher_arch, len(info.classes))
     return cfg
@@ -162,18 +168,6 @@ def check_sweep(cfg: Config, train_teacher: bool) -> Config:
     if train_teacher:
         preflight(cfg, "teacher")
     return preflight(cfg, "distill", teacher_pending=train_teacher)
-
-
-def fresh_name(storage, name: str) -> str:
-    """``name`` if no run has it yet, else the first free ``name-2``, ``name-3``, ..."""
-    storage = location(storage)
-    if not (storage / name).exists():
-        return name
-    n = 2
-    while (storage / f"{name}-{n}").exists():
-        n += 1
-    log.info(f"{storage / name} exists; --new starts {name}-{n} beside it")
-    return f"{name}-{n}"
 
 
 def check_resume(cfg: Config, stage: str, run_dir: Path) -> dict | None:
