@@ -46,8 +46,8 @@ def from_env() -> dict | None:
 
 
 def state_digest(state: dict) -> dict:
-    """name -> SHA-256 of the tensor's bytes (on the CPU)."""
-    return {name: hashlib.sha256(t.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()
+    """name -> SHA-256 of the tensor's bytes (on the CPU), 16 hex digits: event lines stay short."""
+    return {name: hashlib.sha256(t.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()[:16]
             for name, t in state.items()}
 
 
