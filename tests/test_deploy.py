@@ -282,3 +282,14 @@ def test_image_files_get_the_tensor_datasets_own_transform(tmp_path):
     Image.fromarray((raw[0].numpy() * 255).round().astype(np.uint8), "L").save(tmp_path / "d.png")
     got = load_image(tmp_path / "d.png", preprocess_spec(False, 28))
     np.testing.assert_allclose(got, bundle.val[0][0].numpy(), atol=1e-6)
+
+
+def test_runs_of_one_architecture_share_one_latency(runs, tmp_path):
+    from kd_ray.runs.report import find_runs, write_report
+
+    copy = tmp_path / "distill-copy"
+    shutil.copytree(runs["distill"], copy)
+    (copy / "deploy.json").unlink(missing_ok=True)
+    write_report(tmp_path / "out", find_runs([runs["distill"], copy]))
+    ms = [json.loads((d / "deploy.json").read_text())["cpu_ms"] for d in (runs["distill"], copy)]
+    assert ms[0] == ms[1] > 0

@@ -7,8 +7,10 @@ a batch size other than the one used for export, so a frozen batch axis fails to
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -82,9 +84,11 @@ def _onnx(model: Model, tmp: Path, tolerance: float) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:  # the TorchScript-based exporter: deprecated, but fast (< 1 s for a small CNN)
-            torch.onnx.export(model.module, (example,), str(tmp), dynamo=False, opset_version=OPSET,
-                              input_names=["images"], output_names=["logits"],
-                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+            with _quiet_fds():  # on failure it prints the whole graph (torch 2.14 leaves its log on)
+                torch.onnx.export(model.module, (example,), str(tmp), dynamo=False,
+                                  opset_version=OPSET, input_names=["images"],
+                                  output_names=["logits"], verbose=False,
+                                  dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
         except Exception:  # e.g. adaptive pooling to a size that does not divide the input
             _dynamo_export(model, example, tmp)
     proto = onnx.load(str(tmp))
@@ -98,6 +102,24 @@ def _onnx(model: Model, tmp: Path, tolerance: float) -> dict:
     session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     got = session.run(None, {"images": batch})[0]
     return _check(model.logits(batch), got, tolerance, "ONNX Runtime")
+
+
+@contextlib.contextmanager
+def _quiet_fds():
+    """Silence C++ writes to stdout and stderr (file descriptors 1 and 2) for a moment."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
 
 
 def _dynamo_export(model: Model, example, tmp: Path) -> None:

@@ -55,9 +55,11 @@ def _agreement(model, teachers: dict) -> float | None:
     return float((student == teachers[key]).mean())
 
 
-def run_numbers(run_dir, teachers: dict, seconds: float = 0.5) -> dict:
+def run_numbers(run_dir, teachers: dict, seconds: float = 0.5, latencies: dict | None = None) -> dict:
     """Size, MACs, CPU latency and agreement of one run, measured once: kept in deploy.json
-    beside the run (remade when the run has a newer checkpoint), so a report is reproducible."""
+    beside the run (remade when the run has a newer checkpoint), so a report is reproducible.
+    ``latencies``: (arch, image size) -> ms already measured in this report, so that runs of one
+    architecture show one latency rather than the machine's noise between two timings."""
     path = Path(run_dir) / DEPLOY_FILE
     model = open_model(run_dir)
     if path.is_file():
@@ -65,14 +67,34 @@ def run_numbers(run_dir, teachers: dict, seconds: float = 0.5) -> dict:
         if kept.get("checkpoint") == model.meta["checkpoint"]:
             return kept
     agreement = _agreement(model, teachers)
-    numbers = {"checkpoint": model.meta["checkpoint"], "size_mb": weights_bytes(model.module) / 2**20,
+    numbers = {"checkpoint": model.meta["checkpoint"], "arch": model.meta["arch"],
+               "image_size": model.meta["image_size"], "size_mb": weights_bytes(model.module) / 2**20,
                "macs": count_macs(model.module, model.meta["image_size"]),
-               "cpu_ms": _latency_ms(model, seconds),
+               "cpu_ms": _cached_latency(model, seconds, latencies if latencies is not None else {}),
                "agreement": None if agreement is None else 100 * agreement}
     tmp = path.with_name(f".tmp_{os.getpid()}_{DEPLOY_FILE}")
     tmp.write_text(json.dumps(numbers, indent=2))
     os.replace(tmp, path)
     return numbers
+
+
+def _kept_latencies(runs: list[dict]) -> dict:
+    """(arch, image size) -> ms from the deploy.json files already written."""
+    kept = {}
+    for run in runs:
+        try:
+            numbers = json.loads((Path(run["dir"]) / DEPLOY_FILE).read_text())
+            kept.setdefault((numbers["arch"], numbers["image_size"]), numbers["cpu_ms"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return kept
+
+
+def _cached_latency(model, seconds: float, latencies: dict) -> float:
+    key = (model.meta["arch"], model.meta["image_size"])
+    if key not in latencies:
+        latencies[key] = _latency_ms(model, seconds)
+    return latencies[key]
 
 
 def add_deploy_columns(rows: list[dict], runs: list[dict], seconds: float = 0.5) -> None:
@@ -82,6 +104,7 @@ def add_deploy_columns(rows: list[dict], runs: list[dict], seconds: float = 0.5)
     for run in runs:
         groups.setdefault((run["summary"]["stage"], run["summary"]["arch"]), []).append(run)
     teachers: dict = {}
+    latencies = _kept_latencies(runs)
     for row, key in zip(rows, _row_keys(rows)):
         row.update(dict.fromkeys(COLUMNS))
         measured = []
@@ -90,7 +113,7 @@ def add_deploy_columns(rows: list[dict], runs: list[dict], seconds: float = 0.5)
                 log.info("no deploy numbers for %s: the run is in object storage", run["dir"])
                 continue
             try:
-                measured.append(run_numbers(run["dir"], teachers, seconds))
+                measured.append(run_numbers(run["dir"], teachers, seconds, latencies))
             except KdRayError as exc:  # a hand-made or moved run: leave the cells empty
                 log.info("no deploy numbers for %s: %s", run["dir"], exc)
         for column in COLUMNS:
