@@ -15,7 +15,7 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(kd_ray.__path__, "kd_ray.
 def test_the_package_has_the_layers_of_the_readme():
     top = {m.split(".")[1] for m in MODULES}
     assert top == {"cache", "cli", "cluster", "config", "data", "engine", "errors", "log", "methods",
-                   "models", "registry", "runs", "testing"}
+                   "models", "registry", "runs", "storage", "testing"}
 
 
 def test_every_module_imports_in_a_fresh_interpreter_and_none_imports_test_code():
