@@ -9,6 +9,7 @@ import sys
 import time
 
 import chaos_scenarios as chaos
+from kd_ray.cluster.tune import STARTS_FILE
 from kd_ray.config import load_config
 from kd_ray.engine import checkpoints
 from kd_ray.runs.files import read_history
@@ -69,4 +70,8 @@ def test_sweep_on_s3_writes_its_summary_there(cli_env, s3_server, s3_bucket, tmp
     assert (sweep / "best.yaml").is_file() and (sweep / "sweep.yaml").is_file()
     trials = (sweep / "trials").glob("trial-*")
     assert len(trials) == 2 and all(read_history(t) for t in trials)
-    assert (sweep / "tune").glob("experiment_state-*.json")  # Tune's state, for --resume
+    # Tune resumes from the bucket: every trial finished, so none runs again.
+    again = chaos.kd_ray(["tune", "--resume", str(sweep)], dict(cli_env, **s3_server), timeout=600)
+    assert again.code == 0, again.err[-3000:]
+    assert "2 of 2 trials finished and kept" in again.out + again.err
+    assert all(len((t / STARTS_FILE).read_text().splitlines()) == 1 for t in trials)

@@ -30,8 +30,8 @@ def cache_teacher(cfg: Config, out=None, checked: bool = False) -> tuple[Path, d
     if not checked:
         cfg = check_cache_teacher(cfg)
     setting = cfg.distill.teacher_cache
-    path = out or (setting if setting not in ("auto", "off") else location(storage_root(cfg.run.storage)) / "teacher_cache")
-    path = location(storage_root(path))
+    default = location(storage_root(cfg.run.storage)) / "teacher_cache"
+    path = location(storage_root(out or (setting if setting not in ("auto", "off") else default)))
     resolve_cache(cfg.replace(distill={"teacher_cache": "auto"}), path)
     return path, read_manifest(path)
 

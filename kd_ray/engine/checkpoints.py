@@ -4,9 +4,13 @@ A checkpoint is a folder ``<run>/checkpoint_<time>/`` with ``state.pt`` (tensors
 only: model, method, optimizer and schedule state) and ``manifest.json`` (everything else: epoch,
 stage, arch, classes, image size, config, the byte size of state.pt and every epoch's metrics so
 far). state.pt is read with ``torch.load(weights_only=True)``: storage that others can write to
-must not be able to run code in ours, so a pickled object in it is refused, never unpickled. Rank 0 writes both into ``.tmp_checkpoint_<time>/``
-and renames the folder when they are complete: a writer killed half-way leaves no folder under a
-checkpoint name, and a file cut short later (full disk, a bad copy) fails the size check.
+must not be able to run code in ours, so a pickled object in it is refused, never unpickled.
+
+Rank 0 writes both into ``.tmp_checkpoint_<time>/`` and renames the folder when they are
+complete: a writer killed half-way leaves no folder under a checkpoint name, and a file cut short
+later (full disk, a bad copy) fails the size check. On object storage (``run_dir`` a URI), where
+nothing renames, the folder is written locally and then copied (by Ray's storage layer in the
+workers; by ``save``, manifest last, elsewhere); a copy cut short fails the same checks.
 """
 from __future__ import annotations
 
