@@ -109,6 +109,9 @@ class RunLock:
 
     def __init__(self, folder, what: str = "run", fix: str = "wait for it to finish, or start a "
                  "fresh run beside it with --new", setting: str = "run.storage"):
+        # Object storage (s3://...) has no O_EXCL create: no lock there yet (a conditional write
+        # or a lease object would be its form); Path() would make "s3:/..." a local folder.
+        self.uri = "://" in str(folder)
         self.folder = Path(folder).expanduser().resolve()
         self.path = self.folder / LOCK_FILE
         self.what, self.fix, self.setting = what, fix, setting
@@ -118,6 +121,8 @@ class RunLock:
         self._outer = None  # the lock this process already held for the folder
 
     def acquire(self) -> "RunLock":
+        if self.uri:
+            return self
         if self.folder in _held:
             self._outer = _held[self.folder]
             return self
