@@ -102,6 +102,11 @@ def _load(args, stages=("teacher", "student", "distill")):
     return cfg, flags
 
 
+def _folder(storage: str, name: str):
+    """The run or sweep folder to lock (a URI stays a string: runs.lock does not lock those yet)."""
+    return f"{storage.rstrip('/')}/{name}" if "://" in storage else Path(storage).expanduser() / name
+
+
 def run(args) -> int:
     # Imports below are local on purpose: each command pays only for the layers it uses, and the
     # checks that need torch (runs.stages: data, teacher file) run before Ray is imported
@@ -115,7 +120,7 @@ def run(args) -> int:
         cfg, _ = _load(args, (stage,))
         storage = Path(cfg.run.storage).expanduser().resolve()
         name = fresh_name(storage, cfg.run.name) if args.new else cfg.run.name
-        with RunLock(storage / name):  # one driver per run: taken before torch or Ray load
+        with RunLock(_folder(cfg.run.storage, name)):  # one driver per run, before torch or Ray load
             from kd_ray.runs.stages import preflight  # local: heavy, see above
 
             cfg = preflight(cfg, stage)
@@ -142,7 +147,7 @@ def run(args) -> int:
         else:
             cfg, flags = _load(args)
             train_teacher = args.train_teacher or flags.get("train_teacher", False)
-            with RunLock(Path(cfg.run.storage).expanduser() / cfg.run.name, "sweep", SWEEP_FIX):
+            with RunLock(_folder(cfg.run.storage, cfg.run.name), "sweep", SWEEP_FIX):
                 from kd_ray.runs.stages import check_sweep  # local: heavy, see above
 
                 cfg = check_sweep(cfg, train_teacher)
@@ -167,7 +172,7 @@ def run(args) -> int:
     if args.command in ("pipeline", "demo"):
         cfg, flags = _load(args)
         stages = flags.get("train_teacher", True), flags.get("distill", True)
-        with RunLock(Path(cfg.run.storage).expanduser() / cfg.run.name, "pipeline",
+        with RunLock(_folder(cfg.run.storage, cfg.run.name), "pipeline",
                      "wait for it to finish, or pick another run.name"):
             from kd_ray.runs.stages import check_pipeline  # local: heavy, see above
 
