@@ -230,3 +230,10 @@ def test_ray_that_does_not_start_is_one_line_exit_1(capsys, tmp_path, monkeypatc
     assert code == 1 and err.count("\n") == 0, err
     assert "local Ray instance did not start (TimeoutError: Timed out after 30 s" in err
     assert "retry when it is less busy" in err and not (tmp_path / "kd").exists()
+
+
+def test_object_storage_is_not_locked_nor_made_a_local_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with RunLock("s3://bucket/runs/x"):
+        pass
+    assert not list(tmp_path.iterdir())
