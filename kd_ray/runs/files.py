@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
 from kd_ray.engine.checkpoints import MANIFEST, folders
-from kd_ray.storage import append_text, download, is_uri, local_mirror, location, upload
+from kd_ray.storage import append_text, download, is_uri, local_mirror, location, rmtree, upload
 
 METRICS_FILE = "metrics.jsonl"
 FAILURES_FILE = "failures.jsonl"  # one line per failed attempt: time and each rank's error
@@ -150,12 +149,12 @@ def prune_checkpoints(run_dir, keep: int, protect=None) -> list[Path]:
     attempt or a driver that died before Ray recorded it is ours to delete. Those Ray lists
     must stay: Ray refuses to resume a run whose snapshot names a missing folder.
     """
-    snapshot = Path(run_dir) / RAY_SNAPSHOT  # Ray's run folder is the run folder (stage.ray_names)
+    snapshot = location(run_dir) / RAY_SNAPSHOT  # Ray's run folder is the run folder (stage.ray_names)
     known = snapshot.read_text() if snapshot.is_file() else ""
     removed = []
     for folder in folders(run_dir)[keep:]:
-        if folder.name in known or (protect is not None and Path(folder) == Path(protect)):
+        if folder.name in known or (protect is not None and str(folder) == str(protect)):
             continue
-        shutil.rmtree(folder, ignore_errors=True)
+        rmtree(folder)  # a local folder or a prefix in object storage
         removed.append(folder)
     return removed

@@ -19,13 +19,14 @@ from kd_ray.models import InputAdapter, build_model, export_teacher, model_fn
 from kd_ray.models.ensemble import adapt_input
 from kd_ray.models.importer import describe_source, fit_weights, read_weights
 from kd_ray.runs.summary import TEACHER_FILE
+from kd_ray.storage import location, storage_root
 
 log = get(__name__)
 
 
 def default_out(cfg: Config, arch: str) -> Path:
     safe = arch.replace(":", "-").replace("/", "-")
-    return Path(cfg.run.storage).expanduser().resolve() / f"teacher-{safe}" / TEACHER_FILE
+    return location(storage_root(cfg.run.storage)) / f"teacher-{safe}" / TEACHER_FILE
 
 
 def parse_triple(text: str | None, what: str):

@@ -4,7 +4,6 @@ here, plain PyTorch), training images/s, and whether the teacher cache served it
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -16,6 +15,7 @@ from kd_ray.log import get
 from kd_ray.models import build_model, load_teachers
 from kd_ray.runs.report import final_top1, write_tables
 from kd_ray.runs.summary import update_summary
+from kd_ray.storage import location
 
 log = get(__name__)
 
@@ -24,7 +24,7 @@ log = get(__name__)
 def teacher_agreement(run_dir, teacher_cfg: Config, batch_size: int = 256) -> float:
     """Share of validation images on which the run's student and the teacher (``teacher_cfg``'s
     ``distill.teacher_path``, an ensemble too) predict the same class. Kept in summary.json."""
-    run_dir = Path(run_dir)
+    run_dir = location(run_dir)
     _, _, state = checkpoints.latest(run_dir, with_state=True)
     cfg = Config.from_dict(state["config"])
     bundle = build_data(cfg.data, "distill", cfg.run.seed)
@@ -91,5 +91,5 @@ def write_methods_table(out_dir, runs: list[dict], teacher_cfg: Config) -> str:
     rows = method_rows(runs, teacher_cfg)
     table = methods_markdown(rows)
     if rows:
-        write_tables(Path(out_dir) / "methods", rows, table)
+        write_tables(location(out_dir) / "methods", rows, table)
     return table
