@@ -94,3 +94,17 @@ def s3_bucket(s3_server, request):
     S3FileSystem(allow_bucket_creation=True, endpoint_override=endpoint.removeprefix("http://"),
                  scheme="http").create_dir(name)
     return f"s3://{name}"
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if anything starts or joins a Ray instance (bad input must stop before)."""
+    import kd_ray.cluster.cache
+    import kd_ray.cluster.stage
+    import kd_ray.cluster.tune
+
+    def fail(*args, **kwargs):
+        raise AssertionError("Ray was started for bad input")
+
+    for module in (kd_ray.cluster.stage, kd_ray.cluster.tune, kd_ray.cluster.cache):
+        monkeypatch.setattr(module, "ensure_ray", fail)

@@ -10,25 +10,14 @@ from kd_ray.data import write_synthetic_imagefolder
 from kd_ray.models import build_model, export_teacher
 
 
+pytestmark = pytest.mark.usefixtures("no_ray")  # every error here comes before Ray
+
+
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("tree")
     write_synthetic_imagefolder(root, num_classes=3, per_class=(6, 2), image_size=32)
     return root
-
-
-@pytest.fixture(autouse=True)
-def no_ray(monkeypatch):
-    """These errors must be raised before any Ray instance is started or joined."""
-    import kd_ray.cluster.cache
-    import kd_ray.cluster.stage
-    import kd_ray.cluster.tune
-
-    def fail(*args, **kwargs):
-        raise AssertionError("Ray was started for bad input")
-
-    for module in (kd_ray.cluster.stage, kd_ray.cluster.tune, kd_ray.cluster.cache):
-        monkeypatch.setattr(module, "ensure_ray", fail)
 
 
 def teacher_file(tmp_path, classes):

@@ -16,6 +16,9 @@ from kd_ray.runs.stages import check_sweep
 CLASSES = ["class0", "class1", "class2"]
 
 
+pytestmark = pytest.mark.usefixtures("no_ray")  # every error here comes before Ray
+
+
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("tree")
@@ -28,20 +31,6 @@ def teacher(tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     export_teacher(path, build_model("tiny_cnn", 3), "tiny_cnn", CLASSES, 32)
     return path
-
-
-@pytest.fixture(autouse=True)
-def no_ray(monkeypatch):
-    """These errors must come before any Ray instance is started or joined."""
-    import kd_ray.cluster.cache
-    import kd_ray.cluster.stage
-    import kd_ray.cluster.tune
-
-    def fail(*args, **kwargs):
-        raise AssertionError("Ray was started for bad input")
-
-    for module in (kd_ray.cluster.stage, kd_ray.cluster.tune, kd_ray.cluster.cache):
-        monkeypatch.setattr(module, "ensure_ray", fail)
 
 
 def args(tree, tmp_path, teacher, *sets):
