@@ -96,14 +96,20 @@ def open_model(target, which: str = "student", image_size: int | None = None,
 
 
 def has_teacher(cfg) -> bool:
-    """A distill run's teacher; a pipeline's baseline student names the same teacher file."""
-    return bool(cfg.distill.teacher_path) and Path(cfg.distill.teacher_path).is_file()
+    """A distill run's teacher (one file or an ensemble's); a pipeline's baseline student names the
+    same teacher file."""
+    from kd_ray.config import teacher_files  # local: keeps this module light
+
+    paths = teacher_files(cfg.distill)
+    return bool(paths) and all(Path(str(p)).is_file() for p in paths)
 
 
 def open_run(run_dir: Path, which: str = "student") -> Model:
     from kd_ray.config import Config  # local: heavy (torch)
+    from kd_ray.config import teacher_files
+    from kd_ray.data import describe
     from kd_ray.engine import checkpoints
-    from kd_ray.models import build_model, load_teacher
+    from kd_ray.models import build_model, load_teacher, load_teachers
 
     found = checkpoints.latest(run_dir, with_state=True)
     if found is None:
@@ -119,6 +125,13 @@ def open_run(run_dir: Path, which: str = "student") -> Model:
         if not has_teacher(cfg):
             raise ModelFileError(f"{run_dir} is a {state['stage']} run without a teacher file "
                                  "(distill.teacher_path): use --which student or a distill run")
+        paths = teacher_files(cfg.distill)
+        if len(paths) > 1:  # an ensemble: one module fed the student's input (each member adapts it)
+            norm = state.get("norm") or describe(cfg.data).norm
+            module = load_teachers(paths, cfg.distill.teacher_weights, state["image_size"], norm)
+            meta = describe_meta("ensemble", state["classes"], state["image_size"], spec,
+                                 stage="teacher", source=",".join(map(str, paths)), **common)
+            return Model(meta, "teacher", Path(str(paths[0])), module.eval(), extra=extra)
         module, info = load_teacher(cfg.distill.teacher_path)
         meta = describe_meta(info["arch"], info["classes"], info["image_size"],
                              preprocess_spec(spec["resize"] != "square", info["image_size"]),
