@@ -2,7 +2,6 @@
 and, on the session's Ray instance, a stage run (resumed once) and a 2-trial sweep read back
 through MlflowClient."""
 import socket
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
