@@ -115,3 +115,40 @@ def test_stage_run_and_sweep_log_to_a_local_mlflow_store(ray_cluster, tmp_path):
         assert trial.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val/top1")]
         assert steps == [1, 2]
+
+
+def test_pipeline_comparison_goes_to_a_run_named_like_the_pipeline(tmp_path):
+    from kd_ray.runs.tracking import log_comparison
+
+    root = tmp_path / "results" / "pipe"
+    root.mkdir(parents=True)
+    (root / "comparison.md").write_text("| run | top1 |\n")
+    (root / "comparison.csv").write_text("run,top1\n")
+    cfg = tiny(tmp_path, "run.name=pipe")
+    log_comparison(cfg, root, ["comparison.md", "comparison.csv", "tradeoff.png"])  # no plot here
+    client = MlflowClient(tracking_uri(cfg))
+    [run] = client.search_runs([client.get_experiment_by_name("pipe").experiment_id])
+    assert run.info.run_name == "pipe" and run.data.params["run.name"] == "pipe"
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == ["comparison.csv",
+                                                                            "comparison.md"]
+    assert (root / RUN_ID_FILE).read_text() == run.info.run_id
+
+
+def test_an_export_of_a_tracked_run_becomes_an_artifact_of_its_mlflow_run(tmp_path):
+    from kd_ray.runs.tracking import log_export
+
+    cfg = tiny(tmp_path, "run.name=stu")
+    run_dir = tmp_path / "results" / "stu"
+    (run_dir / "export").mkdir(parents=True)
+    cfg.save(run_dir / "config.yaml")
+    tracker = StageTracker(tracking_uri(cfg), "stu", run_dir, {})
+    tracker.finish({"epochs": 1})
+    (run_dir / "export" / "student.onnx").write_bytes(b"onnx")
+    (run_dir / "export" / "student.onnx.json").write_text("{}")
+    assert log_export(run_dir) == ["student.onnx", "student.onnx.json"]
+    client = MlflowClient(tracking_uri(cfg))
+    logged = client.list_artifacts((run_dir / RUN_ID_FILE).read_text(), "export")
+    assert sorted(a.path for a in logged) == ["export/student.onnx", "export/student.onnx.json"]
+    untracked = tmp_path / "plain"
+    untracked.mkdir()
+    assert log_export(untracked) == []  # no MLflow run: nothing to do

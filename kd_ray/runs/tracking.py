@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
+from kd_ray.config import load_config
 from kd_ray.config.checks import is_uri
 from kd_ray.errors import ConfigError
+from kd_ray.log import get
 from kd_ray.storage import location
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -65,6 +65,9 @@ def check_tracker(cfg) -> None:
                                       "set run.tracking_uri to a folder you can write")
                 return
     elif parsed.scheme in ("http", "https"):
+        import urllib.error  # local: only a server URI needs them (the CLI's checks stay fast)
+        import urllib.request
+
         try:
             urllib.request.urlopen(uri, timeout=5).close()
         except urllib.error.HTTPError:
@@ -158,3 +161,32 @@ def log_comparison(cfg, root: Path, files) -> None:
         if isinstance(path, Path) and path.is_file():  # a bucket's files stay there
             tracker._client.log_artifact(run_id, str(path))
     tracker._client.set_terminated(run_id, status="FINISHED")
+
+
+def log_export(run_dir, out=None, which: str = "student") -> list[str]:
+    """``kd-ray export`` of a run tracked in MLflow: the exported file and its JSON as artifacts
+    (under ``export/``) of the run's MLflow run. A tracker that fails now only warns: the file is
+    written already."""
+    run_dir = Path(run_dir)
+    id_file, cfg_file = run_dir / RUN_ID_FILE, run_dir / "config.yaml"
+    if is_uri(run_dir) or not id_file.is_file() or not cfg_file.is_file():
+        return []
+    cfg = load_config(cfg_file)
+    if cfg.run.tracker != "mlflow":
+        return []
+    files = ([Path(out), Path(f"{out}.json")] if out else
+             sorted((run_dir / "export").glob(f"{which}.*")))
+    files = [f for f in files if f.is_file()]
+    uri = tracking_uri(cfg)
+    try:
+        allow_file_store(uri)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        for path in files:
+            client.log_artifact(id_file.read_text().strip(), str(path), "export")
+    except Exception as exc:  # noqa: BLE001 (any tracker failure: the export itself succeeded)
+        get(__name__).warning(f"export not logged to MLflow at {uri}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        return []
+    return [path.name for path in files]
