@@ -152,3 +152,13 @@ def test_an_export_of_a_tracked_run_becomes_an_artifact_of_its_mlflow_run(tmp_pa
     untracked = tmp_path / "plain"
     untracked.mkdir()
     assert log_export(untracked) == []  # no MLflow run: nothing to do
+
+
+def test_mlflow_tracker_without_the_extra_names_the_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow"
+                        else real(name, *a))
+    with pytest.raises(ConfigError, match=r"needs MLflow: pip install 'kd_ray\[mlflow\]'"):
+        check_tracker(tiny(tmp_path))

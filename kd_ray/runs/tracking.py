@@ -7,6 +7,7 @@ controller callback on the head node, like the TensorBoard files.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -40,12 +41,10 @@ def allow_file_store(uri: str) -> None:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
-def _mlflow():
-    try:
-        import mlflow  # local: an optional extra
-    except ImportError:
-        raise ConfigError(f"run.tracker=mlflow needs MLflow: {MLFLOW_FIX}") from None
-    return mlflow
+def _need_mlflow() -> None:
+    # find_spec, not import: MLflow takes seconds to import and the driver's checks stay fast
+    if importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(f"run.tracker=mlflow needs MLflow: {MLFLOW_FIX}")
 
 
 def check_tracker(cfg) -> None:
@@ -53,7 +52,7 @@ def check_tracker(cfg) -> None:
     written and a server that does not answer."""
     if cfg.run.tracker != "mlflow":
         return
-    _mlflow()
+    _need_mlflow()
     uri = tracking_uri(cfg)
     parsed = urlparse(uri)
     if parsed.scheme == "file":
