@@ -276,7 +276,12 @@ def run(args) -> int:
     if args.command in ("export", "eval", "predict", "bench"):
         from kd_ray.deploy.commands import run_deploy  # local: heavy, see above
 
-        return run_deploy(args)
+        code = run_deploy(args)
+        if args.command == "export" and code == 0:  # run.tracker=mlflow: the file as an artifact
+            from kd_ray.runs.tracking import log_export
+
+            log_export(args.run_dir, args.out, args.which)
+        return code
     if args.command == "convert":
         from kd_ray.data.parquet import convert_imagefolder_to_parquet  # local: heavy, see above
 

@@ -1,4 +1,5 @@
-"""Driver-side logging: TensorBoard scalars, metrics.jsonl and failures.jsonl, once per epoch.
+"""Driver-side logging: TensorBoard scalars, metrics.jsonl, failures.jsonl and (run.tracker=mlflow)
+MLflow metrics, once per epoch.
 
 Ray Train runs a ``UserCallback`` in its controller process, which Ray places on the driver's
 node, so these files gather on the head node even when the workers sit on other nodes.
@@ -23,8 +24,9 @@ from kd_ray.runs.files import (append_failure, append_metrics, checkpoint_histor
 
 
 class MetricsCallback(UserCallback):
-    def __init__(self, run_dir: str, tensorboard: bool = True):
+    def __init__(self, run_dir: str, tensorboard: bool = True, tracker=None):
         self.run_dir = run_dir
+        self.tracker = tracker  # runs.tracking.StageTracker with run.tracker=mlflow
         self.tensorboard = tensorboard  # off in Tune trials: the Tuner's TBX logger writes them
         self._writer = None
         self._written = None  # epochs already in metrics.jsonl (read in the controller)
@@ -51,6 +53,8 @@ class MetricsCallback(UserCallback):
             if self.tensorboard:
                 write_scalars(self._tb(), earlier)
             append_metrics(self.run_dir, earlier)
+            if self.tracker is not None:
+                self.tracker.log_epoch(earlier)
             self._written.add(epoch)
         if self.tensorboard:
             push_tensorboard(self.run_dir)  # storage URI: copy the event files there

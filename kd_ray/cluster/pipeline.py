@@ -17,6 +17,7 @@ from kd_ray.runs.report import find_runs, write_report
 from kd_ray.runs.stages import (assistant_config, check_pipeline, describe_setup, distill_run_name,
                                 method_config, method_label)
 from kd_ray.runs.summary import export_assistant, update_summary
+from kd_ray.runs.tracking import log_comparison
 from kd_ray.storage import location, storage_root
 
 log = get(__name__)
@@ -66,6 +67,8 @@ def run_pipeline(cfg: Config, train_teacher: bool = True, distill: bool = True,
     if compare:
         methods_table = write_methods_table(root, runs, top)
         table = f"{table}\n\nMethods ({root}/methods.md):\n{methods_table}"
+    log_comparison(cfg, root, ["comparison.md", "comparison.csv", "methods.md", "methods.csv",
+                               "accuracy.png", "tradeoff.png"])
     minutes = (time.perf_counter() - started) / 60
     log.info(f"pipeline finished in {minutes:.1f} min; comparison in {root}/comparison.md, "
              f"plots in {root}/accuracy.png and {root}/tradeoff.png (accuracy against CPU latency), "

@@ -24,6 +24,7 @@ from kd_ray.runs.lock import RunLock
 from kd_ray.runs.progress import ProgressPrinter
 from kd_ray.runs.stages import check_resume, failure_message, fresh_name, preflight, stage_epochs
 from kd_ray.runs.summary import summarize
+from kd_ray.runs.tracking import stage_tracker
 from kd_ray.storage import location, storage_root
 
 log = get(__name__)
@@ -83,7 +84,8 @@ def _run_locked(cfg: Config, stage: str, storage: str, name: str, run_dir: Path)
         backfill(run_dir, resume.get("history", []))  # epochs whose metrics line was lost
         prune_checkpoints(run_dir, cfg.run.keep_checkpoints, protect=run_dir / resume["folder"])
     failures_before = len(read_failures(run_dir))
-    trainer = make_trainer(cfg, stage, storage, name, [MetricsCallback(str(run_dir))],
+    tracker = stage_tracker(cfg, run_dir)  # built here: the tracking URI resolves on the driver
+    trainer = make_trainer(cfg, stage, storage, name, [MetricsCallback(str(run_dir), tracker=tracker)],
                            stop_file=run_dir / STOP_FILE)
     before = signal.getsignal(signal.SIGINT)  # Ray's fit() replaces it and never puts it back
     try:
@@ -109,6 +111,8 @@ def _run_locked(cfg: Config, stage: str, storage: str, name: str, run_dir: Path)
         backfill(run_dir, found[1].get("history", []) if found else [])
         raise RunInterrupted(f"stopped after epoch {reached} of {epochs}, checkpointed in {run_dir}")
     summary = summarize(cfg, stage, run_dir, result.metrics)
+    if tracker is not None:
+        tracker.finish(summary)
     return StageResult(stage, run_dir, summary)
 
 

@@ -27,6 +27,7 @@ from kd_ray.errors import ConfigError, one_line, user_error_in
 from kd_ray.log import get
 from kd_ray.runs.stages import check_sweep
 from kd_ray.runs.sweep_report import TRIALS_DIR, write_sweep_report
+from kd_ray.runs.tracking import allow_file_store, tracking_uri
 from kd_ray.storage import append_text, location, storage_root
 
 log = get(__name__)
@@ -135,8 +136,20 @@ def make_tuner(cfg: Config, sweep_dir, restore: bool = False):
             search_alg=search_alg, max_concurrent_trials=trials_that_fit(cfg),
             trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep_dir), verbose=1,
-                                  callbacks=[TBXLoggerCallback()]),
+                                  callbacks=[TBXLoggerCallback(), *mlflow_callbacks(cfg)]),
     )
+
+
+def mlflow_callbacks(cfg: Config) -> list:
+    """run.tracker=mlflow: Ray's own MLflow logger, one MLflow run per trial (params: the trial's
+    sampled values; metrics: every epoch's report, step = epoch) in the sweep's experiment."""
+    if cfg.run.tracker != "mlflow":
+        return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback  # local: needs the mlflow extra
+
+    uri = tracking_uri(cfg)
+    allow_file_store(uri)  # the callback runs in this (the driver's) process
+    return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=cfg.run.name)]
 
 
 def _optuna(seed: int):
@@ -177,6 +190,8 @@ def resume_sweep(sweep_dir) -> tuple:
         raise ConfigError(f"{sweep_dir} holds no sweep to resume (no {SWEEP_FILE} or Tune state); "
                           "pass the folder `kd-ray tune` printed")
     cfg = load_config(sweep_dir / SWEEP_FILE)
+    if cfg.run.tracker == "mlflow":  # Tune restores its MLflow logger with the sweep's state
+        allow_file_store(tracking_uri(cfg))
     ensure_ray(cfg, extra_cpus=DRIVER_CPUS)
     resolve_cache(cfg, sweep_dir / "teacher_cache")  # still there and matching (or rebuilt)
     states = trial_states(sweep_dir)

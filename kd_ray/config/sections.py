@@ -200,6 +200,12 @@ class RunConfig:
     """Seconds between progress lines inside an epoch (images done of total, images/s, ETA)."""
     dashboard_host: str = "127.0.0.1"
     """Where a local Ray instance's dashboard and job server listen (0.0.0.0 = every interface)."""
+    tracker: str = "tensorboard"
+    """tensorboard, or mlflow: also log every stage and trial to run.tracking_uri (params,
+    per-epoch metrics, summary and comparison as artifacts; needs the `mlflow` extra)."""
+    tracking_uri: Optional[str] = None
+    """MLflow tracking URI (http://host:5000, file:/path, or a folder); None = a local mlruns/
+    folder under run.storage on the head node."""
 
     def __post_init__(self):
         positive(self, "num_workers")
@@ -211,6 +217,11 @@ class RunConfig:
                               f"got {self.progress_interval_s!r}")
         if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
             raise ConfigError(f"run.seeds must be a non-empty list of integers, got {self.seeds!r}")
+        if self.tracker not in ("tensorboard", "mlflow"):
+            raise ConfigError(f"run.tracker must be tensorboard or mlflow, got {self.tracker!r}")
+        if self.tracking_uri is not None and (not isinstance(self.tracking_uri, str)
+                                              or not self.tracking_uri):
+            raise ConfigError(f"run.tracking_uri must be a URI or a folder, got {self.tracking_uri!r}")
         if self.max_failures < -1:
             raise ConfigError("run.max_failures must be >= -1 (-1 = retry forever)")
         if not self.name or "/" in self.name or "\0" in self.name or self.name in (".", ".."):

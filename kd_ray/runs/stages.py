@@ -17,6 +17,7 @@ from kd_ray.methods import Distiller, build_method, method_class
 from kd_ray.models import (build_model, check_same_classes, check_teacher_matches, model_fn,
                            read_teacher_info)
 from kd_ray.runs.files import read_failures
+from kd_ray.runs.tracking import check_tracker
 from kd_ray.storage import location
 from kd_ray.runs.lock import fresh_name  # noqa: F401  (re-exported: cluster.stage uses it)
 
@@ -48,6 +49,7 @@ def preflight(cfg: Config, stage: str, teacher_pending: bool = False) -> Config:
     """
     check_paths(cfg, (stage,))
     check_machine(cfg)
+    check_tracker(cfg)  # an unreachable MLflow server: one line now, not after the first epoch
     cfg = cfg.with_absolute_paths()
     if stage == "teacher" and cfg.optim.teacher_epochs == 0:
         raise ConfigError("optim.teacher_epochs=0 trains no teacher: set it to at least 1, or bring "
