@@ -224,6 +224,10 @@ def test_ray_that_does_not_start_is_one_line_exit_1(capsys, tmp_path, monkeypatc
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(session, "start_local_ray", times_out)
+    # As on a fresh driver, even when this test session's Ray instance is up; and that one is
+    # not the failed start's to shut down.
+    monkeypatch.setattr(session.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(session.ray, "shutdown", lambda: None)
     code = main(["train-student", "--set", "data.name=synthetic", "--set", "model.student=tiny_cnn",
                  "--set", "run.num_workers=1", "--set", f"run.storage={tmp_path}"])
     err = capsys.readouterr().err.strip()

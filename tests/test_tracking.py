@@ -1,5 +1,5 @@
 """run.tracker=mlflow: the config keys, the driver-side checks (before Ray), the MLflow writer;
-and, on the session's Ray instance, a stage run (resumed once) and a 2-trial sweep read back
+and, on the session's Ray instance, a distill run (resumed once) and a 2-trial sweep read back
 through MlflowClient."""
 import socket
 
@@ -7,7 +7,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from kd_ray.config import load_config
+from kd_ray.data import describe
 from kd_ray.errors import ConfigError
+from kd_ray.models import build_model, export_teacher
 from kd_ray.runs.stages import preflight
 from kd_ray.runs.tracking import (RUN_ID_FILE, StageTracker, check_tracker, flatten, tracking_uri)
 
@@ -91,9 +93,15 @@ def test_stage_run_and_sweep_log_to_a_local_mlflow_store(ray_cluster, tmp_path):
     from kd_ray.cluster.tune import run_sweep
 
     uri = (tmp_path / "mlruns").as_uri()
-    # A label-only student: 2 epochs, then a rerun with 3 that resumes into the same MLflow run.
-    result = run_stage(tiny(tmp_path, "run.name=stu", f"run.tracking_uri={uri}"), "student")
-    run_stage(tiny(tmp_path, "run.name=stu", f"run.tracking_uri={uri}", "optim.epochs=3"), "student")
+    teacher = tmp_path / "teacher.pt"  # untrained: only the logged params and metrics matter here
+    info = describe(tiny(tmp_path).data)
+    export_teacher(teacher, build_model("tiny_cnn", len(info.classes)), "tiny_cnn", info.classes,
+                   info.image_size)
+    # A distillation: 2 epochs, then a rerun with 3 that resumes into the same MLflow run.
+    stu = ("run.name=stu", f"run.tracking_uri={uri}", f"distill.teacher_path={teacher}",
+           "distill.teacher_cache=off", "distill.temperature=3")
+    result = run_stage(tiny(tmp_path, *stu), "distill")
+    run_stage(tiny(tmp_path, *stu, "optim.epochs=3"), "distill")
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("stu").experiment_id])
     assert len(runs) == 1 and runs[0].info.run_id == (result.run_dir / RUN_ID_FILE).read_text()
@@ -101,6 +109,7 @@ def test_stage_run_and_sweep_log_to_a_local_mlflow_store(ray_cluster, tmp_path):
     assert run.info.run_name == "stu" and run.info.status == "FINISHED"
     # Params are those of the run's first start (MLflow keeps a param's first value).
     assert run.data.params["optim.lr"] == "0.05" and run.data.params["optim.epochs"] == "2"
+    assert run.data.params["distill.loss"] == "kd" and run.data.params["distill.temperature"] == "3.0"
     history = client.get_metric_history(run.info.run_id, "val/top1")
     assert [m.step for m in history] == [1, 2, 3]
     assert "summary.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
