@@ -108,3 +108,14 @@ def no_ray(monkeypatch):
 
     for module in (kd_ray.cluster.stage, kd_ray.cluster.tune, kd_ray.cluster.cache):
         monkeypatch.setattr(module, "ensure_ray", fail)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """A 3-class PNG image folder (6 train, 2 val images per class, 32 px); a test module that
+    needs another tree defines its own ``tree``."""
+    from kd_ray.data import write_synthetic_imagefolder
+
+    root = tmp_path_factory.mktemp("tree")
+    write_synthetic_imagefolder(root, num_classes=3, per_class=(6, 2), image_size=32)
+    return root

@@ -6,18 +6,10 @@ import sys
 import pytest
 
 from kd_ray.cli import main
-from kd_ray.data import write_synthetic_imagefolder
 from kd_ray.models import build_model, export_teacher
 
 
 pytestmark = pytest.mark.usefixtures("no_ray")  # every error here comes before Ray
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tree")
-    write_synthetic_imagefolder(root, num_classes=3, per_class=(6, 2), image_size=32)
-    return root
 
 
 def teacher_file(tmp_path, classes):

@@ -8,7 +8,6 @@ import pytest
 from kd_ray.cli import main
 from kd_ray.config import load_config
 from kd_ray.config.sweep import apply_params, space_entry
-from kd_ray.data import write_synthetic_imagefolder
 from kd_ray.errors import ConfigError
 from kd_ray.models import build_model, export_teacher
 from kd_ray.runs.stages import check_sweep
@@ -17,13 +16,6 @@ CLASSES = ["class0", "class1", "class2"]
 
 
 pytestmark = pytest.mark.usefixtures("no_ray")  # every error here comes before Ray
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tree")
-    write_synthetic_imagefolder(root, num_classes=3, per_class=(6, 2), image_size=32)
-    return root
 
 
 @pytest.fixture(scope="module")
