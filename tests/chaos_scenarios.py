@@ -167,11 +167,13 @@ def t3_worker_killed(work: Path, env: dict) -> Row:
                 "epochs 1-3 logged once": logged_epochs(run_dir) == [1, 2, 3]}, run_dir)
 
 
-def t4_driver_killed(work: Path, env: dict) -> Row:
-    argv = ["train-student", *settings(work, "t4", "optim.epochs=4")]
-    plan = json.dumps({"dir": str(work / "t4-faults"),  # holds the run in epoch 3 until the kill
-                       "faults": [{"kind": "sleep", "rank": 0, "epoch": 3, "step": 0, "seconds": 120, "once": True}]})
-    run_dir = work / "t4"
+HOLD_EPOCH_3 = [{"kind": "sleep", "rank": 0, "epoch": 3, "step": 0, "seconds": 120, "once": True}]
+
+
+def kill_driver_after_epoch_2(argv: list, env: dict, run_dir, faults_dir) -> str:
+    """Start ``kd-ray argv`` held at the start of epoch 3 (HOLD_EPOCH_3), SIGKILL its driver once
+    two epochs are logged (or it ended), and return the fault plan for the rerun."""
+    plan = json.dumps({"dir": str(faults_dir), "faults": HOLD_EPOCH_3})
     proc = subprocess.Popen([sys.executable, "-m", "kd_ray.cli", *argv], env=dict(env, **{ENV: plan}),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -179,6 +181,13 @@ def t4_driver_killed(work: Path, env: dict) -> Row:
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    return plan
+
+
+def t4_driver_killed(work: Path, env: dict) -> Row:
+    argv = ["train-student", *settings(work, "t4", "optim.epochs=4")]
+    run_dir = work / "t4"
+    plan = kill_driver_after_epoch_2(argv, env, run_dir, work / "t4-faults")
     before = len(read_history(run_dir))
     out = kd_ray(argv, dict(env, **{ENV: plan}), timeout=600)  # the same command again
     resumed = "[kd_ray] resuming t4 from epoch 3 " in out.out

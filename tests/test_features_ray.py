@@ -1,12 +1,7 @@
 """A feature method on Ray: `fitnets` on 2 workers (live teacher, a trainable regressor in DDP with
 the student), its driver SIGKILLed in epoch 3, the same command again: the run resumes from
 epoch 3 with the regressor of the epoch-2 checkpoint on every rank, not a fresh one."""
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -14,7 +9,7 @@ import torch
 import chaos_scenarios as chaos
 from kd_ray.engine import checkpoints
 from kd_ray.runs.files import read_history
-from kd_ray.testing.faults import ENV, read_events, state_digest
+from kd_ray.testing.faults import read_events, state_digest
 
 pytestmark = pytest.mark.ray
 
@@ -27,18 +22,10 @@ def test_fitnets_on_two_workers_resumes_with_its_regressor(ray_cluster, tmp_path
                                        "distill.params.teacher_layer=4", "distill.params.weight=5",
                                        "distill.teacher_cache=auto")]
     faults_dir, run_dir = tmp_path / "faults", tmp_path / "fit"
-    hold = [{"kind": "sleep", "rank": 0, "epoch": 3, "step": 0, "seconds": 120, "once": True}]
-    plan = json.dumps({"dir": str(faults_dir), "faults": hold})  # holds epoch 3 until the kill
-    proc = subprocess.Popen([sys.executable, "-m", "kd_ray.cli", *argv], env=dict(env, **{ENV: plan}),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(read_history(run_dir)) < 2 and proc.poll() is None:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    chaos.kill_driver_after_epoch_2(argv, env, run_dir, faults_dir)
     assert len(read_history(run_dir)) == 2, "the first run did not reach epoch 2"
 
-    out = chaos.kd_ray(argv, env, faults_dir, hold, inline=True)  # the same command again
+    out = chaos.kd_ray(argv, env, faults_dir, chaos.HOLD_EPOCH_3, inline=True)  # the same command again
     assert out.code == 0, out.err
     assert "[kd_ray] resuming fit from epoch 3 " in out.out
     assert out.out.count("reads teacher features: the teacher runs live") == 1  # said once, no cache

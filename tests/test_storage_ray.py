@@ -3,10 +3,6 @@ rerun resumes from the checkpoint in the bucket, and a 2-trial sweep writes its 
 The kd-ray drivers are subprocesses joining the session's Ray instance; they forward the AWS_*
 variables to the workers (cluster.session)."""
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import chaos_scenarios as chaos
 from kd_ray.cluster.tune import STARTS_FILE
@@ -33,16 +29,7 @@ def test_distill_on_s3_resumes_after_the_driver_is_killed(cli_env, s3_server, s3
     for item in [*BASE, "optim.epochs=3", f"run.storage={storage}", f"run.name={name}",
                  f"distill.teacher_path={teacher_in(s3_bucket)}"]:
         argv += ["--set", item]
-    plan = json.dumps({"dir": str(tmp_path / "faults"),  # holds epoch 3 until the driver is killed
-                       "faults": [{"kind": "sleep", "rank": 0, "epoch": 3, "step": 0, "seconds": 120,
-                                   "once": True}]})
-    proc = subprocess.Popen([sys.executable, "-m", "kd_ray.cli", *argv], env=dict(env, **{ENV: plan}),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(read_history(run)) < 2 and proc.poll() is None:
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    plan = chaos.kill_driver_after_epoch_2(argv, env, run, tmp_path / "faults")
     assert [h["epoch"] for h in read_history(run)] == [1, 2]
     assert checkpoints.latest(run)[1]["epoch"] == 2  # the checkpoint is in the bucket
     out = chaos.kd_ray(argv, dict(env, **{ENV: plan}), timeout=600)
