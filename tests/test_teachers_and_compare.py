@@ -16,7 +16,7 @@ from kd_ray.data.views import CachedViews
 from kd_ray.errors import ConfigError
 from kd_ray.models import build_model, export_teacher, load_teachers
 from kd_ray.runs.methods_table import methods_markdown, method_rows, teacher_agreement
-from kd_ray.runs.stages import check_pipeline, check_sweep, distill_run_name, preflight
+from kd_ray.runs.stages import check_pipeline, check_sweep, distill_run_name, method_config, preflight
 from kd_ray.runs.summary import export_assistant, read_summary
 from kd_ray.engine import checkpoints
 
@@ -118,6 +118,23 @@ def test_compare_and_chain_inputs_are_checked_on_the_driver(tmp_path):
         config(tmp_path, "model.assistants=resnet34")
     assert distill_run_name(cfg, "kd", 1) == "distill-seed1"
     assert distill_run_name(cfg, "tests.plugins:HeadedMSE", 0) == "distill-tests-plugins-HeadedMSE-seed0"
+
+
+def test_each_compared_method_runs_with_its_own_params(tmp_path):
+    path = teachers(tmp_path, 1)[0]
+    cfg = config(tmp_path, f"distill.teacher_path={path}", "distill.loss=dkd", "distill.params.warmup=1",
+                 "distill.method_params={dkd: {beta: 2, warmup: 5}, dist: {gamma: 3}}")
+    check_pipeline(cfg, False, True, ["dkd", "dist", "kd"])
+    assert method_config(cfg, "dkd").distill.params == {"beta": 2, "warmup": 1}  # params win
+    assert method_config(cfg, "dist").distill.params == {"gamma": 3}
+    assert method_config(cfg, "kd").distill.params == {}
+    with pytest.raises(ConfigError, match="settings for dist, which is not among the methods run"):
+        check_pipeline(cfg, False, True, ["dkd", "kd"])
+    bad = cfg.replace(distill={"method_params": {"dist": {"gama": 3}}})
+    with pytest.raises(ConfigError, match="gama"):
+        check_pipeline(bad, False, True, ["dkd", "dist"])
+    with pytest.raises(ConfigError, match="distill.method_params must map method names"):
+        config(tmp_path, "distill.method_params={dkd: 2}")
 
 
 def test_sweep_over_the_method_and_its_params(tmp_path):

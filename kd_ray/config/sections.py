@@ -73,6 +73,9 @@ class DistillConfig:
     Distiller subclass) or 'package.module:function' (a loss over logits)."""
     params: dict = field(default_factory=dict)
     """Method-specific settings, checked by the method (e.g. a plugin's weights or layer names)."""
+    method_params: dict = field(default_factory=dict)
+    """Per-method settings for `kd-ray compare` ({dkd: {beta: 2}, at: {...}}): each method of
+    --methods runs with its entry (distill.params still go to distill.loss, over its entry)."""
     temperature: float = 4.0
     alpha: float = 0.9
     """Weight of the distillation term; 1 - alpha goes to cross-entropy on labels."""
@@ -98,6 +101,10 @@ class DistillConfig:
         positive(self, "cache_batch_size")
         if not isinstance(self.params, dict):
             raise ConfigError(f"distill.params must be a mapping, got {self.params!r}")
+        if not isinstance(self.method_params, dict) or not all(
+                isinstance(v, dict) for v in self.method_params.values()):
+            raise ConfigError("distill.method_params must map method names to mappings of their "
+                              f"params, e.g. {{dkd: {{beta: 2}}}}; got {self.method_params!r}")
         if not self.teacher_cache:
             raise ConfigError("distill.teacher_cache must be auto, off or a folder")
         if not 0.0 <= self.alpha <= 1.0:

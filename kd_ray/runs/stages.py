@@ -114,6 +114,11 @@ def check_pipeline(cfg: Config, train_teacher: bool, distill: bool, methods=None
     methods = list(methods or [cfg.distill.loss])
     if len(set(methods)) != len(methods):
         raise ConfigError(f"methods to compare are listed twice: {methods}")
+    unused = sorted(set(cfg.distill.method_params) - set(methods))
+    if unused:
+        raise ConfigError(f"distill.method_params has settings for {', '.join(unused)}, which is not "
+                          f"among the methods run ({', '.join(methods)}): add it to --methods or "
+                          "drop its entry")
     for method in methods:
         preflight(method_config(cfg, method), "distill", teacher_pending=train_teacher)
     for arch in cfg.model.assistants:
@@ -125,9 +130,12 @@ def check_pipeline(cfg: Config, train_teacher: bool, distill: bool, methods=None
 
 
 def method_config(cfg: Config, method: str) -> Config:
-    """``cfg`` distilling with ``method``: ``distill.params`` belong to ``distill.loss`` only; the
-    other methods of a comparison run with their defaults."""
-    params = dict(cfg.distill.params) if method == cfg.distill.loss else {}
+    """``cfg`` distilling with ``method``: its ``distill.method_params`` entry, and for
+    ``distill.loss`` ``distill.params`` over that; other methods of a comparison run with their
+    defaults."""
+    params = dict(cfg.distill.method_params.get(method) or {})
+    if method == cfg.distill.loss:
+        params.update(cfg.distill.params)
     return cfg.replace(distill={"loss": method, "params": params})
 
 
