@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import logging
 import tempfile
+import time
 
 import ray.train
 import ray.train.torch
@@ -64,6 +65,7 @@ def _quiet_ray_train(level: str) -> None:
 
 def train_loop_per_worker(loop_config: dict) -> dict | None:
     """Train the stage; returns None, or the KdRayError that stopped every rank (for the driver)."""
+    entered = time.time()
     cfg = Config.from_dict(loop_config["config"])
     stage = loop_config["stage"]
     _quiet_ray_train(cfg.run.ray_log_level)
@@ -123,6 +125,9 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     hooks.attempt(start_epoch + 1, unwrapped.method)
 
     steps_writer = step_writer(run_dir, rank)
+    # This attempt's first report says when the loop started and how long its setup took (data,
+    # cache, models, DDP, resume): where a short run's or a sweep trial's fixed time goes.
+    setup = {"perf/setup_seconds": time.time() - entered, "perf/loop_started": entered}
     try:
         for epoch in range(start_epoch, epochs):
             sampler.set_epoch(epoch)
@@ -152,7 +157,8 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                 "epoch": epoch + 1, "stage": stage, "arch": arch, "classes": bundle.classes,
                 "image_size": bundle.image_size, "norm": bundle.norm, "config": cfg.to_dict(),
             }
-            _report(metrics, state if rank == 0 else None, run_dir, history)
+            _report({**metrics, **setup}, state if rank == 0 else None, run_dir, history)
+            setup = {}  # the first report's only (not in the checkpoint's history)
             if epoch + 1 < epochs and stop_requested(run_dir, device, world):
                 log.info(f"stopping after epoch {epoch + 1} (Ctrl-C on the driver); checkpoint written")
                 break

@@ -18,6 +18,8 @@ METRICS_FILE = "metrics.jsonl"
 FAILURES_FILE = "failures.jsonl"  # one line per failed attempt: time and each rank's error
 SUMMARY_FILE = "summary.json"
 STOP_FILE = ".stop"  # the driver's first Ctrl-C: every rank stops after the epoch's checkpoint
+# Row entries that are not curves: the step itself, and when a worker's loop started (a timestamp)
+NOT_SCALARS = ("epoch", "epochs", "time", "perf/loop_started")
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints it knows
 
 
@@ -38,7 +40,7 @@ def write_scalars(writer, row: dict) -> None:
     """One TensorBoard point per metric; the step is the epoch."""
     epoch = int(row.get("epoch", 0))
     for key, value in row.items():
-        if key not in ("epoch", "epochs", "time") and isinstance(value, (int, float)) and math.isfinite(value):
+        if key not in NOT_SCALARS and isinstance(value, (int, float)) and math.isfinite(value):
             writer.add_scalar(key, value, global_step=epoch)
     writer.flush()
 
