@@ -6,6 +6,9 @@ Each figure is a ratio of two timings taken in this one run (the machine is shar
   B2  kd_ray TorchTrainer, 1 worker, steady-state images/s / plain PyTorch loop  target >= 0.95
   B3  8-trial (T, alpha) sweep incl. the cache build / 8 x plain student run     target <= 1.15
       (and the same sweep with the live teacher, for reference)
+  B3-ASHA  the same 8 trials with ASHA early stopping (sweep defaults: grace     target <= 0.6
+      1 epoch, factor 2) / 8 x plain student run; both sweeps also print where a
+      trial's time goes (Ray start-up, setup, epochs, teardown)
   B4  cached-KD epoch images/s / labels-only epoch images/s, the same augmented  target >= 0.97
       PNG image folder (96 px files trained at 32 px), train_one_epoch on both sides
 Synthetic 32 px data (B1-B3); a resnet18 teacher (random weights: speed only) and the simple_cnn
@@ -16,6 +19,7 @@ student; 1 thread per worker on both sides.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -165,9 +169,39 @@ def b2_ratio(cfg: Config) -> tuple[float, dict, list]:
 def b3_sweep(cfg: Config, name: str) -> dict:
     from kd_ray.cluster.tune import run_sweep
 
-    started = time.perf_counter()
+    started, t0 = time.perf_counter(), time.time()
     run_sweep(cfg.replace(run={"name": name}))
-    return {"wall": time.perf_counter() - started}
+    return {"wall": time.perf_counter() - started, "started": t0, "dir": Path(cfg.run.storage) / name}
+
+
+def trial_times(trial_dir: Path) -> dict:
+    """One trial's (first attempt's) seconds: Ray start-up (its driver's start to the worker's
+    loop), setup (data, cache, model, DDP), epochs (train + val + report), teardown (the last
+    report to its driver's end; none for a trial ASHA stopped), and its epoch count."""
+    marks = [json.loads(line) for line in (trial_dir / "timing.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (trial_dir / "metrics.jsonl").read_text().splitlines()]
+    started = next(m["started"] for m in marks if "started" in m)
+    finished = next((m["finished"] for m in marks if "finished" in m), None)
+    first = next(r for r in rows if "perf/loop_started" in r)
+    loop, setup = first["perf/loop_started"], first["perf/setup_seconds"]
+    return {"start": started, "end": finished or rows[-1]["time"], "startup": loop - started,
+            "setup": setup, "epochs_s": rows[-1]["time"] - loop - setup,
+            "teardown": None if finished is None else finished - rows[-1]["time"], "epochs": len(rows)}
+
+
+def breakdown(sweep: dict) -> str:
+    """Where the sweep's time went: before the first trial (Ray, the cache build), then per trial
+    (medians) and the epochs trained in all."""
+    trials = [trial_times(d) for d in sorted((sweep["dir"] / "trials").glob("trial-*"))]
+    med = lambda key: statistics.median(t[key] for t in trials if t[key] is not None)  # noqa: E731
+    before = min(t["start"] for t in trials) - sweep["started"]
+    after = sweep["started"] + sweep["wall"] - max(t["end"] for t in trials)
+    downs = [t["teardown"] for t in trials if t["teardown"] is not None]
+    return (f"before the first trial {before:.1f}s (Ray, teacher cache); per trial (median of {len(trials)}): "
+            f"Ray start-up {med('startup'):.1f}s, setup {med('setup'):.1f}s, epochs {med('epochs_s'):.1f}s, "
+            f"teardown {statistics.median(downs) if downs else float('nan'):.1f}s; "
+            f"{sum(t['epochs'] for t in trials)} epochs trained in all (8 full trials: "
+            f"{8 * sweep['epochs']}); after the last trial {after:.1f}s (summary)")
 
 
 def machine() -> str:
@@ -198,26 +232,45 @@ def run_b2(storage: Path, teacher: Path, args, say) -> list:
     return [("B2", "TorchTrainer img/s / plain loop img/s", r2, ">= 0.95", r2 >= 0.95)]
 
 
-def run_b3(storage: Path, teacher: Path, args, say) -> list:
-    """Epochs enough for one plain student run to last --min-plain-seconds."""
+def b3_plain(storage: Path, teacher: Path, args, say) -> tuple[Config, dict]:
+    """Epochs enough for one plain student run to last --min-plain-seconds; that run (once for
+    B3 and B3-ASHA)."""
     from kd_ray.cluster.tune import trials_that_fit
 
-    images = 1024 if args.quick else 8192
-    probe = plain_run(make_config(storage, teacher, images, 1), 1)
-    epochs = 2 if args.quick else max(2, math.ceil(args.min_plain_seconds / probe["wall"] * 1.1))
-    cfg = make_config(storage, teacher, images, epochs)
-    plain = plain_run(cfg, epochs)
-    say(f"B3 plain student run: {epochs} epochs of {images} images, {plain['wall']:.1f}s; "
-        f"sweep: 8 trials, {trials_that_fit(cfg)} at a time on {os.cpu_count()} cores")
+    if "b3_plain" not in args:
+        images = 1024 if args.quick else 8192
+        probe = plain_run(make_config(storage, teacher, images, 1), 1)
+        epochs = 2 if args.quick else max(2, math.ceil(args.min_plain_seconds / probe["wall"] * 1.1))
+        cfg = make_config(storage, teacher, images, epochs)
+        plain = plain_run(cfg, epochs)
+        say(f"B3 plain student run: {epochs} epochs of {images} images, {plain['wall']:.1f}s; "
+            f"sweep: 8 trials, {trials_that_fit(cfg)} at a time on {os.cpu_count()} cores")
+        args.b3_plain = (cfg, plain)
+    return args.b3_plain
+
+
+def run_b3(storage: Path, teacher: Path, args, say) -> list:
+    cfg, plain = b3_plain(storage, teacher, args, say)
     cached = b3_sweep(cfg, "b3-cached")
+    cached["epochs"] = cfg.optim.epochs
     r3 = cached["wall"] / (8 * plain["wall"])
-    say(f"B3 cached sweep (cache build included): {cached['wall']:.1f}s")
+    say(f"B3 cached sweep (cache build included): {cached['wall']:.1f}s; {breakdown(cached)}")
     rows = [("B3", "cached sweep / 8 x plain run", r3, "<= 1.15", r3 <= 1.15)]
     if not args.skip_live:
         live = b3_sweep(cfg.replace(distill={"teacher_cache": "off"}), "b3-live")
         say(f"B3 live-teacher sweep: {live['wall']:.1f}s")
         rows.append(("B3 ref", "live-teacher sweep / 8 x plain run", live["wall"] / (8 * plain["wall"]), "-", None))
     return rows
+
+
+def run_b3a(storage: Path, teacher: Path, args, say) -> list:
+    cfg, plain = b3_plain(storage, teacher, args, say)
+    asha = b3_sweep(cfg.replace(sweep={"scheduler": "asha"}), "b3-asha")
+    asha["epochs"] = cfg.optim.epochs
+    ratio = asha["wall"] / (8 * plain["wall"])
+    say(f"B3-ASHA cached sweep with ASHA (grace {cfg.sweep.grace_period}, factor "
+        f"{cfg.sweep.reduction_factor:g}; cache build included): {asha['wall']:.1f}s; {breakdown(asha)}")
+    return [("B3-ASHA", "cached ASHA sweep / 8 x plain run", ratio, "<= 0.6", ratio <= 0.6)]
 
 
 def b4_epochs(storage: Path, teacher: Path, per_class: int, epochs: int) -> dict:
@@ -268,7 +321,8 @@ def run_b4(storage: Path, teacher: Path, args, say) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: checks the script, not the speed")
-    parser.add_argument("--only", default="B1,B2,B3,B4", help="comma-separated subset of B1,B2,B3,B4")
+    parser.add_argument("--only", default="B1,B2,B3,B3A,B4", help="comma-separated subset of B1,B2,B3,B3A,B4")
+    parser.add_argument("--note", default="", help="a line for the results file (e.g. what else ran)")
     parser.add_argument("--skip-live", action="store_true", help="skip the live-teacher reference sweep")
     parser.add_argument("--min-plain-seconds", type=float, default=60.0)
     parser.add_argument("--out", default=None, help="markdown file for the results (default "
@@ -291,9 +345,11 @@ def main() -> None:
     say(f"teacher {TEACHER}, student {STUDENT}, 32 px synthetic, batch {BATCH}, 1 thread per worker")
     only = [name.strip().upper() for name in args.only.split(",")]
     rows = []
-    for name, bench in (("B1", run_b1), ("B4", run_b4), ("B2", run_b2), ("B3", run_b3)):
+    if args.note:
+        say(args.note)
+    for name, bench in (("B1", run_b1), ("B4", run_b4), ("B2", run_b2), ("B3", run_b3), ("B3A", run_b3a)):
         if name in only:
-            if name in ("B2", "B3"):  # once, with room for the sweep's trial drivers
+            if name in ("B2", "B3", "B3A"):  # once, with room for the sweep's trial drivers
                 ensure_ray(make_config(storage, teacher, 64, 1), extra_cpus=DRIVER_CPUS)
             rows += bench(storage, teacher, args, say)
     rows.sort(key=lambda row: row[0].split()[0])  # B1..B4, each with its reference rows
@@ -301,7 +357,7 @@ def main() -> None:
     table += [f"| {k} | {what} | {value:.3f} | {target} | {'-' if ok is None else 'yes' if ok else 'NO'} |"
               for k, what, value, target, ok in rows]
     print("\n".join(table), flush=True)
-    out = args.out or (None if args.quick or len(only) < 4 else "benchmarks/results.md")
+    out = args.out or (None if args.quick or len(only) < 5 else "benchmarks/results.md")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(f"# bench_kd ({time.strftime('%Y-%m-%d %H:%M')}, `python scripts/bench_kd.py`)\n\n"

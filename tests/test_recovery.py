@@ -171,10 +171,12 @@ def test_callback_writes_epochs_whose_report_was_lost_from_the_checkpoint_histor
         path = str(folder)
 
     callback = MetricsCallback(str(tmp_path), tensorboard=False)
-    callback.after_report(None, [history([2])[0]], Checkpoint())
+    # The report itself has keys the checkpoint's history does not (an attempt's setup time).
+    callback.after_report(None, [{**history([2])[0], "perf/setup_seconds": 1.5}], Checkpoint())
     callback.after_report(None, [history([3])[0]], None)
-    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2, 3]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r.get("perf/setup_seconds") for r in rows] == [None, 1.5, None]
 
 
 class _Planted:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from kd_ray.cluster.tune import TIMING_FILE
 from kd_ray.config import load_config
 from kd_ray.runs.files import read_history
 
@@ -64,6 +65,13 @@ def test_asha_sweep_leaves_table_best_yaml_heatmap_and_tensorboard(cli_env, tmp_
         assert epochs == list(range(1, len(epochs) + 1)) and 1 <= len(epochs) <= 3
         # Tune's TensorBoard logger on the driver: one point per epoch, the step is the epoch.
         assert tb_steps(sweep_dir / "tune" / trial.name, "ray/tune/val/top1") == epochs
+        # Where the trial's time went (bench_kd's breakdown): its driver's start, then the worker
+        # loop's start and setup in the first epoch's row only, then the epochs.
+        started = json.loads((trial / TIMING_FILE).read_text().splitlines()[0])["started"]
+        rows = [json.loads(line) for line in (trial / "metrics.jsonl").read_text().splitlines()]
+        assert started < rows[0]["perf/loop_started"] < rows[0]["time"]
+        assert 0 < rows[0]["perf/setup_seconds"] < rows[0]["time"] - rows[0]["perf/loop_started"]
+        assert not any("perf/setup_seconds" in row for row in rows[1:])
 
     lines = (sweep_dir / "summary.md").read_text().splitlines()
     assert lines[0].startswith("| trial | T | alpha | epochs | best_epoch | best val/top1 | final val/top1")

@@ -46,9 +46,11 @@ class MetricsCallback(UserCallback):
         row = dict(metrics[0])  # rank 0; counters were already summed across ranks
         # Earlier epochs whose report was lost in a restart (a checkpoint written, the worker gone
         # before Ray took the report) come from this checkpoint's history, in order.
-        for earlier in [*checkpoint_history(checkpoint), row]:
+        current = int(row.get("epoch", 0))
+        lost = [h for h in checkpoint_history(checkpoint) if int(h.get("epoch", 0)) < current]
+        for earlier in [*lost, row]:  # the report itself for its own epoch (it has more keys)
             epoch = int(earlier.get("epoch", 0))
-            if epoch in self._written or epoch > int(row.get("epoch", 0)):
+            if epoch in self._written:
                 continue  # trained again after a restart: keep one point per epoch
             if self.tensorboard:
                 write_scalars(self._tb(), earlier)

@@ -35,6 +35,7 @@ SWEEP_FILE = "sweep.yaml"  # the resolved config a sweep ran with; --resume read
 TUNE_DIR = "tune"  # Tune's experiment folder (trial state, TensorBoard files per trial)
 DRIVER_CPUS = 0.01  # a trial's own driver; 0 is refused by Ray
 STARTS_FILE = "starts.log"
+TIMING_FILE = "timing.jsonl"  # when each attempt of a trial started and finished (bench_kd reads it)
 
 
 def search_space(cfg: Config) -> dict:
@@ -70,6 +71,7 @@ def trials_that_fit(cfg: Config) -> int:
 
 def run_trial(params: dict, base: dict, sweep_dir: str) -> None:
     """The Tune trainable: one distillation run with this trial's values."""
+    started = time.time()
     cfg = apply_params(Config.from_dict(base), params)
     name = f"trial-{tune.get_context().get_trial_id()}"
     storage = location(sweep_dir) / TRIALS_DIR
@@ -78,6 +80,7 @@ def run_trial(params: dict, base: dict, sweep_dir: str) -> None:
     cfg.replace(run={"name": name}).save(run_dir / "config.yaml")
     # one line per (re)start of this trial
     append_text(run_dir / STARTS_FILE, f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()}\n")
+    append_text(run_dir / TIMING_FILE, json.dumps({"started": started}) + "\n")
     # metrics.jsonl first: Tune may stop the trial as soon as it hears of the last epoch.
     callbacks = [MetricsCallback(str(run_dir), tensorboard=False), EpochReportCallback(cfg.sweep.metric)]
     try:
@@ -85,6 +88,8 @@ def run_trial(params: dict, base: dict, sweep_dir: str) -> None:
     except ray.train.TrainingFailedError as exc:
         raise_user_error(exc)
         raise
+    finally:  # Tune may stop the trial (ASHA) in fit(): then this line is not written
+        append_text(run_dir / TIMING_FILE, json.dumps({"finished": time.time()}) + "\n")
     raise_returned_error(result)  # a NaN loss or bad image stopped every worker (no retry used)
 
 
