@@ -8,7 +8,8 @@ Each figure is a ratio of two timings taken in this one run (the machine is shar
       (and the same sweep with the live teacher, for reference)
   B3-ASHA  the same 8 trials with ASHA early stopping (sweep defaults: grace     target <= 0.6
       1 epoch, factor 2) / 8 x plain student run; both sweeps also print where a
-      trial's time goes (Ray start-up, setup, epochs, teardown)
+      trial's time goes (Ray start-up, setup, epochs, teardown), next to Ray Train's own
+      start-up with an empty train function (--only FLOOR)
   B4  cached-KD epoch images/s / labels-only epoch images/s, the same augmented  target >= 0.97
       PNG image folder (96 px files trained at 32 px), train_one_epoch on both sides
 Synthetic 32 px data (B1-B3); a resnet18 teacher (random weights: speed only) and the simple_cnn
@@ -263,6 +264,28 @@ def run_b3(storage: Path, teacher: Path, args, say) -> list:
     return rows
 
 
+def _empty_loop(config: dict) -> None:
+    Path(config["mark"]).write_text(str(time.time()))
+
+
+def run_floor(storage: Path, teacher: Path, args, say) -> list:
+    """Ray Train's own start-up: a 1-worker TorchTrainer whose train function only notes the time,
+    run twice (the second is warm); none of kd_ray's code runs in it."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    seconds = []
+    for i in range(2):
+        mark, t0 = storage / f"floor{i}", time.time()
+        TorchTrainer(_empty_loop, train_loop_config={"mark": str(mark)},
+                     scaling_config=ray.train.ScalingConfig(num_workers=1),
+                     run_config=ray.train.RunConfig(storage_path=str(storage), name=f"floor{i}")).fit()
+        seconds.append((float(mark.read_text()) - t0, time.time() - t0))
+    say("Ray Train floor (an empty train function, 1 worker): " + ", ".join(
+        f"{loop:.1f}s to its loop, {total:.1f}s in all" for loop, total in seconds))
+    return []
+
+
 def run_b3a(storage: Path, teacher: Path, args, say) -> list:
     cfg, plain = b3_plain(storage, teacher, args, say)
     asha = b3_sweep(cfg.replace(sweep={"scheduler": "asha"}), "b3-asha")
@@ -321,7 +344,8 @@ def run_b4(storage: Path, teacher: Path, args, say) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: checks the script, not the speed")
-    parser.add_argument("--only", default="B1,B2,B3,B3A,B4", help="comma-separated subset of B1,B2,B3,B3A,B4")
+    parser.add_argument("--only", default="B1,B2,FLOOR,B3,B3A,B4", help="comma-separated subset of B1,B2,B3,B3A,B4 "
+                        "(and FLOOR: Ray Train's start-up with an empty train function)")
     parser.add_argument("--note", default="", help="a line for the results file (e.g. what else ran)")
     parser.add_argument("--skip-live", action="store_true", help="skip the live-teacher reference sweep")
     parser.add_argument("--min-plain-seconds", type=float, default=60.0)
@@ -347,9 +371,10 @@ def main() -> None:
     rows = []
     if args.note:
         say(args.note)
-    for name, bench in (("B1", run_b1), ("B4", run_b4), ("B2", run_b2), ("B3", run_b3), ("B3A", run_b3a)):
+    for name, bench in (("B1", run_b1), ("B4", run_b4), ("B2", run_b2), ("FLOOR", run_floor), ("B3", run_b3),
+                        ("B3A", run_b3a)):
         if name in only:
-            if name in ("B2", "B3", "B3A"):  # once, with room for the sweep's trial drivers
+            if name in ("B2", "FLOOR", "B3", "B3A"):  # once, with room for the sweep's trial drivers
                 ensure_ray(make_config(storage, teacher, 64, 1), extra_cpus=DRIVER_CPUS)
             rows += bench(storage, teacher, args, say)
     rows.sort(key=lambda row: row[0].split()[0])  # B1..B4, each with its reference rows
@@ -357,7 +382,8 @@ def main() -> None:
     table += [f"| {k} | {what} | {value:.3f} | {target} | {'-' if ok is None else 'yes' if ok else 'NO'} |"
               for k, what, value, target, ok in rows]
     print("\n".join(table), flush=True)
-    out = args.out or (None if args.quick or len(only) < 5 else "benchmarks/results.md")
+    out = args.out or (None if args.quick or not {"B1", "B2", "B3", "B3A", "B4"} <= set(only)
+                       else "benchmarks/results.md")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(f"# bench_kd ({time.strftime('%Y-%m-%d %H:%M')}, `python scripts/bench_kd.py`)\n\n"
