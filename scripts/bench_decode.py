@@ -186,6 +186,9 @@ def report(args, paths, rates, cpu_step, gpu) -> str:
     for name, rate in rates.items():
         ref = base if name.endswith("+aug") else base_dec
         lines.append(f"| {name} | {rate:.0f} | {rate / ref:.2f}x |")
+    lines += ["", f"Image.draft reduced {_drafted(paths)} of {len(paths)} images (it decodes at 1/2, 1/4 "
+              f"or 1/8 scale only when the result still covers {SIZE}x{SIZE}; the crop then comes "
+              "from fewer pixels, so it changes the augmentation, and kd_ray does not use it)."]
     lines += ["", f"torchvision.io / PIL, decode + augmentation: {rates['tvio+aug'] / base:.2f}x; "
               f"decode only: {rates['tvio rgb'] / base_dec:.2f}x.",
               f"Student step on this CPU (resnet18, 224 px, batch 32, 1 thread): {cpu_step:.1f} "
@@ -208,6 +211,16 @@ def report(args, paths, rates, cpu_step, gpu) -> str:
         for r in HYPOTHETICAL_STEP_RATES:
             lines.append(f"| {r:,} | {math.ceil(r / base)} | {math.ceil(r / rates['tvio+aug'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _drafted(paths) -> int:
+    count = 0
+    for p in paths:
+        with Image.open(p) as img:
+            full = img.size
+            img.draft("RGB", (SIZE, SIZE))
+            count += img.size != full
+    return count
 
 
 def _cpu_name() -> str:
