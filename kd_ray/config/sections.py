@@ -36,7 +36,7 @@ class DataConfig:
     """DataLoader processes per Ray worker (per GPU); each decodes and augments on one core."""
     decoder: str = "pil"
     """Image folders: pil (Pillow + torchvision transforms) or torchvision (torchvision.io decoding
-    and transforms.v2 on uint8 tensors: ~1.4x the images/s per core, benchmarks/decode.md)."""
+    and transforms.v2 on uint8 tensors: 1.3-1.5x the images/s per core, benchmarks/decode.md)."""
     synthetic_size: int = 512
     """Training images of the synthetic set (validation gets a quarter as many)."""
 
