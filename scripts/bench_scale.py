@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import multiprocessing as mp
 import resource
 import shutil
@@ -226,9 +227,14 @@ def main() -> None:
         for rank in range(WORLD):
             a, b = (next(r for r in results if (r["kind"], r["rank"], r["size"]) == (kind, rank, s))
                     for s in (lo, hi))
+            per_row = [f"{1e6 * r['seconds'] / r['rows']:.0f}" for s in sizes for r in results
+                       if (r["kind"], r["rank"], r["size"]) == (kind, rank, s)]
+            # epoch time ~ rows^k: k = 1 is linear (a per-row cost that does not grow with size)
+            k = math.log(b["seconds"] / a["seconds"]) / math.log(hi / lo)
             summary.append(f"{kind} worker {rank}: peak RSS x{b['peak'] / a['peak']:.3f} from {lo:,} to "
                            f"{hi:,} rows (target <= 1.10); epoch time x{b['seconds'] / a['seconds']:.1f} "
-                           f"for x{hi / lo:.0f} rows")
+                           f"for x{hi / lo:.0f} rows: time ~ rows^{k:.2f} (1 = linear); "
+                           f"us per row {' / '.join(per_row)}")
     for line in summary:
         say(line)
     print("\n".join(table), flush=True)

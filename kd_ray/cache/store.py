@@ -84,12 +84,15 @@ def choose_top_k(rows: int, classes: int, top_k: int | None) -> int | None:
 def wanted(cfg: Config) -> dict:
     """The manifest fields a cache must match to be used with ``cfg``."""
     data, samples, classes = _data_facts(cfg)
+    transform = {"image_size": cfg.data.image_size, "augment": cfg.data.augment,
+                 "views": num_views(cfg), "view_seed": cfg.data.split_seed}
+    if cfg.data.decoder != "pil":  # other pixels and random draws; pil caches keep their key
+        transform["decoder"] = cfg.data.decoder
     return {
         "format": FORMAT_VERSION,
         "teacher_sha256": teacher_fingerprint(cfg),
         "data": data,
-        "transform": {"image_size": cfg.data.image_size, "augment": cfg.data.augment,
-                      "views": num_views(cfg), "view_seed": cfg.data.split_seed},
+        "transform": transform,
         "top_k": choose_top_k(samples * num_views(cfg), classes, cfg.distill.cache_top_k),
     }
 

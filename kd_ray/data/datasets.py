@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision import transforms as T
+from torchvision.transforms import v2
 
 from kd_ray.config import STAGES, DataConfig
 from kd_ray.data.sampling import item_groups
@@ -93,10 +94,15 @@ class TensorTransform:
 def make_transform(src: Source, size: int, train: bool, augment: bool):
     if not src.pil:
         return TensorTransform(size, train and augment)
-    tail = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    # uint8 tensors (data.decoder=torchvision): the same steps in transforms.v2, resized as uint8
+    # (antialiased, as PIL does) and converted to float last, when the image is small.
+    lib = v2 if src.uint8 else T
+    to_float = v2.ToDtype(torch.float32, scale=True) if src.uint8 else T.ToTensor()
+    tail = [to_float, lib.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if train and augment:
-        return T.Compose([T.RandomResizedCrop(size, scale=(0.35, 1.0)), T.RandomHorizontalFlip(), *tail])
-    return T.Compose([T.Resize(size), T.CenterCrop(size), *tail])
+        crop = lib.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True)
+        return lib.Compose([crop, lib.RandomHorizontalFlip(), *tail])
+    return lib.Compose([lib.Resize(size, antialias=True), lib.CenterCrop(size), *tail])
 
 
 def labeled_indices(labels, n: int, seed: int, classes=None) -> np.ndarray:

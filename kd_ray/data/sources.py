@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms.functional import pil_to_tensor
 
 from kd_ray.config import DataConfig
 from kd_ray.data.parquet import ParquetImages, read_classes, read_labels, split_files
@@ -32,6 +34,7 @@ class Source:
     image_size: int  # default side when cfg.image_size is None
     pil: bool  # True: raw items are PIL images (ImageNet transforms), else float [C,h,w] in [0,1]
     open: Callable[[int], tuple]  # image_size -> (raw train, raw val), items (image, label)
+    uint8: bool = False  # with pil: items are uint8 [3,h,w] tensors (data.decoder=torchvision)
 
 
 class TensorImages(Dataset):
@@ -64,12 +67,26 @@ def _load_rgb(path: str):
         raise DataError(f"cannot read image {path}: {exc}; delete or replace the file") from None
 
 
-def _image_folder(root: Path, split: str, key: str) -> ImageFolder:
+TVIO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")  # what torchvision.io decodes
+
+
+def _load_uint8(path: str):
+    """uint8 [3,h,w]: torchvision.io for JPEG/PNG/WebP/GIF (libjpeg-turbo, no PIL), else PIL."""
+    if not path.lower().endswith(TVIO_SUFFIXES):
+        return pil_to_tensor(_load_rgb(path))  # BMP, TIFF, PPM: formats torchvision.io lacks
+    try:
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}; delete or replace the file") from None
+
+
+def _image_folder(root: Path, split: str, key: str, decoder: str = "pil") -> ImageFolder:
     folder = root / split
     if not folder.is_dir():
         raise DataError(f"split folder {folder} not found: set data.{key} or add {folder}/<class>/ images")
+    loader = _load_uint8 if decoder == "torchvision" else _load_rgb
     try:
-        data = ImageFolder(folder, loader=_load_rgb, allow_empty=True)
+        data = ImageFolder(folder, loader=loader, allow_empty=True)
     except FileNotFoundError:
         raise DataError(f"{folder} has no class folders: put images in {folder}/<class>/") from None
     counts = np.bincount(data.targets, minlength=len(data.classes))
@@ -88,10 +105,11 @@ def _same_classes(train: list, val: list, where) -> None:
 @DATASETS.register("imagefolder")
 def _imagefolder(cfg: DataConfig) -> Source:
     root = _root(cfg, f"{cfg.train_split}/ and {cfg.val_split}/ class folders")
-    train = _image_folder(root, cfg.train_split, "train_split")
-    val = _image_folder(root, cfg.val_split, "val_split")
+    train = _image_folder(root, cfg.train_split, "train_split", cfg.decoder)
+    val = _image_folder(root, cfg.val_split, "val_split", cfg.decoder)
     _same_classes(train.classes, val.classes, root)
-    return Source(train.classes, train.targets, val.targets, 224, True, lambda size: (train, val))
+    return Source(train.classes, train.targets, val.targets, 224, True, lambda size: (train, val),
+                  uint8=cfg.decoder == "torchvision")
 
 
 @DATASETS.register("parquet")
