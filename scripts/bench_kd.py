@@ -276,7 +276,7 @@ def run_floor(storage: Path, teacher: Path, args, say) -> list:
 
     seconds = []
     for i in range(2):
-        mark, t0 = storage / f"floor{i}", time.time()
+        mark, t0 = storage / f"floor{i}.mark", time.time()
         TorchTrainer(_empty_loop, train_loop_config={"mark": str(mark)},
                      scaling_config=ray.train.ScalingConfig(num_workers=1),
                      run_config=ray.train.RunConfig(storage_path=str(storage), name=f"floor{i}")).fit()
