@@ -40,6 +40,7 @@ from torchvision.io import ImageReadMode, decode_jpeg, read_file  # noqa: E402
 
 from kd_ray.data.datasets import make_transform  # noqa: E402
 from kd_ray.data.sources import Source, _load_rgb, _load_uint8  # noqa: E402
+from kd_ray.deploy.bench import cpu_name  # noqa: E402
 from kd_ray.models import build_model  # noqa: E402
 
 SIZE = 224
@@ -173,7 +174,7 @@ def report(args, paths, rates, cpu_step, gpu) -> str:
         f"`python scripts/bench_decode.py --images {args.images} --repeat {args.repeat}`, "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {_cpu_name()}, "
+        f"Machine: {platform.processor() or platform.machine()}, {cpu_name()}, "
         f"{__import__('os').cpu_count()} logical CPUs; torch {torch.__version__}, torchvision "
         f"{torchvision.__version__}, Pillow {Image.__version__}; 1 thread, 1 process.",
         f"Images: {len(paths)} synthetic photo-like JPEGs, quality 90, sizes "
@@ -221,16 +222,6 @@ def _drafted(paths) -> int:
             img.draft("RGB", (SIZE, SIZE))
             count += img.size != full
     return count
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.platform()
 
 
 def main() -> None:

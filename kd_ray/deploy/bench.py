@@ -22,7 +22,7 @@ from kd_ray.deploy.loading import Model, open_model
 def machine_line() -> str:
     import torch  # local: heavy
 
-    parts = [f"{platform.machine()} {_cpu_name()}", f"{os.cpu_count()} logical CPUs",
+    parts = [f"{platform.machine()} {cpu_name()}", f"{os.cpu_count()} logical CPUs",
              f"torch {torch.__version__} ({torch.get_num_threads()} threads)"]
     try:
         import onnxruntime
@@ -35,7 +35,7 @@ def machine_line() -> str:
     return "machine: " + ", ".join(parts)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
