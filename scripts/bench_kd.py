@@ -7,7 +7,7 @@ Each figure is a ratio of two timings taken in this one run (the machine is shar
   B3  8-trial (T, alpha) sweep incl. the cache build / 8 x plain student run     target <= 1.15
       (and the same sweep with the live teacher, for reference)
   B3-ASHA  the same 8 trials with ASHA early stopping (sweep defaults: grace     target <= 0.6
-      1 epoch, factor 4) / 8 x plain student run; both sweeps also print where a
+      1 epoch, factor 2) / 8 x plain student run; both sweeps also print where a
       trial's time goes (Ray start-up, setup, epochs, teardown), next to Ray Train's own
       start-up with an empty train function (--only FLOOR)
   B4  cached-KD epoch images/s / labels-only epoch images/s, the same augmented  target >= 0.97
