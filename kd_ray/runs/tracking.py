@@ -130,8 +130,9 @@ class StageTracker:
 
         run_id = self.run_id()
         step, now = int(row.get("epoch", 0)), int(time.time() * 1000)
+        skip = ("epoch", "perf/loop_started", "perf/setup_seconds")  # runs.files.NOT_SCALARS
         metrics = [Metric(k, float(v), now, step) for k, v in row.items()
-                   if k not in ("epoch", "perf/loop_started") and isinstance(v, (int, float)) and not isinstance(v, bool)]
+                   if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)]
         if metrics:
             self._client.log_batch(run_id, metrics=metrics)
 
