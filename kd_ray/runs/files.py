@@ -18,9 +18,9 @@ METRICS_FILE = "metrics.jsonl"
 FAILURES_FILE = "failures.jsonl"  # one line per failed attempt: time and each rank's error
 SUMMARY_FILE = "summary.json"
 STOP_FILE = ".stop"  # the driver's first Ctrl-C: every rank stops after the epoch's checkpoint
-# Row entries that are not per-epoch curves: the step itself, and an attempt's start (a timestamp
-# and the setup seconds, in its first report only)
-NOT_SCALARS = ("epoch", "epochs", "time", "perf/loop_started", "perf/setup_seconds")
+# In an attempt's first report only (its start and setup time): not per-epoch curves
+ATTEMPT_KEYS = ("perf/loop_started", "perf/setup_seconds")
+NOT_SCALARS = ("epoch", "epochs", "time", *ATTEMPT_KEYS)  # what TensorBoard does not plot
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints it knows
 
 

@@ -128,9 +128,11 @@ class StageTracker:
     def log_epoch(self, row: dict) -> None:
         from mlflow.entities import Metric
 
+        from kd_ray.runs.files import ATTEMPT_KEYS  # local: runs.files loads torch
+
         run_id = self.run_id()
         step, now = int(row.get("epoch", 0)), int(time.time() * 1000)
-        skip = ("epoch", "perf/loop_started", "perf/setup_seconds")  # runs.files.NOT_SCALARS
+        skip = ("epoch", *ATTEMPT_KEYS)
         metrics = [Metric(k, float(v), now, step) for k, v in row.items()
                    if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)]
         if metrics:
