@@ -353,7 +353,7 @@ def main() -> None:
                         "benchmarks/results.md when all of B1-B4 run; none with --quick)")
     args = parser.parse_args()
     from kd_ray.cluster.session import ensure_ray
-    from kd_ray.cluster.tune import DRIVER_CPUS
+    from kd_ray.cluster.tune import driver_cpus
 
     storage = Path(tempfile.mkdtemp(prefix="kd_ray_bench_kd_"))
     torch.manual_seed(0)
@@ -374,8 +374,9 @@ def main() -> None:
     for name, bench in (("B1", run_b1), ("B4", run_b4), ("B2", run_b2), ("FLOOR", run_floor), ("B3", run_b3),
                         ("B3A", run_b3a)):
         if name in only:
-            if name in ("B2", "FLOOR", "B3", "B3A"):  # once, with room for the sweep's trial drivers
-                ensure_ray(make_config(storage, teacher, 64, 1), extra_cpus=DRIVER_CPUS)
+            if name in ("B2", "FLOOR", "B3", "B3A"):  # once, with room for the sweep's trial drivers (if any)
+                cfg = make_config(storage, teacher, 64, 1)
+                ensure_ray(cfg, extra_cpus=driver_cpus(cfg))
             rows += bench(storage, teacher, args, say)
     rows.sort(key=lambda row: row[0].split()[0])  # B1..B4, each with its reference rows
     table = ["| | ratio | value | target | met |", "|---|---|---:|---|---|"]

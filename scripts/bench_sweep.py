@@ -24,7 +24,7 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 from kd_ray.config import Config  # noqa: E402
 from kd_ray.cluster.session import ensure_ray  # noqa: E402
 from kd_ray.cluster.stage import run_stage  # noqa: E402
-from kd_ray.cluster.tune import DRIVER_CPUS, run_sweep, trials_that_fit  # noqa: E402
+from kd_ray.cluster.tune import driver_cpus, run_sweep, trials_that_fit  # noqa: E402
 from kd_ray.runs.files import read_history  # noqa: E402
 from kd_ray.runs.sweep_report import TRIALS_DIR  # noqa: E402
 
@@ -49,7 +49,7 @@ def main() -> None:
                   "scheduler": "asha", "grace_period": 1, "reduction_factor": 2},
     })
     try:
-        ensure_ray(cfg, extra_cpus=DRIVER_CPUS)
+        ensure_ray(cfg, extra_cpus=driver_cpus(cfg))
         teacher = run_stage(cfg, "teacher", name="teacher")
         cfg = cfg.replace(distill={"teacher_path": teacher.summary["teacher_file"]})
 

@@ -73,6 +73,10 @@ def test_a_trial_that_cannot_fit_is_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 9.0})
     assert trials_that_fit(cfg) == 2
     assert trials_that_fit(cfg.replace(sweep={"max_concurrent_trials": 1})) == 1
+    # 1 worker: the trial trains in its own actor, with no driver's share beside it
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    assert trials_that_fit(cfg.replace(run={"num_workers": 1})) == 2
+    assert trials_that_fit(cfg.replace(run={"num_workers": 1}, sweep={"trial_runner": "train"})) == 1
 
 
 def write_history(folder, accs):

@@ -41,13 +41,17 @@ class MetricsCallback(UserCallback):
         return self._writer
 
     def after_report(self, run_context, metrics, checkpoint):
-        if self._written is None:
-            self._written = written_epochs(self.run_dir)
         row = dict(metrics[0])  # rank 0; counters were already summed across ranks
         # Earlier epochs whose report was lost in a restart (a checkpoint written, the worker gone
         # before Ray took the report) come from this checkpoint's history, in order.
+        self.write_rows(row, checkpoint_history(checkpoint))
+
+    def write_rows(self, row: dict, history: list) -> None:
+        """This epoch's report, after the epochs of ``history`` (a checkpoint's) not written yet."""
+        if self._written is None:
+            self._written = written_epochs(self.run_dir)
         current = int(row.get("epoch", 0))
-        lost = [h for h in checkpoint_history(checkpoint) if int(h.get("epoch", 0)) < current]
+        lost = [h for h in history if int(h.get("epoch", 0)) < current]
         for earlier in [*lost, row]:  # the report itself for its own epoch (it has more keys)
             epoch = int(earlier.get("epoch", 0))
             if epoch in self._written:

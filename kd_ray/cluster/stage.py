@@ -165,9 +165,7 @@ def make_trainer(cfg: Config, stage: str, storage: str, name: str, callbacks: li
 
     ``stop_file``: where the driver's first Ctrl-C asks the workers to stop (a stage's own run).
     """
-    loop_config = {"config": cfg.to_dict(), "stage": stage, "run_dir": str(location(storage) / name)}
-    if os.environ.get(FAULTS_ENV):  # the chaos suite's fault plan; never set in user runs
-        loop_config["faults"] = importlib.import_module(FAULTS_MODULE).from_env()
+    loop_config = make_loop_config(cfg, stage, storage, name)
     # Ray's own barrier in ray.train.report waits no longer than the process group does (its
     # controller reads this variable from the driver's environment).
     os.environ["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] = str(cfg.run.collective_timeout_s)
@@ -190,6 +188,14 @@ def make_trainer(cfg: Config, stage: str, storage: str, name: str, callbacks: li
     )
     trainer.stop_file = stop_file
     return trainer
+
+
+def make_loop_config(cfg: Config, stage: str, storage: str, name: str) -> dict:
+    """What worker.train_loop gets: the config, the stage, the run folder (and a chaos plan)."""
+    loop_config = {"config": cfg.to_dict(), "stage": stage, "run_dir": str(location(storage) / name)}
+    if os.environ.get(FAULTS_ENV):  # the chaos suite's fault plan; never set in user runs
+        loop_config["faults"] = importlib.import_module(FAULTS_MODULE).from_env()
+    return loop_config
 
 
 def raise_user_error(exc: Exception) -> None:

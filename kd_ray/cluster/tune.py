@@ -21,6 +21,7 @@ from kd_ray.cluster.cache import resolve_cache
 from kd_ray.cluster.callbacks import MetricsCallback
 from kd_ray.cluster.session import ensure_ray
 from kd_ray.cluster.stage import make_trainer, raise_returned_error, raise_user_error, run_stage
+from kd_ray.cluster.trial import actor_resources, forget_errors, in_actor, train_in_actor, tune_row
 from kd_ray.config import Config, load_config
 from kd_ray.config.sweep import apply_params, planned_trials, space_entry
 from kd_ray.errors import ConfigError, one_line, user_error_in
@@ -58,7 +59,7 @@ def trials_that_fit(cfg: Config) -> int:
     if cfg.run.use_gpu:
         kind, per_trial = "GPU", float(cfg.run.num_workers)
     else:
-        kind, per_trial = "CPU", cfg.run.num_workers * cfg.run.cpus_per_worker + DRIVER_CPUS
+        kind, per_trial = "CPU", cfg.run.num_workers * cfg.run.cpus_per_worker + driver_cpus(cfg)
     have = resources.get(kind, 0.0)
     fits = int(have // per_trial) if per_trial else 0
     if fits < 1:
@@ -67,6 +68,11 @@ def trials_that_fit(cfg: Config) -> int:
                           "run.num_workers or add nodes")
     wanted = cfg.sweep.max_concurrent_trials
     return min(fits, wanted) if wanted else fits
+
+
+def driver_cpus(cfg: Config) -> float:
+    """A Train trial's own driver; none for a 1-worker trial, which trains in its actor."""
+    return 0.0 if in_actor(cfg) else DRIVER_CPUS
 
 
 def run_trial(params: dict, base: dict, sweep_dir: str) -> None:
@@ -81,14 +87,16 @@ def run_trial(params: dict, base: dict, sweep_dir: str) -> None:
     # one line per (re)start of this trial
     append_text(run_dir / STARTS_FILE, f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()}\n")
     append_text(run_dir / TIMING_FILE, json.dumps({"started": started}) + "\n")
-    # metrics.jsonl first: Tune may stop the trial as soon as it hears of the last epoch.
-    callbacks = [MetricsCallback(str(run_dir), tensorboard=False), EpochReportCallback(cfg.sweep.metric)]
     try:
+        if in_actor(cfg):  # no TorchTrainer start (cluster.trial)
+            return train_in_actor(cfg, str(storage), name)
+        # metrics.jsonl first: Tune may stop the trial as soon as it hears of the last epoch.
+        callbacks = [MetricsCallback(str(run_dir), tensorboard=False), EpochReportCallback(cfg.sweep.metric)]
         result = make_trainer(cfg, "distill", str(storage), name, callbacks).fit()
     except ray.train.TrainingFailedError as exc:
         raise_user_error(exc)
         raise
-    finally:  # Tune may stop the trial (ASHA) in fit(): then this line is not written
+    finally:  # Tune may stop a Train trial (ASHA) in fit(): then this line is not written
         append_text(run_dir / TIMING_FILE, json.dumps({"finished": time.time()}) + "\n")
     raise_returned_error(result)  # a NaN loss or bad image stopped every worker (no retry used)
 
@@ -98,24 +106,22 @@ def _trial_dirname(trial) -> str:
 
 
 class EpochReportCallback(TuneReportCallback):
-    """Reports ``timesteps_total = epoch`` (TensorBoard's step is the epoch, also after a resume)
-    and the sweep's metric first (Tune's live table shows the first four metrics)."""
+    """A Train trial's reports to Tune, as cluster.trial.tune_row orders them."""
 
     def __init__(self, metric: str):
         super().__init__()
-        self.first = [metric, "val/top1", "val/loss", "train/loss"]
+        self.metric = metric
 
     def after_report(self, run_context, metrics, checkpoint):
-        row = {k: metrics[0][k] for k in self.first if k in metrics[0]}
-        row.update(metrics[0], timesteps_total=metrics[0].get("epoch"))
-        super().after_report(run_context, [row, *metrics[1:]], checkpoint)
+        super().after_report(run_context, [tune_row(self.metric, metrics[0]), *metrics[1:]], checkpoint)
 
 
 def make_tuner(cfg: Config, sweep_dir, restore: bool = False):
     """The Tuner of a new sweep, or of the interrupted one in ``sweep_dir`` (``restore``)."""
+    direct = in_actor(cfg)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg.to_dict(), sweep_dir=str(sweep_dir)),
-        {"CPU": DRIVER_CPUS},
+        actor_resources(cfg) if direct else {"CPU": DRIVER_CPUS},
     )
     if restore:
         # Finished trials keep their results; unfinished and errored ones run again and
@@ -139,9 +145,12 @@ def make_tuner(cfg: Config, sweep_dir, restore: bool = False):
         tune_config=tune.TuneConfig(
             metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples, scheduler=scheduler,
             search_alg=search_alg, max_concurrent_trials=trials_that_fit(cfg),
-            trial_dirname_creator=_trial_dirname),
-        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep_dir), verbose=1,
-                                  callbacks=[TBXLoggerCallback(), *mlflow_callbacks(cfg)]),
+            trial_dirname_creator=_trial_dirname, reuse_actors=direct),  # torch imported once
+        run_config=tune.RunConfig(
+            name=TUNE_DIR, storage_path=str(sweep_dir), verbose=1,
+            callbacks=[TBXLoggerCallback(), *mlflow_callbacks(cfg)],
+            # A Train trial retries its workers itself; an actor trial is retried by Tune.
+            failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures if direct else 0)),
     )
 
 
@@ -175,7 +184,7 @@ def run_sweep(cfg: Config, train_teacher: bool = False, checked: bool = False):
     if (sweep_dir / TUNE_DIR).exists():
         raise ConfigError(f"{sweep_dir} already holds a sweep: resume it with `kd-ray tune --resume "
                           f"{sweep_dir}`, or pick another run.name")
-    ensure_ray(cfg, extra_cpus=DRIVER_CPUS)
+    ensure_ray(cfg, extra_cpus=driver_cpus(cfg))
     trials_that_fit(cfg)  # a trial too big for the cluster fails now, not after the teacher
     if train_teacher:
         teacher = run_stage(cfg, "teacher", storage=str(sweep_dir), name="teacher")
@@ -197,8 +206,9 @@ def resume_sweep(sweep_dir) -> tuple:
     cfg = load_config(sweep_dir / SWEEP_FILE)
     if cfg.run.tracker == "mlflow":  # Tune restores its MLflow logger with the sweep's state
         allow_file_store(tracking_uri(cfg))
-    ensure_ray(cfg, extra_cpus=DRIVER_CPUS)
+    ensure_ray(cfg, extra_cpus=driver_cpus(cfg))
     resolve_cache(cfg, sweep_dir / "teacher_cache")  # still there and matching (or rebuilt)
+    forget_errors(sweep_dir / TRIALS_DIR)
     states = trial_states(sweep_dir)
     done = sum(status == "TERMINATED" for status in states.values())
     log.info(f"resuming sweep {sweep_dir}: {done} of {planned_trials(cfg.sweep)} trials finished and "

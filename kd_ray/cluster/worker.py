@@ -63,18 +63,37 @@ def _quiet_ray_train(level: str) -> None:
     logging.getLogger(context.__file__).setLevel(level)
 
 
+class TrainSession:
+    """A Ray Train worker's side of the loop: rank and device from Train, DDP, reports to Train
+    (a 1-worker sweep trial uses cluster.trial.TrialSession instead)."""
+
+    def __init__(self):
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare(self, model):
+        return ray.train.torch.prepare_model(model)  # DDP when world > 1
+
+    def report(self, metrics: dict, state: dict | None, run_dir, history: list) -> None:
+        _report(metrics, state, run_dir, history)
+
+
 def train_loop_per_worker(loop_config: dict) -> dict | None:
+    """What Ray Train runs on every rank."""
+    return train_loop(loop_config, TrainSession())
+
+
+def train_loop(loop_config: dict, session) -> dict | None:
     """Train the stage; returns None, or the KdRayError that stopped every rank (for the driver)."""
     entered = time.time()
     cfg = Config.from_dict(loop_config["config"])
     stage = loop_config["stage"]
     _quiet_ray_train(cfg.run.ray_log_level)
     torch.set_num_threads(cfg.run.threads_per_worker)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world, device = session.rank, session.world, session.device
     kd_log.configure(logging.INFO if rank == 0 else logging.ERROR)  # one rank speaks for all
     torch.manual_seed(cfg.run.seed + rank)
-    device = ray.train.torch.get_device()
     amp = cfg.run.bf16 and device.type == "cuda"
     nhwc = cfg.run.channels_last and device.type == "cuda"
     fmt = torch.channels_last if nhwc else torch.preserve_format
@@ -102,7 +121,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     if teacher is not None:
         teacher = teacher.to(device, memory_format=fmt)
     step = TrainStep(student, method).to(memory_format=fmt)
-    step = ray.train.torch.prepare_model(step)  # DDP (student + the method's extras) when world > 1
+    step = session.prepare(step)  # DDP (student + the method's extras) when world > 1
     unwrapped = step.module if hasattr(step, "module") else step
     epochs = stage_epochs(cfg, stage)
     optimizer, scheduler = build_optimizer(step, cfg.optim, len(train_loader), epochs)
@@ -157,7 +176,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                 "epoch": epoch + 1, "stage": stage, "arch": arch, "classes": bundle.classes,
                 "image_size": bundle.image_size, "norm": bundle.norm, "config": cfg.to_dict(),
             }
-            _report({**metrics, **setup}, state if rank == 0 else None, run_dir, history)
+            session.report({**metrics, **setup}, state if rank == 0 else None, run_dir, history)
             setup = {}  # the first report's only (not in the checkpoint's history)
             if epoch + 1 < epochs and stop_requested(run_dir, device, world):
                 log.info(f"stopping after epoch {epoch + 1} (Ctrl-C on the driver); checkpoint written")
