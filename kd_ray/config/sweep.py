@@ -26,7 +26,8 @@ class SweepConfig:
     reduction_factor: float = 2.0
     """ASHA keeps the best 1/factor of the trials at each rung (epochs grace_period x factor^k).
     Ray's default 4 did not stop more here: with 2 trials at a time, asynchronous promotion let
-    the 8-trial bench sweep train 63 of 96 epochs with 4 and 56 of 104 with 2 (bench_kd B3-ASHA)."""
+    the 8-trial bench sweep train 63 of 96 epochs with 4 and 56 of 104 with 2 (bench_kd B3-ASHA).
+    Ties pass a rung: a metric that saturates (100% top-1) stops nothing; val/loss still ranks."""
     metric: str = "val/top1"
     mode: str = "max"
     seed: int = 0
