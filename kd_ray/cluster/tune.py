@@ -2,7 +2,8 @@
 
 Train V2 pattern: the Tune trainable is a small driver (0.01 CPU) that builds the stage's
 ``TorchTrainer`` (stage.make_trainer) with ``TuneReportCallback``; the trial's Train run is
-``<sweep>/trials/trial-<id>``, so a rerun trial resumes from its own checkpoints.
+``<sweep>/trials/trial-<id>``, so a rerun trial resumes from its own checkpoints. A 1-worker
+trial skips the TorchTrainer and trains in its Tune actor (cluster.trial).
 """
 from __future__ import annotations
 
