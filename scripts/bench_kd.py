@@ -211,9 +211,9 @@ def breakdown(sweep: dict) -> str:
 def machine() -> str:
     import ray
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return (f"{os.cpu_count()} CPU cores ({cpu}), {platform.system()} {platform.release()}, "
+    from kd_ray.deploy.bench import cpu_name
+
+    return (f"{os.cpu_count()} CPU cores ({cpu_name()}), {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}")
 
 
@@ -293,18 +293,19 @@ def run_b3a(storage: Path, teacher: Path, args, say) -> list:
     """ASHA on val/loss: on this synthetic data most trials reach 100% val/top1 within a few
     epochs, and ASHA lets every tie through its rungs; the top-1 sweep is the reference row."""
     cfg, plain = b3_plain(storage, teacher, args, say)
+    sweeps = [("B3-ASHA", "val/loss", "min", "b3-asha")]
+    if not args.skip_top1:
+        sweeps.append(("B3-ASHA ref", "val/top1", "max", "b3-asha-top1"))
     rows = []
-    for metric, mode, key in (("val/loss", "min", "B3-ASHA"), ("val/top1", "max", "B3-ASHA ref")):
-        if key != "B3-ASHA" and args.skip_top1:
-            continue
-        asha = b3_sweep(cfg.replace(sweep={"scheduler": "asha", "metric": metric, "mode": mode}),
-                        "b3-asha" if key == "B3-ASHA" else "b3-asha-top1")
+    for key, metric, mode, name in sweeps:
+        asha = b3_sweep(cfg.replace(sweep={"scheduler": "asha", "metric": metric, "mode": mode}), name)
         asha["epochs"] = cfg.optim.epochs
         ratio = asha["wall"] / (8 * plain["wall"])
         say(f"{key} cached sweep with ASHA on {metric} (grace {cfg.sweep.grace_period}, factor "
             f"{cfg.sweep.reduction_factor:g}; cache build included): {asha['wall']:.1f}s; {breakdown(asha)}")
-        rows.append((key, f"cached ASHA sweep ({metric}) / 8 x plain run", ratio, "<= 0.6" if key == "B3-ASHA"
-                     else "-", ratio <= 0.6 if key == "B3-ASHA" else None))
+        target = key == "B3-ASHA"
+        rows.append((key, f"cached ASHA sweep ({metric}) / 8 x plain run", ratio, "<= 0.6" if target else "-",
+                     ratio <= 0.6 if target else None))
     return rows
 
 

@@ -76,7 +76,23 @@ class TrainSession:
         return ray.train.torch.prepare_model(model)  # DDP when world > 1
 
     def report(self, metrics: dict, state: dict | None, run_dir, history: list) -> None:
-        _report(metrics, state, run_dir, history)
+        """Every rank reports (it is a barrier); rank 0 first writes the checkpoint where it stays.
+
+        On object storage rank 0 writes the folder here and Ray's own upload copies it into the run
+        (an upload cut short leaves a folder that fails its checks and is skipped on resume).
+        """
+        if state is None:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        if is_uri(run_dir):
+            with tempfile.TemporaryDirectory() as local:
+                folder = checkpoints.save(local, state, history)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                                 checkpoint_dir_name=folder.name)
+            return
+        folder = checkpoints.save(run_dir, state, history)  # atomic: whole folder or none
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint(str(folder)),
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
 
 
 def train_loop_per_worker(loop_config: dict) -> dict | None:
@@ -216,23 +232,3 @@ def shared_error(exc: KdRayError, world: int) -> dict:
         dist.all_gather_object(errors, mine)
     rank, payload = next(((r, e) for r, e in enumerate(errors) if e), (0, to_payload(exc)))
     return {**payload, "message": f"{payload['message']} (rank {rank})"}
-
-
-def _report(metrics: dict, state: dict | None, run_dir, history: list) -> None:
-    """Every rank reports (it is a barrier); rank 0 first writes the checkpoint where it stays.
-
-    On object storage rank 0 writes the folder here and Ray's own upload copies it into the run
-    (an upload cut short leaves a folder that fails its checks and is skipped on resume).
-    """
-    if state is None:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    if is_uri(run_dir):
-        with tempfile.TemporaryDirectory() as local:
-            folder = checkpoints.save(local, state, history)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-                             checkpoint_dir_name=folder.name)
-        return
-    folder = checkpoints.save(run_dir, state, history)  # atomic: whole folder or none
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint(str(folder)),
-                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
