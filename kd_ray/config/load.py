@@ -16,8 +16,8 @@ import yaml
 
 from kd_ray.config.args_file import read_args_file
 from kd_ray.storage import location
-from kd_ray.config.sections import (PATH_KEYS, RUN_SECTIONS, DataConfig, DistillConfig, ModelConfig,
-                                    OptimConfig, RunConfig)
+from kd_ray.config.sections import (PATH_KEYS, RUN_SECTIONS, DataConfig, DistillConfig, GuardConfig,
+                                    ModelConfig, OptimConfig, RunConfig)
 from kd_ray.config.sweep import SweepConfig
 from kd_ray.errors import ConfigError
 
@@ -36,6 +36,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict:

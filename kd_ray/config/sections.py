@@ -20,7 +20,15 @@ class DataConfig:
     root: Optional[str] = None
     """Folder holding the splits (imagefolder: class folders; parquet: <split>.parquet or <split>/ shards)."""
     train_split: str = "train"
+    """Image folders and Parquet: the split trained on (<root>/<train_split>/ or .parquet)."""
     val_split: str = "val"
+    """The split every choice is made on (epochs' metrics, sweeps, `auto`'s search)."""
+    test_split: str = "test"
+    """Image folders and Parquet: a split read once, after the last epoch, for test metrics; used
+    when <root>/<test_split> exists. Never read by training, the teacher cache or selection."""
+    test_fraction: float = 0.0
+    """Hold out this share of the training images as the test split (stratified, seeded by
+    data.split_seed, taken before data.labels_per_class) when the data has no test split; 0 = none."""
     image_size: Optional[int] = None
     """Side in pixels fed to the model; None = the dataset's default (224 for image folders)."""
     num_classes: Optional[int] = None
@@ -30,6 +38,7 @@ class DataConfig:
     val_fraction: float = 0.2
     """Held-out fraction for datasets without a val split (mnist5k, digits)."""
     split_seed: int = 0
+    """Seed of the val/test hold-outs of datasets without such splits, and of the cached views."""
     augment: bool = False
     """Random crop + flip on training images."""
     loader_workers: int = 0
@@ -45,6 +54,8 @@ class DataConfig:
         positive(self, "num_classes", allow_none=True)
         positive(self, "labels_per_class", allow_none=True)
         positive(self, "synthetic_size")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ConfigError(f"data.test_fraction must be in [0, 1), got {self.test_fraction}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.loader_workers < 0:
@@ -86,7 +97,9 @@ class DistillConfig:
     method_params: dict = field(default_factory=dict)
     """Per-method settings for `kd-ray compare` ({dkd: {beta: 2}, at: {...}}): each method of
     --methods runs with its entry (distill.params still go to distill.loss, over its entry)."""
-    temperature: float = 4.0
+    temperature: Optional[float] = None
+    """Softening temperature T; None = each method's own default (kd, dkd, fitnets, at: 4; dist:
+    4; kd with params.standardize: 2). A value set here applies to every method of the run."""
     alpha: float = 0.9
     """Weight of the distillation term; 1 - alpha goes to cross-entropy on labels."""
     teacher_path: Union[str, list, None] = None
@@ -119,7 +132,7 @@ class DistillConfig:
             raise ConfigError("distill.teacher_cache must be auto, off or a folder")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"distill.alpha must be in [0, 1], got {self.alpha}")
-        if not self.temperature > 0:
+        if self.temperature is not None and not self.temperature > 0:
             raise ConfigError(f"distill.temperature must be > 0, got {self.temperature}")
         paths = teacher_files(self)
         if not all(isinstance(p, str) and p for p in paths):
@@ -149,8 +162,11 @@ class OptimConfig:
     name: str = "sgd"
     """sgd or adamw."""
     lr: float = 0.05
+    """Peak learning rate (after warm-up), for the global batch."""
     momentum: float = 0.9
+    """SGD momentum (sgd only)."""
     weight_decay: float = 5e-4
+    """L2 weight decay (decoupled for adamw)."""
     epochs: int = 10
     teacher_epochs: Optional[int] = None
     """Epochs for the teacher stage; None = epochs. Read only when a teacher is trained (an
@@ -159,12 +175,16 @@ class OptimConfig:
     """Global batch size, split evenly over the Ray workers."""
     schedule: str = "cosine"
     """cosine, step or none (stepped every iteration)."""
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 1.0
+    """Epochs of linear learning-rate warm-up from 0 (fractions allowed); 0 = none. A distilled
+    student's first steps see the teacher's loss at full lr without it (README: Defaults)."""
     step_size: int = 30
     """Epochs between decays of the step schedule."""
     gamma: float = 0.1
-    clip_grad_norm: Optional[float] = None
-    """Clip the gradients' global L2 norm to this before each step (None = no clipping)."""
+    """Factor of each decay of the step schedule."""
+    clip_grad_norm: Optional[float] = 5.0
+    """Clip the gradients' global L2 norm to this before each step; null = no clipping. Without
+    it dkd and dist collapsed to one class on data nobody tuned them on (README: Defaults)."""
 
     def __post_init__(self):
         if self.name not in ("sgd", "adamw"):
@@ -193,9 +213,13 @@ class RunConfig:
     num_workers: int = 2
     """Ray Train workers (DDP ranks)."""
     use_gpu: bool = False
+    """One GPU per worker (NCCL); CPU workers use gloo."""
     cpus_per_worker: float = 1.0
+    """CPUs Ray reserves for each worker."""
     threads_per_worker: int = 1
+    """torch threads in each worker (1 keeps 2+ workers from fighting over cores)."""
     seed: int = 0
+    """Seed of a single stage run: initial weights, data order, the labelled subset."""
     seeds: list = field(default_factory=lambda: [0])
     """Seeds the pipeline runs the students with (mean and spread are reported)."""
     max_failures: int = 3
@@ -249,6 +273,25 @@ class RunConfig:
                               "long; a folder name may have at most 200 (room for -2, -3 ...): shorten it")
 
 
+@dataclass
+class GuardConfig:
+    collapse_share: Optional[float] = 0.95
+    """Stop a run whose student puts at least this share of the validation images in one class
+    for guard.collapse_epochs epochs in a row (a collapsed student); null = never."""
+    collapse_epochs: int = 2
+    """Epochs in a row the collapse must last before the run stops."""
+    loss_growth: Optional[float] = 10.0
+    """Stop a run whose epoch training loss grows past this multiple of its first epoch's (a
+    diverging student); null = never. A non-finite loss always stops the run."""
+
+    def __post_init__(self):
+        positive(self, "collapse_epochs")
+        if self.collapse_share is not None and not 0.0 < self.collapse_share <= 1.0:
+            raise ConfigError(f"guard.collapse_share must be in (0, 1] (or null), got {self.collapse_share}")
+        if self.loss_growth is not None and not self.loss_growth > 1.0:
+            raise ConfigError(f"guard.loss_growth must be > 1 (or null), got {self.loss_growth}")
+
+
 PATH_KEYS = [("data", "root"), ("model", "teacher_pretrained"), ("model", "student_pretrained"),
              ("distill", "teacher_path"), ("run", "storage")]
 
@@ -259,6 +302,7 @@ RUN_SECTIONS = {
     "distill": DistillConfig,
     "optim": OptimConfig,
     "run": RunConfig,
+    "guard": GuardConfig,
 }
 
 

@@ -40,11 +40,18 @@ class Distiller(nn.Module):
     ``teacher_layers``), or None (labels only: no teacher is loaded)."""
     Params: ClassVar[Optional[type]] = None
     """A dataclass of the method's settings, filled from ``distill.params`` and checked there."""
+    default_temperature: ClassVar[Optional[float]] = None
+    """The temperature used when ``distill.temperature`` is unset (None: the method uses none)."""
 
     def __init__(self, cfg, params=None):
         super().__init__()
         self.cfg = cfg  # the distill config section: temperature, alpha, ...
         self.params = params
+
+    @property
+    def temperature(self) -> Optional[float]:
+        """``distill.temperature``, or this method's default when it is unset."""
+        return temperature_of(self.cfg, self.default_temperature)
 
     @property
     def student_layers(self) -> tuple:
@@ -68,6 +75,12 @@ class Distiller(nn.Module):
         """``forward`` for logits alone (tests, simple callers)."""
         teacher = None if teacher_logits is None else Outputs(teacher_logits)
         return self(Outputs(student_logits), teacher, labels, epoch)
+
+
+def temperature_of(cfg, default: Optional[float] = 4.0) -> Optional[float]:
+    """``cfg.temperature`` (a distill section) when set, else ``default``."""
+    value = getattr(cfg, "temperature", None)
+    return default if value is None else float(value)
 
 
 class LossFunction(Distiller):

@@ -89,6 +89,7 @@ class FitNets(Distiller):
 
     teacher = "features"
     Params = FitNetsParams
+    default_temperature = 4.0  # of its kd term
 
     @property
     def student_layers(self):
@@ -171,6 +172,7 @@ class AttentionTransfer(Distiller):
 
     teacher = "features"
     Params = ATParams
+    default_temperature = 4.0  # of its kd term
 
     @property
     def student_layers(self):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_ray.errors import ConfigError
-from kd_ray.methods.base import METHODS, Distiller
+from kd_ray.methods.base import METHODS, Distiller, temperature_of
 
 
 def as_float(x: torch.Tensor) -> torch.Tensor:
@@ -71,10 +71,10 @@ def soft_kl(s: torch.Tensor, t: torch.Tensor, temp: float) -> torch.Tensor:
 
 def hinton_kd(student, teacher, labels, cfg, name: str = "kd", std: bool = False) -> dict:
     """alpha * T^2 * KL over all items + (1 - alpha) * CE over labelled ones (also the logit term
-    of the feature methods)."""
+    of the feature methods). T: distill.temperature, else 4 (2 with ``std``, the authors' value)."""
     s = as_float(student.logits)
     t = teacher_logits(s, teacher, name)
-    temp, alpha = float(cfg.temperature), float(cfg.alpha)
+    temp, alpha = temperature_of(cfg, 2.0 if std else 4.0), float(cfg.alpha)
     kd = soft_kl(standardize(s), standardize(t), temp) if std else soft_kl(s, t, temp)
     ce = cross_entropy(s, labels)
     loss = alpha * kd + (1.0 - alpha) * ce
@@ -93,6 +93,11 @@ class HintonKD(Distiller):
     """alpha * T^2 * KL(p_t || p_s) over all items + (1 - alpha) * CE over labelled ones."""
 
     Params = KDParams
+    default_temperature = 4.0
+
+    @property
+    def temperature(self):
+        return temperature_of(self.cfg, 2.0 if self.params and self.params.standardize else 4.0)
 
     def forward(self, student, teacher, labels, epoch):
         return hinton_kd(student, teacher, labels, self.cfg, "kd", bool(self.params and self.params.standardize))
@@ -162,6 +167,7 @@ class DecoupledKD(Distiller):
     (alpha * TCKD + beta * NCKD). On an unlabelled item the target class is the teacher's argmax."""
 
     Params = DKDParams
+    default_temperature = 4.0
 
     def forward(self, student, teacher, labels, epoch):
         p = self.params or DKDParams()
@@ -172,7 +178,7 @@ class DecoupledKD(Distiller):
             s_soft, t_soft = standardize(s), standardize(t)
         else:
             s_soft, t_soft = s, t
-        tckd, nckd = dkd_terms(s_soft, t_soft, target, float(self.cfg.temperature))
+        tckd, nckd = dkd_terms(s_soft, t_soft, target, self.temperature)
         warm = min(epoch / p.warmup, 1.0) if p.warmup else 1.0
         ce = cross_entropy(s, labels)
         loss = p.ce_weight * ce + warm * (p.alpha * tckd + p.beta * nckd)
@@ -205,12 +211,13 @@ class DIST(Distiller):
     correlations of softmax(logits / T) across classes (inter) and across the batch (intra)."""
 
     Params = DISTParams
+    default_temperature = 4.0
 
     def forward(self, student, teacher, labels, epoch):
         p = self.params or DISTParams()
         s = as_float(student.logits)
         t = teacher_logits(s, teacher, "dist")
-        temp = float(self.cfg.temperature)
+        temp = self.temperature
         y_s, y_t = F.softmax(s / temp, dim=1), F.softmax(t / temp, dim=1)
         inter = pearson_loss(y_s, y_t) * temp * temp
         intra = pearson_loss(y_s.t(), y_t.t()) * temp * temp

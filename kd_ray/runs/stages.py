@@ -234,4 +234,5 @@ def describe_setup(cfg: Config) -> str:
     chain = "".join(f" -> {a}" for a in cfg.model.assistants)
     return (f"dataset {cfg.data.name}; {teacher}{chain and f' (assistants{chain})'}; "
             f"student {cfg.model.student} with {labels}; loss {cfg.distill.loss} "
-            f"(T={cfg.distill.temperature}, alpha={cfg.distill.alpha}); seeds {cfg.run.seeds}")
+            f"(T={cfg.distill.temperature or 'the method default'}, alpha={cfg.distill.alpha}); "
+            f"seeds {cfg.run.seeds}")

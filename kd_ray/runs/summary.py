@@ -9,6 +9,7 @@ from pathlib import Path
 from kd_ray.config import Config
 from kd_ray.engine import checkpoints
 from kd_ray.errors import RunFailedError
+from kd_ray.methods import build_method
 from kd_ray.models import build_model, count_params, export_teacher
 from kd_ray.runs.files import SUMMARY_FILE, read_history
 from kd_ray.storage import location
@@ -40,7 +41,7 @@ def summarize(cfg: Config, stage: str, run_dir: Path, last_metrics: dict | None 
         "checkpoint": str(folder),
     }
     if stage == "distill":
-        summary.update(loss=cfg.distill.loss, temperature=cfg.distill.temperature,
+        summary.update(loss=cfg.distill.loss, temperature=build_method(cfg.distill).temperature,
                        alpha=cfg.distill.alpha, teacher=cfg.distill.teacher_path,
                        teacher_weights=cfg.distill.teacher_weights,
                        teacher_cache=cfg.distill.teacher_cache)  # the folder read, or "off"
