@@ -13,8 +13,8 @@ from pathlib import Path
 from kd_ray import log as kd_log
 from kd_ray.config import demo_config, load_config, read_args_file
 from kd_ray.config.checks import check_machine, check_paths
-from kd_ray.errors import (KdRayError, RayStartError, RunFailedError, RunInterrupted, TeacherError,
-                           one_line, user_error_in)
+from kd_ray.errors import (KdRayError, RayStartError, RunFailedError, RunInterrupted, RunsFailedError,
+                           TeacherError, one_line, user_error_in)
 from kd_ray.runs.lock import RunLock, fresh_name
 from kd_ray.storage import location, storage_root
 
@@ -263,7 +263,11 @@ def run(args) -> int:
             check_pipeline(cfg, *stages, methods)
             from kd_ray.cluster.pipeline import run_pipeline  # local: heavy, see above
 
-            root, table = run_pipeline(cfg, *stages, checked=True, methods=methods)
+            try:
+                root, table = run_pipeline(cfg, *stages, checked=True, methods=methods)
+            except RunsFailedError as exc:  # the others finished: their table first, then the error
+                print(f"\nResults ({exc.root}):\n{exc.table}", flush=True)
+                raise
         print(f"\nResults ({root}):\n{table}", flush=True)
         return 0
     if args.command == "report":

@@ -34,12 +34,25 @@ class NonFiniteLossError(KdRayError):
     """Loss became NaN or inf; raised with the epoch and step."""
 
 
+class CollapseError(KdRayError):
+    """The student collapsed (one class predicted for nearly everything) or its loss diverged."""
+
+
 class PeerFailedError(KdRayError):
     """Another rank hit one of the errors above; this rank stops at the same step."""
 
 
 class InUseError(KdRayError):
     """Another kd-ray driver owns this run or sweep folder (runs.lock)."""
+
+
+class RunsFailedError(KdRayError):
+    """Some runs of a pipeline or comparison failed; the others finished and the tables were
+    written (``table``, in ``root``)."""
+
+    def __init__(self, message: str, root=None, table: str = ""):
+        super().__init__(message)
+        self.root, self.table = root, table
 
 
 class RunInterrupted(Exception):
@@ -56,7 +69,8 @@ class RunFailedError(RuntimeError):
 
 # The errors that may cross a process boundary as a worker's return value (see ``to_payload``).
 CROSSING = {cls.__name__: cls for cls in
-            (KdRayError, ConfigError, DataError, TeacherError, NonFiniteLossError, PeerFailedError)}
+            (KdRayError, ConfigError, DataError, TeacherError, NonFiniteLossError, CollapseError,
+              PeerFailedError)}
 
 
 def one_line(error: BaseException) -> str:

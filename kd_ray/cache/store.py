@@ -61,6 +61,8 @@ def _data_facts(cfg: Config) -> tuple[str, int, int]:
     labels = np.asarray(src.train_labels, dtype=np.int64)
     parts = [d.name, d.root, d.train_split, d.split_seed, d.val_fraction, d.synthetic_size,
              src.classes, hashlib.sha256(labels.tobytes()).hexdigest()]
+    if d.test_fraction and src.open_test is None:  # held-out test images leave the transfer set
+        parts.append(["test_fraction", d.test_fraction])
     raw_train, _ = src.open(d.image_size or src.image_size)
     if hasattr(raw_train, "samples"):  # ImageFolder: the files, in order
         parts.append([str(Path(p).relative_to(d.root)) for p, _ in raw_train.samples])

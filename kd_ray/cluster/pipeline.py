@@ -11,12 +11,14 @@ from pathlib import Path
 
 from kd_ray.cluster.stage import run_stage
 from kd_ray.config import Config
+from kd_ray.errors import KdRayError, RunFailedError, RunsFailedError, one_line
 from kd_ray.log import get
 from kd_ray.runs.methods_table import write_methods_table
 from kd_ray.runs.report import find_runs, write_report
 from kd_ray.runs.stages import (assistant_config, check_pipeline, describe_setup, distill_run_name,
                                 method_config, method_label)
-from kd_ray.runs.summary import export_assistant, update_summary
+from kd_ray.runs.summary import (clear_failure, export_assistant, failed_runs, record_failure,
+                                update_summary)
 from kd_ray.runs.tracking import log_comparison
 from kd_ray.storage import location, storage_root
 
@@ -45,35 +47,62 @@ def run_pipeline(cfg: Config, train_teacher: bool = True, distill: bool = True,
     dirs = [root / "teacher"] if (root / "teacher" / "summary.json").exists() else []
     chain = run_assistants(top, root) if distill else []
     dirs += chain
+    attempt = Attempts(root)
     for seed in cfg.run.seeds:
         seeded = top.replace(run={"seed": seed})
-        dirs.append(run_stage(seeded, "student", storage=str(root), name=f"student-seed{seed}").run_dir)
+        attempt(seeded, "student", f"student-seed{seed}", "student, labels only")
         if not distill:
             continue
         for method in methods:
-            name = distill_run_name(cfg, method, seed)
-            run_dir = run_stage(method_config(seeded, method), "distill", storage=str(root), name=name).run_dir
-            update_summary(run_dir, label=method_label(cfg, method, compare))
-            dirs.append(run_dir)
+            attempt(method_config(seeded, method), "distill", distill_run_name(cfg, method, seed),
+                    method_label(cfg, method, compare))
         if chain:  # the student distilled from the last assistant
             via = seeded.replace(distill={"teacher_path": str(export_assistant(chain[-1])),
                                           "teacher_weights": None,
                                           "teacher_cache": chain_cache(cfg, chain[-1])})
-            run_dir = run_stage(via, "distill", storage=str(root), name=f"distill-ta-seed{seed}").run_dir
-            update_summary(run_dir, label=f"student, distilled via {' -> '.join(cfg.model.assistants)}")
-            dirs.append(run_dir)
+            attempt(via, "distill", f"distill-ta-seed{seed}",
+                    f"student, distilled via {' -> '.join(cfg.model.assistants)}")
+    dirs += attempt.done
     runs = find_runs(dirs)
-    table = write_report(root, runs)
+    failed = failed_runs(attempt.failed)
+    table = write_report(root, runs, failed=failed)
     if compare:
-        methods_table = write_methods_table(root, runs, top)
+        methods_table = write_methods_table(root, runs, top, failed)
         table = f"{table}\n\nMethods ({root}/methods.md):\n{methods_table}"
     log_comparison(cfg, root, ["comparison.md", "comparison.csv", "methods.md", "methods.csv",
                                "accuracy.png", "tradeoff.png"])
     minutes = (time.perf_counter() - started) / 60
+    if attempt.failed:
+        names = "; ".join(f"{d.name}: {one_line(e)}" for d, e in attempt.failed.items())
+        raise RunsFailedError(f"{len(attempt.failed)} run(s) failed ({names}); every other run "
+                              f"finished and the table marks them; rerun the same command to retry only "
+                              f"the failed ones", root=root, table=table)
     log.info(f"pipeline finished in {minutes:.1f} min; comparison in {root}/comparison.md, "
              f"plots in {root}/accuracy.png and {root}/tradeoff.png (accuracy against CPU latency), "
              f"TensorBoard: tensorboard --logdir {root}")
     return root, table
+
+
+class Attempts:
+    """Runs of a comparison, each on its own: one that fails is recorded (failed.json in its
+    folder, a marked row in the tables) and the others still train. A rerun retries only the
+    failed ones: finished runs are found finished and not trained again."""
+
+    def __init__(self, root: Path):
+        self.root, self.done, self.failed = root, [], {}
+
+    def __call__(self, cfg: Config, stage: str, name: str, label: str) -> None:
+        run_dir = self.root / name
+        clear_failure(run_dir)
+        try:
+            result = run_stage(cfg, stage, storage=str(self.root), name=name)
+        except (KdRayError, RunFailedError) as exc:
+            log.error(f"{name} failed: {one_line(exc)}; the other runs go on")
+            record_failure(run_dir, stage=stage, label=label, seed=cfg.run.seed, error=one_line(exc))
+            self.failed[run_dir] = exc
+            return
+        update_summary(result.run_dir, label=label)
+        self.done.append(result.run_dir)
 
 
 def run_assistants(cfg: Config, root: Path) -> list[Path]:

@@ -16,8 +16,9 @@ from kd_ray.cache import load as load_cache
 from kd_ray.config import Config, teacher_files
 from kd_ray.data import build_data
 from kd_ray.data.views import CachedViews
-from kd_ray.engine import (StepProgress, all_sum, build_optimizer, checkpoints, epoch_metrics, evaluate,
-                           make_loaders, stop_together, train_one_epoch)
+from kd_ray.engine import (StepProgress, all_sum, build_optimizer, check_collapse, checkpoints,
+                           epoch_metrics, evaluate, make_loaders, shard_loader, split_metrics,
+                           stop_together, train_one_epoch)
 from kd_ray.errors import KdRayError, PeerFailedError, to_payload
 from kd_ray.methods import TrainStep, build_method
 from kd_ray.models import build_model, load_teachers
@@ -176,15 +177,14 @@ def train_loop(loop_config: dict, session) -> dict | None:
             )
             if steps_writer is not None:
                 steps_writer.flush()
-            try:
-                val_sums, error = evaluate(unwrapped.student, val_loader, device=device, amp=amp,
-                                           channels_last=nhwc), None
-            except KdRayError as exc:  # a corrupt val image: stop with the other ranks
-                val_sums, error = None, exc
-            stop_together(error, device)
-            metrics = epoch_metrics(all_sum(train_sums, device), all_sum(val_sums, device),
-                                    bundle.num_classes)
+            evaluation = dict(device=device, amp=amp, channels_last=nhwc, num_classes=bundle.num_classes)
+            val_sums = evaluate_together(unwrapped.student, val_loader, evaluation)
+            metrics = epoch_metrics(all_sum(train_sums, device), val_sums, bundle.num_classes)
             metrics.update(epoch=epoch + 1, epochs=epochs, lr=optimizer.param_groups[0]["lr"])
+            if epoch + 1 == epochs and bundle.test is not None:  # the test split: read once, here
+                test_loader = shard_loader(bundle.test, rank, world, val_loader.batch_size)
+                metrics.update(split_metrics(evaluate_together(unwrapped.student, test_loader, evaluation),
+                                             bundle.num_classes, "test"))
             history.append(metrics)
             state = {
                 "model": unwrapped.student.state_dict(), "method": unwrapped.method.state_dict(),
@@ -194,6 +194,8 @@ def train_loop(loop_config: dict, session) -> dict | None:
             }
             session.report({**metrics, **setup}, state if rank == 0 else None, run_dir, history)
             setup = {}  # the first report's only (not in the checkpoint's history)
+            # After the checkpoint: a collapsed run keeps its epochs, and all ranks stop alike.
+            check_collapse(history, cfg.guard, method=stage_method(cfg, stage), optim=cfg.optim)
             if epoch + 1 < epochs and stop_requested(run_dir, device, world):
                 log.info(f"stopping after epoch {epoch + 1} (Ctrl-C on the driver); checkpoint written")
                 break
@@ -202,6 +204,16 @@ def train_loop(loop_config: dict, session) -> dict | None:
         # error as the return value uses no Ray retry: a retry would fail the same way.
         return shared_error(exc, world)
     return None
+
+
+def evaluate_together(model, loader, evaluation: dict) -> dict:
+    """``evaluate`` on this rank's share, summed over ranks; a corrupt image stops every rank."""
+    try:
+        sums, error = evaluate(model, loader, **evaluation), None
+    except KdRayError as exc:
+        sums, error = None, exc
+    stop_together(error, evaluation["device"])
+    return all_sum(sums, evaluation["device"])
 
 
 def step_writer(run_dir, rank: int):

@@ -6,6 +6,7 @@ and the teacher/student/distill label policy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -36,6 +37,8 @@ class DataBundle:
     image_size: int
     norm: tuple = HALF_NORM
     """(mean, std) the images were normalised with."""
+    test: Optional[Dataset] = None
+    """The test split (read once, after the last epoch), or None."""
 
     @property
     def num_classes(self) -> int:
@@ -49,6 +52,7 @@ class DataInfo:
     train_count: int
     val_count: int
     norm: tuple = HALF_NORM
+    test_count: int = 0
 
 
 class View(Dataset):
@@ -139,13 +143,33 @@ def load_source(cfg: DataConfig) -> Source:
     return src
 
 
+def test_holdout(src: Source, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices kept, test indices): ``data.test_fraction`` of the training images,
+    stratified and seeded by ``data.split_seed``, when the source has no test split of its own."""
+    n = len(src.train_labels)
+    every = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+    if src.open_test is not None or not cfg.test_fraction:
+        return every, every[:0]
+    from sklearn.model_selection import train_test_split  # local: sklearn is slow to import
+
+    try:
+        keep, test = train_test_split(every, test_size=cfg.test_fraction, random_state=cfg.split_seed,
+                                      stratify=np.asarray(src.train_labels))
+    except ValueError as exc:  # a class with a single image cannot be split
+        raise DataError(f"data.test_fraction={cfg.test_fraction} cannot hold out a stratified test "
+                        f"split: {exc}; lower data.test_fraction or add a test split folder") from None
+    return np.sort(keep), np.sort(test)
+
+
 def describe(cfg: DataConfig) -> DataInfo:
     """Driver-side check before workers start: reads folder listings and labels, no image decoding."""
     src = load_source(cfg)
+    keep, test = test_holdout(src, cfg)
     if cfg.labels_per_class is not None:
-        _check_label_counts(src.train_labels, cfg.labels_per_class, src.classes)
-    return DataInfo(src.classes, cfg.image_size or src.image_size, len(src.train_labels),
-                    len(src.val_labels), normalization(src))
+        _check_label_counts(np.asarray(src.train_labels)[keep], cfg.labels_per_class, src.classes)
+    tests = len(src.test_labels) if src.test_labels is not None else len(test)
+    return DataInfo(src.classes, cfg.image_size or src.image_size, len(keep),
+                    len(src.val_labels), normalization(src), tests)
 
 
 def build_data(cfg: DataConfig, stage: str, seed: int) -> DataBundle:
@@ -154,16 +178,24 @@ def build_data(cfg: DataConfig, stage: str, seed: int) -> DataBundle:
     src = load_source(cfg)
     size = cfg.image_size or src.image_size
     raw_train, raw_val = src.open(size)
-    labels = np.asarray(src.train_labels, dtype=np.int64)
-    indices = np.arange(len(labels), dtype=np.int32 if len(labels) < 2**31 else np.int64)
+    all_labels = np.asarray(src.train_labels, dtype=np.int64)
+    indices, held_out = test_holdout(src, cfg)  # the test images never reach training
+    labels = all_labels[indices]
     if stage != "teacher" and cfg.labels_per_class is not None:
-        keep = labeled_indices(labels, cfg.labels_per_class, seed, src.classes)
+        keep = indices[labeled_indices(labels, cfg.labels_per_class, seed, src.classes)]
         if stage == "student":
             # Repeat the small labelled set up to the full size: as many steps per epoch as distill.
-            indices = np.resize(np.random.default_rng(seed).permutation(keep), len(labels))
-            labels = labels[indices]
+            indices = np.resize(np.random.default_rng(seed).permutation(keep), len(indices))
+            labels = all_labels[indices]
         else:
             labels = np.where(np.isin(indices, keep), labels, -1)
+    evaluation = make_transform(src, size, False, False)
     train = View(raw_train, make_transform(src, size, True, cfg.augment), indices, labels)
-    val = View(raw_val, make_transform(src, size, False, False), np.arange(len(raw_val)), src.val_labels)
-    return DataBundle(train, val, src.classes, size, normalization(src))
+    val = View(raw_val, evaluation, np.arange(len(raw_val)), src.val_labels)
+    test = None
+    if src.open_test is not None:
+        raw_test = src.open_test(size)
+        test = View(raw_test, evaluation, np.arange(len(raw_test)), src.test_labels)
+    elif len(held_out):
+        test = View(raw_train, evaluation, held_out, all_labels[held_out])
+    return DataBundle(train, val, src.classes, size, normalization(src), test)

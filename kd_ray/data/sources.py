@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -35,6 +35,8 @@ class Source:
     pil: bool  # True: raw items are PIL images (ImageNet transforms), else float [C,h,w] in [0,1]
     open: Callable[[int], tuple]  # image_size -> (raw train, raw val), items (image, label)
     uint8: bool = False  # with pil: items are uint8 [3,h,w] tensors (data.decoder=torchvision)
+    test_labels: Optional[list] = None  # a test split of its own (image folders, Parquet), or None
+    open_test: Optional[Callable[[int], Dataset]] = None  # image_size -> raw test split
 
 
 class TensorImages(Dataset):
@@ -108,8 +110,13 @@ def _imagefolder(cfg: DataConfig) -> Source:
     train = _image_folder(root, cfg.train_split, "train_split", cfg.decoder)
     val = _image_folder(root, cfg.val_split, "val_split", cfg.decoder)
     _same_classes(train.classes, val.classes, root)
+    test = None
+    if (root / cfg.test_split).is_dir():  # read once, after the last epoch
+        test = _image_folder(root, cfg.test_split, "test_split", cfg.decoder)
+        _same_classes(train.classes, test.classes, root)
     return Source(train.classes, train.targets, val.targets, 224, True, lambda size: (train, val),
-                  uint8=cfg.decoder == "torchvision")
+                  uint8=cfg.decoder == "torchvision", test_labels=test and test.targets,
+                  open_test=test and (lambda size: test))
 
 
 @DATASETS.register("parquet")
@@ -122,9 +129,16 @@ def _parquet(cfg: DataConfig) -> Source:
         top = max([int(x.max()) for x in (train_labels, val_labels) if len(x)], default=-1)
         classes = val_classes = [str(c) for c in range(top + 1)]
     _same_classes(classes or [], val_classes or [], root)
+    test_files = test_labels = None
+    if (root / f"{cfg.test_split}.parquet").exists() or (root / cfg.test_split).is_dir():
+        test_files = split_files(root, cfg.test_split)
+        test_labels = read_labels(test_files)
+        _same_classes(classes or [], read_classes(test_files) or classes or [], root)
     return Source(classes, train_labels, val_labels, 224, True,
                   lambda size: (ParquetImages(train_files, labels=train_labels),
-                                ParquetImages(val_files, labels=val_labels)))
+                                ParquetImages(val_files, labels=val_labels)),
+                  test_labels=test_labels,
+                  open_test=test_files and (lambda size: ParquetImages(test_files, labels=test_labels)))
 
 
 # ----- tensor datasets ---------------------------------------------------------------------

@@ -22,18 +22,31 @@ def make_loaders(bundle, batch_size: int, rank: int, world: int, seed: int, work
     drop_last = len(sampler) > per_worker
     train = DataLoader(bundle.train, batch_size=per_worker, sampler=sampler, drop_last=drop_last,
                        num_workers=workers, persistent_workers=workers > 0)
-    # Every val image is seen exactly once across ranks, so summed counts give exact accuracy;
-    # contiguous shares, so that a rank reads only its own row groups of a Parquet table.
-    n = len(bundle.val)
-    shard = Subset(bundle.val, range(rank * n // world, (rank + 1) * n // world))
-    val = DataLoader(shard, batch_size=per_worker * 2, num_workers=workers)
-    return train, sampler, val
+    return train, sampler, shard_loader(bundle.val, rank, world, per_worker * 2, workers)
+
+
+def shard_loader(dataset, rank: int, world: int, batch_size: int, workers: int = 0) -> DataLoader:
+    """This rank's contiguous share of an evaluation split. Every image is seen exactly once across
+    ranks, so summed counts give exact accuracy; contiguous, so that a rank reads only its own row
+    groups of a Parquet table."""
+    n = len(dataset)
+    shard = Subset(dataset, range(rank * n // world, (rank + 1) * n // world))
+    return DataLoader(shard, batch_size=batch_size, num_workers=workers)
 
 
 def all_sum(values: dict, device: torch.device, max_keys=("seconds",)) -> dict:
-    """Add counters across ranks (wall seconds take the slowest rank)."""
+    """Add counters across ranks (wall seconds take the slowest rank); list values (per-class
+    counts) are added element-wise."""
     if not (dist.is_available() and dist.is_initialized()):
         return values
+    lists = {k: v for k, v in values.items() if isinstance(v, list)}
+    values = {k: v for k, v in values.items() if k not in lists}
+    if lists:
+        flat = torch.tensor([float(x) for v in lists.values() for x in v], dtype=torch.float64, device=device)
+        dist.all_reduce(flat)
+        at, flat = 0, flat.tolist()
+        for k, v in lists.items():
+            lists[k], at = [int(x) for x in flat[at:at + len(v)]], at + len(v)
     keys = sorted(values)
     summed = [k for k in keys if k not in max_keys]
     maxed = [k for k in keys if k in max_keys]
@@ -44,4 +57,4 @@ def all_sum(values: dict, device: torch.device, max_keys=("seconds",)) -> dict:
         t = torch.tensor([float(values[k]) for k in names], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=op)
         out.update(zip(names, t.tolist()))
-    return out
+    return {**out, **lists}

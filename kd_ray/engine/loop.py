@@ -137,7 +137,7 @@ def _world() -> int:
 
 def _non_finite(bad_value: torch.Tensor, epoch, step: int) -> NonFiniteLossError:
     return NonFiniteLossError(f"non-finite loss ({float(bad_value)}) at epoch {epoch} step {step}: "
-                              "lower optim.lr or check the inputs and the loss")
+                              "lower optim.lr, set or lower optim.clip_grad_norm, or check the inputs and the loss")
 
 
 def stop_together(error: Optional[Exception], device: torch.device, bad_step=None, bad_value=None,
@@ -172,12 +172,18 @@ def stop_together(error: Optional[Exception], device: torch.device, bad_step=Non
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, *, device: torch.device, amp: bool = False,
-             channels_last: bool = False) -> dict:
-    """Sums over ``loader``: ``loss_sum`` (cross-entropy), ``correct1``, ``correct5``, ``count``."""
+             channels_last: bool = False, num_classes: Optional[int] = None) -> dict:
+    """Sums over ``loader``: ``loss_sum`` (cross-entropy), ``correct1``, ``correct5``, ``count``,
+    and per class ``pred_counts`` (predicted) and ``label_counts`` (true) for the collapse guard
+    (``num_classes`` long, so that ranks with an empty share add up too)."""
     model.eval()
     totals = {"loss_sum": torch.zeros((), device=device),
               "correct1": torch.zeros((), dtype=torch.long, device=device),
               "correct5": torch.zeros((), dtype=torch.long, device=device)}
+    preds = labels_seen = None
+    if num_classes:
+        preds = torch.zeros(num_classes, dtype=torch.long, device=device)
+        labels_seen = torch.zeros(num_classes, dtype=torch.long, device=device)
     count = 0
     for inputs, labels in loader:
         inputs = to_device(inputs, device, channels_last)
@@ -190,9 +196,28 @@ def evaluate(model: torch.nn.Module, loader, *, device: torch.device, amp: bool 
         hits = logits.topk(k, dim=1).indices.eq(labels[:, None])
         totals["correct1"] += hits[:, 0].sum()
         totals["correct5"] += hits.any(dim=1).sum()
+        classes = logits.shape[1]
+        batch_preds = torch.bincount(logits.argmax(1), minlength=classes)
+        batch_labels = torch.bincount(labels.clamp(0, classes - 1), minlength=classes)
+        preds = batch_preds if preds is None else preds + batch_preds
+        labels_seen = batch_labels if labels_seen is None else labels_seen + batch_labels
         count += labels.numel()
     return {"loss_sum": float(totals["loss_sum"]), "correct1": int(totals["correct1"]),
-            "correct5": int(totals["correct5"]), "count": count}
+            "correct5": int(totals["correct5"]), "count": count,
+            "pred_counts": [] if preds is None else preds.tolist(),
+            "label_counts": [] if labels_seen is None else labels_seen.tolist()}
+
+
+def split_metrics(sums: dict, num_classes: int, prefix: str = "val") -> dict:
+    """Top-1/5, loss and the share of the most predicted (and most common) class of one split."""
+    count = max(sums["count"], 1)
+    metrics = {f"{prefix}/loss": sums["loss_sum"] / count, f"{prefix}/top1": sums["correct1"] / count}
+    if num_classes >= 5:
+        metrics[f"{prefix}/top5"] = sums["correct5"] / count
+    if sums.get("pred_counts"):
+        metrics[f"{prefix}/top_share"] = max(sums["pred_counts"]) / count
+        metrics[f"{prefix}/label_share"] = max(sums["label_counts"]) / count
+    return metrics
 
 
 def epoch_metrics(train: dict, val: dict, num_classes: int) -> dict:
@@ -201,11 +226,7 @@ def epoch_metrics(train: dict, val: dict, num_classes: int) -> dict:
     metrics = {
         f"train/{key[:-4]}": value / images for key, value in train.items() if key.endswith("_sum")
     }
-    count = max(val["count"], 1)
-    metrics["val/loss"] = val["loss_sum"] / count
-    metrics["val/top1"] = val["correct1"] / count
-    if num_classes >= 5:
-        metrics["val/top5"] = val["correct5"] / count
+    metrics.update(split_metrics(val, num_classes))
     metrics["perf/epoch_seconds"] = train["seconds"]
     metrics["perf/images_per_s"] = train["images"] / train["seconds"] if train["seconds"] else math.nan
     metrics["perf/teacher_images"] = train.get("teacher_images", 0)  # 0 when logits are cached

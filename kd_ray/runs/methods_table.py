@@ -13,7 +13,7 @@ from kd_ray.data import build_data
 from kd_ray.engine import checkpoints
 from kd_ray.log import get
 from kd_ray.models import build_model, load_teachers
-from kd_ray.runs.report import final_top1, write_tables
+from kd_ray.runs.report import final_top1, test_top1, write_tables
 from kd_ray.runs.summary import update_summary
 from kd_ray.storage import location
 
@@ -42,8 +42,10 @@ def teacher_agreement(run_dir, teacher_cfg: Config, batch_size: int = 256) -> fl
     return agreement
 
 
-def method_rows(runs: list[dict], teacher_cfg: Config) -> list[dict]:
-    """One row per label of distilled runs (the compare command labels them by method)."""
+def method_rows(runs: list[dict], teacher_cfg: Config, failed=()) -> list[dict]:
+    """One row per label of distilled runs (the compare command labels them by method);
+    ``failed``: failure records of distill runs (counted per label; a row of their own when none
+    of a label's runs finished)."""
     groups: dict[str, list[dict]] = {}
     for run in runs:
         summary = run["summary"]
@@ -61,13 +63,25 @@ def method_rows(runs: list[dict], teacher_cfg: Config) -> list[dict]:
             agree.append(100 * value)
         speeds = [r["summary"].get("images_per_s") or 0.0 for r in members]
         cached = {str(r["summary"].get("teacher_cache", "off")) != "off" for r in members}
+        tests = [100 * t for t in map(test_top1, members) if t is not None]
+        lost = [f for f in failed if f["label"] == label]
         rows.append({
             "method": label, "arch": members[0]["summary"]["arch"], "runs": len(members),
             "top1_mean": statistics.fmean(accs), "top1_std": _std(accs),
+            "test_mean": statistics.fmean(tests) if len(tests) == len(members) else None,
+            "test_std": _std(tests) if len(tests) == len(members) else None,
             "agreement_mean": statistics.fmean(agree), "agreement_std": _std(agree),
             "images_per_s": statistics.median(speeds),
             "cache": "yes" if cached == {True} else "no" if cached == {False} else "partly",
+            "failed": len(lost), "error": lost[0]["error"] if lost else "",
         })
+    for label in dict.fromkeys(f["label"] for f in failed if f["stage"] == "distill"):
+        if label not in groups:
+            lost = [f for f in failed if f["label"] == label]
+            rows.append({"method": label, "arch": "-", "runs": 0, "top1_mean": None, "top1_std": None,
+                         "test_mean": None, "test_std": None, "agreement_mean": None,
+                         "agreement_std": None, "images_per_s": None, "cache": "-",
+                         "failed": len(lost), "error": lost[0]["error"]})
     return rows
 
 
@@ -75,20 +89,28 @@ def _std(values: list) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _cell(mean, std) -> str:
+    return "-" if mean is None else f"{mean:.2f} ± {std:.2f}"
+
+
 def methods_markdown(rows: list[dict]) -> str:
-    lines = ["| method | student | runs | val top-1 % (mean ± std) | agreement with teacher % "
-             "| train images/s | teacher cache |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    test = any(r.get("test_mean") is not None for r in rows)
+    failed = any(r.get("failed") for r in rows)
+    lines = ["| method | student | runs | val top-1 % (mean ± std) |" + (" test top-1 % |" if test else "")
+             + " agreement with teacher % | train images/s | teacher cache |" + (" failed |" if failed else ""),
+             "|---|---|---:|---:|" + ("---:|" if test else "") + "---:|---:|---|" + ("---|" if failed else "")]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['arch']} | {r['runs']} | {r['top1_mean']:.2f} ± "
-                     f"{r['top1_std']:.2f} | {r['agreement_mean']:.2f} ± {r['agreement_std']:.2f} "
-                     f"| {r['images_per_s']:.0f} | {r['cache']} |")
+        speed = "-" if r["images_per_s"] is None else f"{r['images_per_s']:.0f}"
+        lines.append(f"| {r['method']} | {r['arch']} | {r['runs']} | {_cell(r['top1_mean'], r['top1_std'])} |"
+                     + (f" {_cell(r['test_mean'], r['test_std'])} |" if test else "")
+                     + f" {_cell(r['agreement_mean'], r['agreement_std'])} | {speed} | {r['cache']} |"
+                     + ((f" {r['failed']}: {r['error']} |" if r["failed"] else " |") if failed else ""))
     return "\n".join(lines)
 
 
-def write_methods_table(out_dir, runs: list[dict], teacher_cfg: Config) -> str:
+def write_methods_table(out_dir, runs: list[dict], teacher_cfg: Config, failed=()) -> str:
     """``methods.md`` and ``methods.csv`` in ``out_dir``; returns the markdown table."""
-    rows = method_rows(runs, teacher_cfg)
+    rows = method_rows(runs, teacher_cfg, failed)
     table = methods_markdown(rows)
     if rows:
         write_tables(location(out_dir) / "methods", rows, table)

@@ -67,43 +67,79 @@ def final_top1(run: dict) -> float:
     return run["summary"]["final"]["val/top1"]
 
 
-def comparison_rows(runs: list[dict]) -> list[dict]:
+def test_top1(run: dict):
+    """The run's test top-1 (after its last epoch), or None without a test split."""
+    return run["summary"].get("final", {}).get("test/top1")
+
+
+def comparison_rows(runs: list[dict], failed=()) -> list[dict]:
     """One row per (stage, architecture, label): mean and spread of final top-1 over seeds.
 
     ``label`` (in summary.json, set by the pipeline) tells apart runs of one stage and
-    architecture: other methods, an assistant of a chain, a student distilled via one."""
+    architecture: other methods, an assistant of a chain, a student distilled via one.
+    ``failed``: failure records (runs.summary.failed_runs); each counts in its label's row, and a
+    label none of whose runs finished gets a row of its own that says why."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         summary = run["summary"]
         label = summary.get("label") or ROLE_NAMES.get(summary["stage"], summary["stage"])
         groups.setdefault((summary["stage"], summary["arch"], label), []).append(run)
+    failures: dict[tuple, list[dict]] = {}
+    for record in failed:
+        failures.setdefault((record["stage"], record["label"]), []).append(record)
     rows = []
     order = {s: i for i, s in enumerate(ROLE_ORDER)}
     keys = sorted(groups, key=lambda k: (order.get(k[0], 9), min(r["dir"].name for r in groups[k])))
     for (stage, arch, label), members in ((k, groups[k]) for k in keys):
         accs = [100 * final_top1(r) for r in members]
+        tests = [100 * t for t in map(test_top1, members) if t is not None]
         speeds = [r["summary"].get("images_per_s") or 0.0 for r in members]
+        lost = failures.pop((stage, label), [])
         rows.append({
             "model": label, "arch": arch, "runs": len(members),
-            "top1_mean": statistics.fmean(accs),
-            "top1_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "top1_mean": statistics.fmean(accs), "top1_std": _std(accs),
             "top1_min": min(accs), "top1_max": max(accs),
+            "test_mean": statistics.fmean(tests) if len(tests) == len(members) else None,
+            "test_std": _std(tests) if len(tests) == len(members) else None,
             "params": members[0]["summary"]["params"],
             "images_per_s": statistics.median(speeds),
+            "failed": len(lost), "error": lost[0]["error"] if lost else "",
         })
+    for (stage, label), lost in failures.items():  # nothing of this row finished
+        rows.append({"model": label, "arch": "-", "runs": 0, "top1_mean": None, "top1_std": None,
+                     "top1_min": None, "top1_max": None, "test_mean": None, "test_std": None,
+                     "params": None, "images_per_s": None, "failed": len(lost),
+                     "error": lost[0]["error"]})
     return rows
+
+
+def _std(values: list) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _cell(mean, std) -> str:
+    return "-" if mean is None else f"{mean:.2f} ± {std:.2f}"
 
 
 def markdown_table(rows: list[dict]) -> str:
     deploy = any("cpu_ms" in r for r in rows)  # tradeoff.add_deploy_columns ran
-    lines = ["| model | arch | runs | val top-1 % (mean ± std) | min–max | params | train images/s |"
-             + (" size MB | MACs | CPU ms (b1, 1 thread) | agreement with teacher % |" if deploy else ""),
-             "|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|---:|" if deploy else "")]
+    test = any(r.get("test_mean") is not None for r in rows)
+    failed = any(r.get("failed") for r in rows)
+    lines = ["| model | arch | runs | val top-1 % (mean ± std) | min–max |"
+             + (" test top-1 % |" if test else "") + " params | train images/s |"
+             + (" size MB | MACs | CPU ms (b1, 1 thread) | agreement with teacher % |" if deploy else "")
+             + (" failed |" if failed else ""),
+             "|---|---|---:|---:|---:|" + ("---:|" if test else "") + "---:|---:|"
+             + ("---:|---:|---:|---:|" if deploy else "") + ("---|" if failed else "")]
     for r in rows:
+        spread = "-" if r["top1_min"] is None else f"{r['top1_min']:.2f}–{r['top1_max']:.2f}"
         lines.append(
-            f"| {r['model']} | {r['arch']} | {r['runs']} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} "
-            f"| {r['top1_min']:.2f}–{r['top1_max']:.2f} | {r['params']:,} | {r['images_per_s']:.0f} |"
+            f"| {r['model']} | {r['arch']} | {r['runs']} | {_cell(r['top1_mean'], r['top1_std'])} "
+            f"| {spread} |" + (f" {_cell(r.get('test_mean'), r.get('test_std'))} |" if test else "")
+            + (f" {r['params']:,} |" if r["params"] is not None else " - |")
+            + (f" {r['images_per_s']:.0f} |" if r["images_per_s"] is not None else " - |")
             + (cells(r) if deploy else "")
+            + (f" {r['failed']}: {r['error']} |" if failed and r.get("failed") else " |" if failed else "")
         )
     return "\n".join(lines)
 
@@ -147,12 +183,13 @@ def plot_accuracy(runs: list[dict], path) -> None:
     plt.close(fig)
 
 
-def write_report(out_dir, runs: list[dict], deploy: bool = True) -> str:
+def write_report(out_dir, runs: list[dict], deploy: bool = True, failed=()) -> str:
     """Write comparison.md, comparison.csv, accuracy.png and (``deploy``: size, MACs, CPU latency
-    and teacher agreement per row) tradeoff.png into ``out_dir``; return the table."""
+    and teacher agreement per row) tradeoff.png into ``out_dir``; return the table. ``failed``:
+    failure records of runs that did not finish (a column, and rows of their own)."""
     out_dir = location(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = comparison_rows(runs)
+    rows = comparison_rows(runs, failed)
     if deploy:
         add_deploy_columns(rows, runs)
         plot_tradeoff(rows, out_dir / "tradeoff.png")

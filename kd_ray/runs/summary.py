@@ -81,3 +81,28 @@ def update_summary(run_dir, **fields) -> dict:
     summary = {**read_summary(run_dir), **fields}
     (location(run_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+FAILED_FILE = "failed.json"  # a run of a comparison that failed: its row says why
+
+
+def record_failure(run_dir, **fields) -> None:
+    """Write ``failed.json`` (stage, label, seed, error) into a failed run's folder."""
+    folder = location(run_dir)
+    if isinstance(folder, Path):
+        folder.mkdir(parents=True, exist_ok=True)
+    (folder / FAILED_FILE).write_text(json.dumps({"run": folder.name, **fields}, indent=2))
+
+
+def clear_failure(run_dir) -> None:
+    (location(run_dir) / FAILED_FILE).unlink(missing_ok=True)
+
+
+def failed_runs(run_dirs) -> list[dict]:
+    """The failure records of ``run_dirs`` (those that have one)."""
+    found = []
+    for folder in map(location, run_dirs):
+        path = folder / FAILED_FILE
+        if path.is_file():
+            found.append(json.loads(path.read_text()))
+    return found
