@@ -114,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--train-teacher", action="store_true",
                       help="train the teacher first (once), instead of using distill.teacher_path")
     tune.add_argument("--resume", metavar="SWEEP_DIR", help="finish an interrupted sweep")
+    auto = sub.add_parser("auto", help="does distillation help on this data? search, seeds, verdict",
+                          description="Trains the teacher once (or uses distill.teacher_path) and one "
+                          "teacher cache; searches method x temperature x each method's main weight "
+                          "with Ray Tune and ASHA on the validation split; trains the chosen setting "
+                          "and the labels-only student on --seeds seeds; reads the test split once; "
+                          "writes verdict.md/.csv/.png and best.yaml. Rerun the same command to resume.")
+    _config_args(auto)
+    auto.add_argument("--methods", nargs="+", default=["kd", "dkd", "dist"], metavar="METHOD",
+                      help="methods to search (default: kd dkd dist; feature methods need their "
+                      "layers in distill.method_params)")
+    auto.add_argument("--budget", type=int, default=12, help="search trials (settings tried), "
+                      "spread over the methods (default 12)")
+    auto.add_argument("--seeds", type=int, default=3, help="seeds of the final paired runs (default 3)")
+    auto.add_argument("--margin", type=float, default=1.0, help="a difference within +-MARGIN "
+                      "points counts as 'no better' (default 1.0)")
     cache = sub.add_parser("cache-teacher", help="compute the teacher's logits once into a Parquet cache",
                            description="Runs distill.teacher_path over the training set (K augmented "
                            "views per image with data.augment) on Ray workers; distill runs and sweep "
@@ -224,6 +239,20 @@ def run(args) -> int:
         print(f"\nSweep results ({sweep_dir}):\n{table}", flush=True)
         log.info(f"best config: {sweep_dir}/best.yaml (kd-ray distill -c {sweep_dir}/best.yaml); "
                  f"heatmap: {sweep_dir}/heatmap.png; TensorBoard: tensorboard --logdir {sweep_dir}")
+        return 0
+    if args.command == "auto":
+        cfg, _ = _load(args)
+        methods = [m for item in args.methods for m in item.split(",") if m]
+        with RunLock(_run_folder(cfg), "auto", "wait for it to finish, or pick another run.name"):
+            from kd_ray.runs.auto_plan import prepare  # local: heavy, see above
+
+            cfg, found = prepare(cfg, methods, args.budget, args.seeds)
+            from kd_ray.cluster.auto import run_auto  # local: heavy, see above
+
+            root, text = run_auto(cfg, found, args.seeds, args.margin)
+        print(f"\n{text}\n", flush=True)
+        log.info(f"verdict in {root}/verdict.md (plot: verdict.png); the chosen setting: "
+                 f"kd-ray distill -c {root}/best.yaml")
         return 0
     if args.command == "cache-teacher":
         cfg, _ = _load(args, ("distill",))
