@@ -284,7 +284,10 @@ def t8_bad_input(work: Path, env: dict) -> list[Row]:
                  [{"kind": "nan", "rank": 1, "epoch": 2, "step": 3}])
     row = _bad_input_row("t8f", "NaN loss at epoch 2 step 3 (rank 1)", nan, work / "t8f", "epoch 2 step 3")
     row.checks["epoch 1 kept"] = logged_epochs(work / "t8f") == [1]
-    return rows + [row]
+    collapse = kd_ray(["train-student", *settings(work, "t8g", "optim.epochs=4", "optim.lr=50")], env)
+    planted = _bad_input_row("t8g", "planted collapse (optim.lr=50)", collapse, work / "t8g", "optim.lr")
+    planted.checks["stopped within 2 epochs"] = 1 <= len(logged_epochs(work / "t8g")) <= 2
+    return rows + [row, planted]
 
 
 def _bad_input_row(name: str, what: str, out: Outcome, run_dir: Path, needle: str) -> Row:

@@ -78,8 +78,9 @@ def test_t7_truncated_checkpoint_falls_back_to_the_previous_one(work, env):
     check(chaos.t7_truncated_checkpoint(work, env))
 
 
-@pytest.mark.parametrize("case", range(6), ids=["missing-teacher", "class-count", "renamed-classes",
-                                                 "corrupt-image", "zero-byte-image", "nan-loss"])
+@pytest.mark.parametrize("case", range(7), ids=["missing-teacher", "class-count", "renamed-classes",
+                                                 "corrupt-image", "zero-byte-image", "nan-loss",
+                                                 "planted-collapse"])
 def test_t8_bad_input_exits_2_without_retries(t8, case):
     row = t8[case]
     check(row)
