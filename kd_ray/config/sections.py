@@ -20,7 +20,9 @@ class DataConfig:
     root: Optional[str] = None
     """Folder holding the splits (imagefolder: class folders; parquet: <split>.parquet or <split>/ shards)."""
     train_split: str = "train"
+    """Name of the training split (imagefolder: a folder under root; parquet: a file or folder of shards)."""
     val_split: str = "val"
+    """Name of the validation split, read like train_split."""
     image_size: Optional[int] = None
     """Side in pixels fed to the model; None = the dataset's default (224 for image folders)."""
     num_classes: Optional[int] = None
@@ -30,6 +32,7 @@ class DataConfig:
     val_fraction: float = 0.2
     """Held-out fraction for datasets without a val split (mnist5k, digits)."""
     split_seed: int = 0
+    """Seed of the held-out split (val_fraction), the synthetic data and the cached augmentation views."""
     augment: bool = False
     """Random crop + flip on training images."""
     loader_workers: int = 0
@@ -65,6 +68,7 @@ class ModelConfig:
     teacher_pretrained: Optional[str] = None
     """Local weights file to start the teacher from (never downloaded)."""
     student_pretrained: Optional[str] = None
+    """Local weights file to start the student from (never downloaded)."""
     assistants: list = field(default_factory=list)
     """Teacher-assistant chain for `pipeline` (Mirzadeh et al. 2020): architectures distilled in
     turn, teacher -> assistants[0] -> ... -> student, beside the direct teacher -> student row."""
@@ -87,6 +91,7 @@ class DistillConfig:
     """Per-method settings for `kd-ray compare` ({dkd: {beta: 2}, at: {...}}): each method of
     --methods runs with its entry (distill.params still go to distill.loss, over its entry)."""
     temperature: float = 4.0
+    """T: both sets of logits are divided by it before the softmax; the KL term is scaled by T²."""
     alpha: float = 0.9
     """Weight of the distillation term; 1 - alpha goes to cross-entropy on labels."""
     teacher_path: Union[str, list, None] = None
@@ -149,9 +154,13 @@ class OptimConfig:
     name: str = "sgd"
     """sgd or adamw."""
     lr: float = 0.05
+    """Peak learning rate (after warm-up)."""
     momentum: float = 0.9
+    """SGD momentum (adamw does not read it)."""
     weight_decay: float = 5e-4
+    """Weight decay of the optimizer."""
     epochs: int = 10
+    """Epochs of the student stages (and of the teacher when teacher_epochs is None)."""
     teacher_epochs: Optional[int] = None
     """Epochs for the teacher stage; None = epochs. Read only when a teacher is trained (an
     imported teacher never consults it; 0 is refused when a teacher stage runs)."""
@@ -160,9 +169,11 @@ class OptimConfig:
     schedule: str = "cosine"
     """cosine, step or none (stepped every iteration)."""
     warmup_epochs: float = 0.0
+    """Epochs (may be fractional) of linear warm-up from 1% of lr, before the schedule."""
     step_size: int = 30
     """Epochs between decays of the step schedule."""
     gamma: float = 0.1
+    """Factor the step schedule multiplies lr by every step_size epochs."""
     clip_grad_norm: Optional[float] = None
     """Clip the gradients' global L2 norm to this before each step (None = no clipping)."""
 
@@ -193,9 +204,13 @@ class RunConfig:
     num_workers: int = 2
     """Ray Train workers (DDP ranks)."""
     use_gpu: bool = False
+    """One GPU per Ray worker (DDP over NCCL); else CPU workers over gloo."""
     cpus_per_worker: float = 1.0
+    """CPUs Ray reserves per worker (CPU runs; with use_gpu, workers are placed by GPU alone)."""
     threads_per_worker: int = 1
+    """torch threads per worker (torch.set_num_threads)."""
     seed: int = 0
+    """Seed of a single run: initialisation, data order, which labels labels_per_class keeps."""
     seeds: list = field(default_factory=lambda: [0])
     """Seeds the pipeline runs the students with (mean and spread are reported)."""
     max_failures: int = 3
