@@ -12,7 +12,7 @@ export RAY_AUTH_MODE ?= disabled
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch/torchvision are pinned to the builds this machine serves from disk; see README.
+# torch/torchvision are pinned to the builds this machine serves from disk; see docs/getting-started.md.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
