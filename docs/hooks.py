@@ -26,7 +26,7 @@ def on_files(files, config):
 
 def cli_help() -> str:
     sys.path.insert(0, str(ROOT))  # this checkout's kd_ray, not another installed copy
-    os.environ["COLUMNS"] = "100"
+    os.environ["COLUMNS"] = "78"  # fits the page column without a scrollbar
     from kd_ray.cli import build_parser
 
     parser = build_parser()

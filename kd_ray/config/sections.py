@@ -18,7 +18,7 @@ class DataConfig:
     name: str = "mnist5k"
     """Dataset registry name: imagefolder, parquet, mnist5k, digits, synthetic."""
     root: Optional[str] = None
-    """Folder holding the splits (imagefolder: class folders; parquet: <split>.parquet or <split>/ shards)."""
+    """Folder holding the splits (imagefolder: class folders; parquet: `<split>.parquet` or `<split>/` shards)."""
     train_split: str = "train"
     """Name of the training split (imagefolder: a folder under root; parquet: a file or folder of shards)."""
     val_split: str = "val"
@@ -100,7 +100,7 @@ class DistillConfig:
     teacher_weights: Optional[list] = None
     """Weights of the ensemble's teachers (one per teacher_path entry); None = equal weights."""
     teacher_cache: str = "auto"
-    """auto (compute the teacher's logits once, keep them in <storage>/teacher_cache), off (run the
+    """auto (compute the teacher's logits once, keep them in `<run.storage>/teacher_cache`), off (run the
     teacher every step), or a folder from `kd-ray cache-teacher`."""
     cache_views: int = 4
     """Augmented views cached per image when data.augment is on (one per epoch, in turn)."""
