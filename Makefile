@@ -7,12 +7,12 @@ FAST := not ray and not chaos and not cluster
 
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install demo lint test test-fast clean
+.PHONY: install demo lint docs test test-fast clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch/torchvision are pinned to the builds this machine serves from disk; see README.
+# torch/torchvision are pinned to the builds this machine serves from disk; see docs/getting-started.md.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
@@ -28,8 +28,14 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/lint-imports
 
-# Everything (CI runs this): contracts, then unit, Ray, chaos and cluster tests.
+# The manual (mkdocs.yml, docs/) into site/; `mkdocs serve` serves it while you edit.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
+# Everything (CI runs this): contracts, the manual (a broken link or a page left out fails), then
+# unit, Ray, chaos and cluster tests.
 test: lint
+	$(BIN)/mkdocs build --strict
 	$(BIN)/python -m pytest -q
 
 # Under a minute: no Ray instance, no chaos, no clusters.
@@ -37,4 +43,4 @@ test-fast: lint
 	$(BIN)/python -m pytest -q -m "$(FAST)"
 
 clean:
-	rm -rf results .pytest_cache
+	rm -rf results .pytest_cache site

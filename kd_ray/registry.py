@@ -10,6 +10,13 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
+    """Objects by name, for one kind of thing ("model", "dataset", "loss": the word errors use).
+
+    kd_ray's registries: ``METHODS`` (kd_ray.methods.base, the ``distill.loss`` names),
+    ``MODELS`` (kd_ray.models.zoo) and ``DATASETS`` (kd_ray.data.sources). ``get`` of a name
+    with a colon imports a plugin instead; an unknown name is a ConfigError listing the choices.
+    """
+
     def __init__(self, kind: str):
         self.kind = kind
         self._items: Dict[str, T] = {}
@@ -37,6 +44,7 @@ class Registry(Generic[T]):
         return self._items[name]
 
     def names(self) -> list[str]:
+        """The registered names, sorted (plugins are not listed)."""
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
@@ -47,6 +55,7 @@ class Registry(Generic[T]):
 
 
 def is_plugin(name: str) -> bool:
+    """Whether ``name`` is a plugin spec ``package.module:attribute`` (it has a colon)."""
     return ":" in str(name)
 
 

@@ -40,7 +40,7 @@ from torchvision.io import ImageReadMode, decode_jpeg, read_file  # noqa: E402
 
 from kd_ray.data.datasets import make_transform  # noqa: E402
 from kd_ray.data.sources import Source, _load_rgb, _load_uint8  # noqa: E402
-from kd_ray.deploy.bench import cpu_name  # noqa: E402
+from kd_ray.deploy.bench import append_history, cpu_name  # noqa: E402
 from kd_ray.models import build_model  # noqa: E402
 
 SIZE = 224
@@ -254,7 +254,14 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    print(f"wrote {out}")
+    machine = (f"{platform.processor() or platform.machine()}, {cpu_name()}, {__import__('os').cpu_count()} "
+               f"logical CPUs; torch {torch.__version__}, torchvision {torchvision.__version__}, 1 thread"
+               + (f"; {args.note}" if args.note else ""))
+    figures = [(f"{name} images/s per core", f"{rate:.0f}", "") for name, rate in rates.items()]
+    figures += [("torchvision.io / PIL, decode + augmentation", f"{rates['tvio+aug'] / rates['pil+aug']:.2f}", ""),
+                ("torchvision.io / PIL, decode only", f"{rates['tvio rgb'] / rates['pil']:.2f}", "")]
+    history = append_history(out.parent / "history.csv", machine, figures)
+    print(f"wrote {out}, appended to {history}")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from kd_ray import cache as teacher_cache  # noqa: E402
 from kd_ray.config import Config  # noqa: E402
 from kd_ray.data import build_data, write_synthetic_imagefolder  # noqa: E402
 from kd_ray.data.views import CachedViews, ViewSampler  # noqa: E402
+from kd_ray.deploy.bench import append_history  # noqa: E402
 from kd_ray.engine import build_optimizer, evaluate, make_loaders, train_one_epoch  # noqa: E402
 from kd_ray.methods import TrainStep, build_method  # noqa: E402
 from kd_ray.models import build_model, export_teacher, load_teacher  # noqa: E402
@@ -403,7 +404,11 @@ def main() -> None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(f"# bench_kd ({time.strftime('%Y-%m-%d %H:%M')}, `python scripts/bench_kd.py`)\n\n"
                              + "\n".join(f"- {line}" for line in lines) + "\n\n" + "\n".join(table) + "\n")
-        print(f"[bench_kd] wrote {out}")
+        history = append_history(Path(out).parent / "history.csv", lines[0].removeprefix("machine: ")
+                                 + (f"; {args.note}" if args.note else ""),
+                                 [(f"{k}: {what}", f"{value:.3f}", "" if target == "-" else target)
+                                  for k, what, value, target, _ in rows])
+        print(f"[bench_kd] wrote {out}, appended to {history}")
 
 
 if __name__ == "__main__":

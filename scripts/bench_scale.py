@@ -21,6 +21,7 @@ import io
 import json
 import math
 import multiprocessing as mp
+import os
 import resource
 import shutil
 import sys
@@ -42,6 +43,18 @@ def peak_mib() -> float:
     """VmHWM: this process's own high-water mark (ru_maxrss would carry the parent's over exec)."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def machine() -> str:
+    """The machine line of history.csv: CPU, cores, Python and torch."""
+    import platform
+
+    import torch
+
+    from kd_ray.deploy.bench import cpu_name
+
+    return (f"{os.cpu_count()} CPU cores ({cpu_name()}), {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
 def write_table(root: Path, rows: int) -> None:
@@ -221,7 +234,7 @@ def main() -> None:
              "|---:|---|---:|---:|---:|---:|---:|"]
     table += [f"| {r['size']:,} | {r['kind']} | {r['rank']} | {r['peak']:.0f} | {r['rss_before']:.0f} | "
               f"{r['rows'] / r['seconds']:.0f} | {r['seconds']:.1f} |" for r in results]
-    summary = []
+    summary, figures = [], []
     lo, hi = min(sizes), max(sizes)
     for kind in ("table", "cache"):
         for rank in range(WORLD):
@@ -231,6 +244,8 @@ def main() -> None:
                        if (r["kind"], r["rank"], r["size"]) == (kind, rank, s)]
             # epoch time ~ rows^k: k = 1 is linear (a per-row cost that does not grow with size)
             k = math.log(b["seconds"] / a["seconds"]) / math.log(hi / lo)
+            figures += [(f"{kind} worker {rank}: peak RSS {hi:,} / {lo:,} rows", f"{b['peak'] / a['peak']:.3f}",
+                         "<= 1.10"), (f"{kind} worker {rank}: time exponent (epoch time ~ rows^k)", f"{k:.2f}", "")]
             summary.append(f"{kind} worker {rank}: peak RSS x{b['peak'] / a['peak']:.3f} from {lo:,} to "
                            f"{hi:,} rows (target <= 1.10); epoch time x{b['seconds'] / a['seconds']:.1f} "
                            f"for x{hi / lo:.0f} rows: time ~ rows^{k:.2f} (1 = linear); "
@@ -245,7 +260,10 @@ def main() -> None:
         f"# bench_scale ({time.strftime('%Y-%m-%d %H:%M')}, `python scripts/bench_scale.py`)\n\n"
         + __doc__.split("\n\n")[1].strip() + "\n\n" + "\n".join(f"- {line}" for line in lines)
         + "\n\n" + "\n".join(table) + f"\n\n![memory and time against size]({out.with_suffix('.png').name})\n")
-    print(f"[bench_scale] wrote {out} and {out.with_suffix('.png')}")
+    from kd_ray.deploy.bench import append_history
+
+    history = append_history(out.parent / "history.csv", machine(), figures)
+    print(f"[bench_scale] wrote {out} and {out.with_suffix('.png')}, appended to {history}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Kill workers, drivers and sweeps, feed bad input, and print what each failure cost.
 
-Runs the chaos suite (tests/chaos_scenarios.py: T1-T14 of "Failures and resuming" in the README) on a
+Runs the chaos suite (tests/chaos_scenarios.py: T1-T14 of docs/failures.md) on a
 local Ray instance of its own, with 2 workers on small synthetic data, and prints a table of
 figures. Exit code 0 when every check passed. About 7 minutes on 2 idle CPU cores.
 

@@ -1,4 +1,4 @@
-"""The methods table of the README, on the demo protocol (MNIST subset, the teacher on all labels,
+"""The methods table of docs/methods/compare.md, on the demo protocol (MNIST subset, the teacher on all labels,
 the student on 10 labels per class plus the unlabelled transfer set, 3 seeds), from kd_ray's own
 commands run in this order (each step is skipped when its output exists, so a rerun resumes):
 

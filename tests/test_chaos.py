@@ -1,4 +1,4 @@
-"""The chaos suite (tests/chaos_scenarios.py) as tests: T1-T14 of the README's "Failures and resuming".
+"""The chaos suite (tests/chaos_scenarios.py) as tests: T1-T14 of docs/failures.md.
 
 Each scenario is a real 2-worker Ray Train run on the session's Ray instance, with a fault
 injected through KD_RAY_FAULTS or a process killed from outside. What must hold is written once,

@@ -181,7 +181,7 @@ def run(args: list, log: Path, env: dict, timeout: float) -> tuple[int, str]:
 
 
 def test_ray_up_and_cluster_submit_with_a_relative_config_on_a_loopback_cluster(ray_cluster):
-    """`ray up -y` over SSH, then the README's `scripts/cluster_submit.sh ... -c configs/...`.
+    """`ray up -y` over SSH, then docs/clusters.md's `scripts/cluster_submit.sh ... -c configs/...`.
     `ray_cluster` (the session's Ray instance) is a second Ray instance on the machine."""
     temp = Path(tempfile.mkdtemp(prefix="kdl", dir="/tmp"))  # short: Unix socket paths
     (temp / "home").mkdir()

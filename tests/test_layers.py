@@ -48,7 +48,7 @@ def _cli(*argv):
 
 
 def test_a_missing_data_root_and_an_unknown_key_are_refused_before_torch_and_ray():
-    """README: such errors answer in about 0.3 s (the bound is generous for a busy machine)."""
+    """docs/configuration.md: such errors answer in about 0.3 s (the bound is generous for a busy machine)."""
     code, err, seconds, heavy = _cli("train-student", "--set", "data.name=imagefolder",
                                      "--set", "data.root=/nowhere/imagenette")
     assert code == 2 and err.startswith("kd-ray: error: data.root /nowhere/imagenette not found")

@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_asha_sweep_leaves_table_best_yaml_heatmap_and_tensorboard(cli_env, tmp_path):
-    """The README's sweep flow as a user runs it: the shipped configs/sweep.yaml (data.image_size
+    """The sweep flow of docs/sweeps.md as a user runs it: the shipped configs/sweep.yaml (data.image_size
     left unset), smaller for speed, then `kd-ray distill -c <sweep>/best.yaml`."""
     small = {"data.name": "synthetic", "data.synthetic_size": 256, "model.teacher": "simple_cnn",
              "optim.epochs": 3, "optim.teacher_epochs": 2, "optim.lr": 0.05, "run.num_workers": 2,

@@ -18,7 +18,7 @@ class DataConfig:
     name: str = "mnist5k"
     """Dataset registry name: imagefolder, parquet, mnist5k, digits, synthetic."""
     root: Optional[str] = None
-    """Folder holding the splits (imagefolder: class folders; parquet: <split>.parquet or <split>/ shards)."""
+    """Folder holding the splits (imagefolder: class folders; parquet: `<split>.parquet` or `<split>/` shards)."""
     train_split: str = "train"
     """Image folders and Parquet: the split trained on (<root>/<train_split>/ or .parquet)."""
     val_split: str = "val"
@@ -76,6 +76,7 @@ class ModelConfig:
     teacher_pretrained: Optional[str] = None
     """Local weights file to start the teacher from (never downloaded)."""
     student_pretrained: Optional[str] = None
+    """Local weights file to start the student from (never downloaded)."""
     assistants: list = field(default_factory=list)
     """Teacher-assistant chain for `pipeline` (Mirzadeh et al. 2020): architectures distilled in
     turn, teacher -> assistants[0] -> ... -> student, beside the direct teacher -> student row."""
@@ -108,7 +109,7 @@ class DistillConfig:
     teacher_weights: Optional[list] = None
     """Weights of the ensemble's teachers (one per teacher_path entry); None = equal weights."""
     teacher_cache: str = "auto"
-    """auto (compute the teacher's logits once, keep them in <storage>/teacher_cache), off (run the
+    """auto (compute the teacher's logits once, keep them in `<run.storage>/teacher_cache`), off (run the
     teacher every step), or a folder from `kd-ray cache-teacher`."""
     cache_views: int = 4
     """Augmented views cached per image when data.augment is on (one per epoch, in turn)."""
@@ -168,6 +169,7 @@ class OptimConfig:
     weight_decay: float = 5e-4
     """L2 weight decay (decoupled for adamw)."""
     epochs: int = 10
+    """Epochs of the student stages (and of the teacher when teacher_epochs is None)."""
     teacher_epochs: Optional[int] = None
     """Epochs for the teacher stage; None = epochs. Read only when a teacher is trained (an
     imported teacher never consults it; 0 is refused when a teacher stage runs)."""
@@ -176,15 +178,15 @@ class OptimConfig:
     schedule: str = "cosine"
     """cosine, step or none (stepped every iteration)."""
     warmup_epochs: float = 1.0
-    """Epochs of linear learning-rate warm-up from 0 (fractions allowed); 0 = none. A distilled
-    student's first steps see the teacher's loss at full lr without it (README: Defaults)."""
+    """Epochs (may be fractional) of linear warm-up from 1% of lr, before the schedule; 0 = none
+    (docs: Methods, "Defaults")."""
     step_size: int = 30
     """Epochs between decays of the step schedule."""
     gamma: float = 0.1
     """Factor of each decay of the step schedule."""
     clip_grad_norm: Optional[float] = 5.0
     """Clip the gradients' global L2 norm to this before each step; null = no clipping. Without
-    it dkd and dist collapsed to one class on data nobody tuned them on (README: Defaults)."""
+    it dkd and dist collapsed to one class on data nobody tuned them on (docs: Methods, "Defaults")."""
 
     def __post_init__(self):
         if self.name not in ("sgd", "adamw"):

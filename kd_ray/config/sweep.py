@@ -23,13 +23,16 @@ class SweepConfig:
     scheduler: str = "asha"
     """asha (stops weak trials after grace_period epochs) or none."""
     grace_period: int = 1
+    """ASHA: epochs every trial trains before it can be stopped."""
     reduction_factor: float = 2.0
     """ASHA keeps the best 1/factor of the trials at each rung (epochs grace_period x factor^k).
     Ray's default 4 did not stop more here: with 2 trials at a time, asynchronous promotion let
     the 8-trial bench sweep train 63 of 96 epochs with 4 and 56 of 104 with 2 (bench_kd B3-ASHA).
     Ties pass a rung: a metric that saturates (100% top-1) stops nothing; val/loss still ranks."""
     metric: str = "val/top1"
+    """The metric trials are ranked on (and ASHA stops on), e.g. val/top1 or val/loss."""
     mode: str = "max"
+    """max or min: whether a larger metric is better."""
     seed: int = 0
     """Seed of the search (which values are drawn); every trial trains with run.seed."""
     max_concurrent_trials: int = 0

@@ -7,6 +7,7 @@ by torch.utils.flop_counter at batch 1 (multiply-adds = FLOPs / 2).
 """
 from __future__ import annotations
 
+import csv
 import os
 import platform
 import statistics
@@ -43,6 +44,28 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "cpu"
+
+
+HISTORY_COLUMNS = ("date", "machine", "figure", "value", "target")
+
+
+def append_history(path, machine: str, figures, date: str | None = None) -> Path:
+    """Append a benchmark run's figures to ``history.csv`` (the header goes on a new file).
+
+    ``figures``: ``(figure, value, target)`` triples, target "" where the figure has none. The
+    bench scripts call this beside the table they write, so every run stays on record after its
+    table file is overwritten by the next.
+    """
+    path = Path(path)
+    new = not path.exists() or path.stat().st_size == 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(HISTORY_COLUMNS)
+        when = date or time.strftime("%Y-%m-%d %H:%M")
+        writer.writerows((when, machine, figure, value, target) for figure, value, target in figures)
+    return path
 
 
 def timed(call, seconds: float, min_calls: int, warmup: int) -> list[float]:

@@ -69,6 +69,9 @@ class Distiller(nn.Module):
 
     def forward(self, student: Outputs, teacher: Optional[Outputs], labels: torch.Tensor,
                 epoch: int) -> dict:
+        """The loss of one batch: ``{"loss": scalar, part: value, ...}``; every part is logged as
+        ``train/<part>``. ``labels`` is -1 on unlabelled transfer images; ``epoch`` starts at 1;
+        ``teacher`` is None for a method whose ``teacher`` is None."""
         raise NotImplementedError
 
     def loss(self, student_logits, teacher_logits, labels, epoch: int = 1) -> dict:

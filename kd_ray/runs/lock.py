@@ -113,7 +113,7 @@ class RunLock:
 
     def __init__(self, folder, what: str = "run", fix: str = "wait for it to finish, or start a "
                  "fresh run beside it with --new", setting: str = "run.storage"):
-        # Object storage has no exclusive create here: no lock there (yet), see the README.
+        # Object storage has no exclusive create here: no lock there (yet), see docs/failures.md.
         self.remote = is_uri(folder)
         self.folder = Path("/") if self.remote else Path(folder).expanduser().resolve()
         self.path = self.folder / LOCK_FILE
