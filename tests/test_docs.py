@@ -25,7 +25,8 @@ def test_configuration_page_names_every_key_of_every_section():
             for line in (ROOT / "docs" / "configuration.md").read_text().splitlines()
             if line.startswith("| `")}
     classes = {"data": sections.DataConfig, "model": sections.ModelConfig, "distill": sections.DistillConfig,
-               "optim": sections.OptimConfig, "run": sections.RunConfig, "sweep": SweepConfig}
+               "optim": sections.OptimConfig, "run": sections.RunConfig, "guard": sections.GuardConfig,
+               "sweep": SweepConfig}
     missing = [f"{name}.{f.name}" for name, cls in classes.items() for f in dataclasses.fields(cls)
                if f"`{f.name}`" not in rows.get(name, "")]
     assert missing == []
