@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from kd_ray.deploy.loading import META_FILE, Model, open_model
-from kd_ray.errors import ModelFileError, one_line
+from kd_ray.errors import ModelFileError, first_line, one_line
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 TOLERANCE = 1e-3  # max abs logit difference accepted; float32 kernels differ by ~1e-6
@@ -132,8 +132,7 @@ def _dynamo_export(model: Model, example, tmp: Path) -> None:
                           input_names=["images"], output_names=["logits"], verbose=False,
                           dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False)
     except Exception as exc:
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise ModelFileError(f"ONNX export of {model.meta['arch']} failed: {first[:200]}") from None
+        raise ModelFileError(f"ONNX export of {model.meta['arch']} failed: {first_line(exc)[:200]}") from None
 
 
 def _props(meta: dict) -> dict:
