@@ -284,7 +284,7 @@ def test_image_files_get_the_tensor_datasets_own_transform(tmp_path):
     from PIL import Image
 
     from kd_ray.deploy.images import load_image, preprocess_spec
-    from kd_ray.deploy.loading import data_is_pil
+    from kd_ray.deploy.torch_models import data_is_pil
 
     cfg = load_config()  # mnist5k: uint8 images, so a PNG holds them exactly
     assert not data_is_pil(cfg.data)

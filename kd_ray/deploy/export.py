@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_ray.deploy.loading import META_FILE, Model, open_model
+from kd_ray.deploy.loading import open_model
+from kd_ray.deploy.model import META_FILE, Model
 from kd_ray.errors import ModelFileError, first_line, one_line
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
