@@ -13,6 +13,7 @@ from pathlib import Path
 from kd_ray import log as kd_log
 from kd_ray.config import demo_config, load_config, read_args_file
 from kd_ray.config.checks import check_machine, check_paths
+from kd_ray.config.describe import describe
 from kd_ray.errors import (KdRayError, RayStartError, RunFailedError, RunInterrupted, TeacherError,
                            one_line, user_error_in)
 from kd_ray.runs.lock import RunLock, fresh_name
@@ -181,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--splits", default="train,val", help="comma-separated split folders of SRC "
                          "to convert (default: train,val)")
     _deploy_args(sub)
+    config = sub.add_parser("config", help="print the effective config as YAML, each key under its "
+                            "description", description="Prints every key of every section with its "
+                            "value (defaults, then -c, then --set) and, as a comment above it, what it "
+                            "means; without -c, the defaults. The output is a config file: -c reads it "
+                            "back. Needs no torch or Ray.")
+    _config_args(config)
     convert.add_argument("--shard-mb", type=float, default=512.0, help="about this many MiB per shard file")
     _submit_args(sub.add_parser(
         "submit", help="run a kd-ray command as a Ray job on a cluster and follow its logs",
@@ -212,6 +219,9 @@ def run(args) -> int:
     # Imports below are local on purpose: each command pays only for the layers it uses, and the
     # checks that need torch (runs.stages: data, teacher file) run before Ray is imported
     # (torch takes ~4 s to import here, Ray ~7 s more).
+    if args.command == "config":
+        print(describe(load_config(args.config, args.overrides, args.args_file)), end="", flush=True)
+        return 0
     if args.command == "submit":
         from kd_ray.cluster.submit import submit_command  # local: heavy, see above
 
