@@ -28,8 +28,10 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/lint-imports
 
-# Everything (CI runs this): contracts, then unit, Ray, chaos and cluster tests.
+# Everything (CI runs this): contracts, then unit, Ray, chaos and cluster tests. The cluster
+# tests need sshd and rsync: scripts/test_deps.sh installs them if missing.
 test: lint
+	bash scripts/test_deps.sh
 	$(BIN)/python -m pytest -q
 
 # Under a minute: no Ray instance, no chaos, no clusters.
