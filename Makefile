@@ -35,6 +35,7 @@ docs: $(STAMP)
 # Everything (CI runs this): contracts, the manual (a broken link or a page left out fails), then
 # unit, Ray, chaos and cluster tests.
 test: lint
+	bash scripts/test_deps.sh  # sshd and rsync for the cluster tests, if missing
 	$(BIN)/mkdocs build --strict
 	$(BIN)/python -m pytest -q
 

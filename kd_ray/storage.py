@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
-from kd_ray.errors import ConfigError
+from kd_ray.errors import ConfigError, first_line
 
 # Forwarded from the driver to every Ray worker when run.storage is a URI (cluster.session).
 STORAGE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
@@ -48,7 +48,7 @@ class RemotePath:
         try:
             self.fs = _filesystem(parts.scheme, parts.netloc, parts.query)
         except Exception as exc:  # unknown scheme, missing driver library, bad options
-            raise ConfigError(f"storage {uri}: {one_line(exc)}: use a local folder or a URI pyarrow "
+            raise ConfigError(f"storage {uri}: {first_line(exc)[:200]}: use a local folder or a URI pyarrow "
                               "can open (s3://bucket/prefix, gs://bucket/prefix)") from None
 
     def _child(self, fs_path: str) -> RemotePath:
@@ -228,16 +228,11 @@ def check_storage(uri: str) -> None:
     try:
         kind = path.fs.get_file_info(bucket).type
     except Exception as exc:  # no credentials, no route to the endpoint
-        raise ConfigError(f"run.storage {uri}: cannot reach it ({one_line(exc)}); check the URI, "
+        raise ConfigError(f"run.storage {uri}: cannot reach it ({first_line(exc)[:200]}); check the URI, "
                           "the credentials and AWS_ENDPOINT_URL") from None
     if kind == pafs.FileType.NotFound:
         raise ConfigError(f"run.storage {uri}: bucket {bucket!r} not found: create it or set "
                           "run.storage to an existing bucket/prefix")
-
-
-def one_line(exc: Exception) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:200]
 
 
 def save_figure(fig, path, dpi: int = 120) -> None:

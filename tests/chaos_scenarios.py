@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kd_ray.engine import checkpoints
-from kd_ray.runs.files import read_failures, read_history
+from kd_ray.runs.files import STOP_FILE, read_failures, read_history
 from kd_ray.testing.faults import ENV, read_events
 
 # Fast failure detection for a small local instance (see DESIGN.md).
@@ -460,7 +460,7 @@ def t14_ctrl_c(work: Path, env: dict) -> Row:
     second = _popen(argv, env, {"dir": str(faults[1]), "faults": [{**hold, "epoch": 3, "seconds": 120}]})
     _wait_for(lambda: any(e["event"] == "fault" for e in read_events(faults[1])), second)
     second.send_signal(signal.SIGINT)
-    time.sleep(1)
+    _wait_for(lambda: (run_dir / STOP_FILE).exists(), second)  # the first Ctrl-C was handled
     pressed = time.time()
     second.send_signal(signal.SIGINT)
     _, err2 = second.communicate(timeout=300)

@@ -80,7 +80,10 @@ def test_cluster_local_yaml_passes_ray_validation_and_never_stops_other_rays():
 
 
 def test_dockerfile_pins_agree_with_pyproject_and_install_this_repo():
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    try:
+        import tomllib  # Python 3.11+
+    except ModuleNotFoundError:  # Python 3.10: tomli, in the dev extra there
+        import tomli as tomllib
     text = (REPO / "Dockerfile").read_text()
     args = dict(line.split(None, 1)[1].split("=", 1) for line in text.splitlines()
                 if line.startswith("ARG ") and "=" in line)

@@ -121,6 +121,17 @@ def test_onnx_mismatch_is_refused_and_nothing_is_left(runs, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+def test_onnx_export_failing_both_exporters_names_both_errors(runs, tmp_path, monkeypatch):
+    def refuse(*args, dynamo, **kwargs):
+        raise (RuntimeError("dynamo says no\nadvice") if dynamo else ValueError("torchscript says no\nmore"))
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    with pytest.raises(Exception, match="^ONNX export of tiny_cnn failed: TorchScript exporter: torchscript "
+                                        "says no; dynamo exporter: dynamo says no$"):
+        export(runs["distill"], "onnx", tmp_path / "no.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_eval_equals_the_runs_last_validation_numbers(runs, tmp_path):
     metrics, folder, _ = evaluate_target(runs["distill"], out=tmp_path / "ev")
     last = runs["history"][-1]
@@ -273,7 +284,7 @@ def test_image_files_get_the_tensor_datasets_own_transform(tmp_path):
     from PIL import Image
 
     from kd_ray.deploy.images import load_image, preprocess_spec
-    from kd_ray.deploy.loading import data_is_pil
+    from kd_ray.deploy.torch_models import data_is_pil
 
     cfg = load_config()  # mnist5k: uint8 images, so a PNG holds them exactly
     assert not data_is_pil(cfg.data)

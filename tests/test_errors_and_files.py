@@ -3,8 +3,8 @@ import pytest
 from torch.utils.data import DataLoader, Dataset
 
 from kd_ray.cluster.stage import raise_user_error
-from kd_ray.errors import (ConfigError, DataError, KdRayError, NonFiniteLossError, from_payload, one_line,
-                           to_payload, user_error_in)
+from kd_ray.errors import (ConfigError, DataError, KdRayError, NonFiniteLossError, first_line, from_payload,
+                           one_line, to_payload, user_error_in)
 from kd_ray.runs.files import finished_summary, read_history
 
 
@@ -21,6 +21,12 @@ def test_loader_worker_error_becomes_one_line():
         next(iter(DataLoader(Broken(), num_workers=1)))
     assert "\n" in str(info.value)  # PyTorch wraps it with the worker's traceback
     assert one_line(info.value) == "cannot read image /x/bad.png: truncated; delete or replace the file"
+
+
+def test_first_line_is_the_message_before_the_advice():
+    assert first_line(RuntimeError("\n  Weights only load failed.  \nPlease file an issue")) == "Weights only load failed."
+    assert first_line(TimeoutError()) == "TimeoutError"  # no text: its type
+    assert first_line(" \n") == "" and first_line("job died\nlog: ...") == "job died"
 
 
 def test_raise_user_error_finds_the_worker_cause():

@@ -43,9 +43,9 @@ pytestmark = pytest.mark.cluster
 
 
 def start_sshd(temp: Path, port: int, env: dict) -> subprocess.Popen:
-    # Not a skip: CI must run this test. .ci/run installs both where they are missing.
+    # Not a skip: CI must run this test. scripts/test_deps.sh (run by `make test`) installs both.
     assert SSHD and SSH and shutil.which("rsync"), \
-        "needs openssh-server and rsync: apt-get install openssh-server rsync (as .ci/run does)"
+        "needs openssh-server and rsync: run scripts/test_deps.sh (as `make test` does)"
     return _start_sshd(temp, port, env)
 
 

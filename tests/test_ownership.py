@@ -82,7 +82,9 @@ def test_heartbeat_refreshes_the_lock(tmp_path, monkeypatch):
     with RunLock(tmp_path / "r"):
         path = tmp_path / "r" / LOCK_FILE
         os.utime(path, (0, 0))
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while path.stat().st_mtime == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)  # poll: the heartbeat thread touches the file every 0.05 s
         assert time.time() - path.stat().st_mtime < 5
 
 

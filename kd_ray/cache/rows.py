@@ -106,9 +106,6 @@ class CachedLogits:
         return all(col.rows == self.bounds[s + 1] - self.bounds[s]
                    for s, shard in enumerate(self.columns) for col in shard.values())
 
-    def nbytes_per_row(self) -> int:
-        return sum(col.row_bytes for col in self.columns[0].values())
-
     def row(self, index: int, view: int) -> torch.Tensor:
         flat = view * self.samples + index
         s = bisect.bisect_right(self.bounds, flat) - 1

@@ -72,10 +72,6 @@ def _data_facts(cfg: Config) -> tuple[str, int, int]:
     return digest, len(labels), len(src.classes)
 
 
-def data_fingerprint(cfg: Config) -> str:
-    return _data_facts(cfg)[0]
-
-
 def choose_top_k(rows: int, classes: int, top_k: int | None) -> int | None:
     """The encoding: None (dense float16) or k. Unset: dense until it would pass AUTO_DENSE_BYTES."""
     if top_k is None:

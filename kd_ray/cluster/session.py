@@ -11,7 +11,7 @@ import ray.util
 
 from kd_ray.config import Config
 from kd_ray.config.checks import check_machine
-from kd_ray.errors import ConfigError, RayStartError
+from kd_ray.errors import ConfigError, RayStartError, first_line
 from kd_ray.storage import STORAGE_ENV, is_uri
 
 
@@ -47,7 +47,7 @@ def _start(what: str, fix: str, init) -> None:
         init()
     except Exception as exc:  # Ray raises bare Exception, TimeoutError, ConnectionError ...
         ray.shutdown()  # stop what this process started, if anything
-        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:200]
+        first = first_line(str(exc))[:200]  # the text: its type name is already in the message
         raise RayStartError(f"{what} ({type(exc).__name__}: {first}): {fix}") from exc
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from kd_ray import cluster
 from kd_ray.config import PATH_KEYS, demo_config, load_config
-from kd_ray.errors import ConfigError, KdRayError
+from kd_ray.errors import ConfigError, KdRayError, first_line
 from kd_ray.log import get
 
 log = get(__name__)
@@ -140,12 +140,12 @@ def connect(address: str | None):
     try:
         return JobSubmissionClient(address)
     except AuthenticationError as exc:
-        raise KdRayError(f"the job server at {address} refused us ({exc.message.splitlines()[0]}): "
+        raise KdRayError(f"the job server at {address} refused us ({first_line(exc.message)}): "
                          "it uses token auth, so copy the head's ~/.ray/auth_token here, or set "
                          "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH") from None
     except ConnectionError as exc:
         raise KdRayError(f"no Ray job server at {address or 'the address in the environment'} "
-                         f"({str(exc).splitlines()[0]}): start the cluster (`ray start --head` or "
+                         f"({first_line(exc)}): start the cluster (`ray start --head` or "
                          "`ray up cluster.yaml`) and forward its dashboard port "
                          "(`ray dashboard cluster.yaml`)") from None
 
@@ -193,9 +193,9 @@ def wait_for_exit(client, job_id: str) -> int:
         log.info(f"job {job_id} succeeded")
         return 0
     code = info.driver_exit_code if info.driver_exit_code not in (None, 0) else 1
-    message = (info.message or "").strip().splitlines()
+    message = first_line(info.message or "")
     log.error(f"error: job {job_id} {info.status.value.lower()} (exit code {code})"
-              f"{': ' + message[0] if message else ''}")
+              f"{': ' + message if message else ''}")
     logs = client.get_job_logs(job_id)
     if code == 127 or "No module named 'kd_ray'" in logs or "No module named 'ray'" in logs:
         log.error("hint: the head's `python` lacks Ray or kd_ray: start Ray from the activated "

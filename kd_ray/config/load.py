@@ -19,7 +19,7 @@ from kd_ray.storage import location
 from kd_ray.config.sections import (PATH_KEYS, RUN_SECTIONS, DataConfig, DistillConfig, GuardConfig,
                                     ModelConfig, OptimConfig, RunConfig)
 from kd_ray.config.sweep import SweepConfig
-from kd_ray.errors import ConfigError
+from kd_ray.errors import ConfigError, first_line
 
 SECTIONS = {**RUN_SECTIONS, "sweep": SweepConfig}
 
@@ -166,7 +166,7 @@ def load_config(path=None, overrides=(), args_file=None) -> Config:
         try:
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+            raise ConfigError(f"config file {path} is not valid YAML: {first_line(exc)}") from None
         if raw is None:  # an empty file would silently train on every default
             raise ConfigError(f"config file {path} is empty: give it the sections you mean to set "
                               "(see configs/), or leave out -c to run on the defaults")

@@ -57,11 +57,6 @@ def split_files(root, split: str) -> list[Path]:
     )
 
 
-def split_path(root, split: str) -> Path:
-    """Kept for callers that need one path: the split's first file."""
-    return split_files(root, split)[0]
-
-
 def read_labels(files) -> np.ndarray:
     """Only the label column, as int64 (8 bytes a row, however large the images), filled a batch
     at a time so that the peak is the result plus one batch."""

@@ -72,9 +72,6 @@ class ShuffleSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def view_of(self, index: int) -> int:
-        return 0 if self.offsets is None else int((self.offsets[index] + self.epoch) % self.views)
-
     def indices(self) -> np.ndarray:
         """This rank's sample indices for the epoch, in order."""
         order = (epoch_order(self.n, self.groups, self.seed, self.epoch, self.window) if self.shuffle

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_ray.deploy.loading import Model, open_model
+from kd_ray.deploy.loading import open_model
+from kd_ray.deploy.model import Model
 
 
 def machine_line() -> str:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_ray.deploy.loading import Model, has_teacher, open_model
+from kd_ray.deploy.loading import open_model
+from kd_ray.deploy.model import Model, has_teacher
 from kd_ray.errors import ConfigError, ModelFileError
 
 ECE_BINS = 15

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_ray.deploy.loading import META_FILE, Model, open_model
-from kd_ray.errors import ModelFileError, one_line
+from kd_ray.deploy.loading import open_model
+from kd_ray.deploy.model import META_FILE, Model
+from kd_ray.errors import ModelFileError, first_line, one_line
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 TOLERANCE = 1e-3  # max abs logit difference accepted; float32 kernels differ by ~1e-6
@@ -89,8 +90,8 @@ def _onnx(model: Model, tmp: Path, tolerance: float) -> dict:
                                   opset_version=OPSET, input_names=["images"],
                                   output_names=["logits"], verbose=False,
                                   dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
-        except Exception:  # e.g. adaptive pooling to a size that does not divide the input
-            _dynamo_export(model, example, tmp)
+        except Exception as exc:  # e.g. adaptive pooling to a size that does not divide the input
+            _dynamo_export(model, example, tmp, first_error=exc)
     proto = onnx.load(str(tmp))
     for key, value in _props(model.meta).items():
         entry = proto.metadata_props.add()
@@ -122,8 +123,10 @@ def _quiet_fds():
             os.close(fd)
 
 
-def _dynamo_export(model: Model, example, tmp: Path) -> None:
-    """The torch.export-based exporter (needs onnxscript): slower, handles more operators."""
+def _dynamo_export(model: Model, example, tmp: Path, first_error: Exception) -> None:
+    """The torch.export-based exporter (needs onnxscript): slower, handles more operators.
+
+    ``first_error``: why the TorchScript-based one failed; a model both refuse names both."""
     import torch  # local: heavy
 
     tmp.unlink(missing_ok=True)
@@ -132,8 +135,8 @@ def _dynamo_export(model: Model, example, tmp: Path) -> None:
                           input_names=["images"], output_names=["logits"], verbose=False,
                           dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False)
     except Exception as exc:
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise ModelFileError(f"ONNX export of {model.meta['arch']} failed: {first[:200]}") from None
+        raise ModelFileError(f"ONNX export of {model.meta['arch']} failed: TorchScript exporter: "
+                             f"{first_line(first_error)[:200]}; dynamo exporter: {first_line(exc)[:200]}") from None
 
 
 def _props(meta: dict) -> dict:

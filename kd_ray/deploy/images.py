@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kd_ray.errors import first_line
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 IMAGENET = {"resize": "shorter_side_center_crop", "mean": [0.485, 0.456, 0.406],
             "std": [0.229, 0.224, 0.225]}
@@ -68,5 +70,5 @@ def load_images(paths, spec: dict):
             arrays.append(load_image(path, spec))
             kept.append(Path(path))
         except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three on bad files
-            bad.append((Path(path), str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+            bad.append((Path(path), first_line(exc)))
     return arrays, kept, bad

@@ -1,241 +1,25 @@
 """Open what export, eval, predict and bench take: a run folder (its student or teacher), an
 exported file (.onnx, TorchScript .pt, .safetensors), a kd_ray teacher.pt, or an architecture name.
 
-Every opened model answers ``logits(batch)`` on NumPy arrays and carries ``meta``: classes, input
-size and preprocessing (the same keys that exports write into their metadata). ONNX files open
-with ONNX Runtime only: no torch, no kd_ray models code.
+ONNX files open with ONNX Runtime (deploy.model, no torch); everything else opens in
+deploy.torch_models, imported only then, so that `kd-ray predict` on an .onnx file never loads torch.
 """
 from __future__ import annotations
 
-import json
-import logging
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from kd_ray.deploy.images import IMAGENET, preprocess_spec
-from kd_ray.errors import KdRayError, ModelFileError, one_line
-
-log = logging.getLogger(__name__)
-
-MODEL_FORMAT = "kd_ray-model-v1"
-META_FILE = "kd_ray.json"  # TorchScript extra file / ONNX metadata key
-READS = "a run folder, .onnx, TorchScript .pt, .safetensors, a kd_ray teacher.pt or an architecture name"
-TENSOR_DATASETS = ("mnist5k", "digits", "synthetic")
-
-
-@dataclass
-class Model:
-    meta: dict
-    kind: str  # run | teacher | arch | onnx | torchscript | safetensors
-    path: Path | None
-    module: Any = None  # an eval-mode torch.nn.Module (None for ONNX)
-    session: Any = None  # an onnxruntime.InferenceSession
-    extra: dict = field(default_factory=dict)  # run folders: the config, the last metrics
-
-    @property
-    def classes(self) -> list[str]:
-        return self.meta["classes"]
-
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        if self.session is not None:
-            name = self.session.get_inputs()[0].name
-            return self.session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
-        import torch  # local: ONNX models never import torch
-
-        with torch.no_grad():
-            return self.module(torch.from_numpy(np.ascontiguousarray(batch))).float().numpy()
-
-
-def describe_meta(arch, classes, image_size, preprocess, **extra) -> dict:
-    return {"format": MODEL_FORMAT, "arch": arch, "classes": [str(c) for c in classes],
-            "num_classes": len(classes), "image_size": int(image_size), "input": "images",
-            "output": "logits", "preprocess": preprocess, **extra}
-
-
-def data_is_pil(data_cfg) -> bool:
-    """Whether the run's dataset uses the PIL transforms (see data.datasets.make_transform)."""
-    if data_cfg.name in ("imagefolder", "parquet"):
-        return True
-    if data_cfg.name in TENSOR_DATASETS:
-        return False
-    try:  # a plugin dataset: ask it (reads its listing)
-        from kd_ray.data import load_source  # local: heavy
-
-        return load_source(data_cfg).pil
-    except KdRayError:
-        log.warning("dataset %s is not readable here; assuming ImageNet preprocessing", data_cfg.name)
-        return True
+from kd_ray.deploy.model import Model, open_onnx
+from kd_ray.errors import ModelFileError
 
 
 def open_model(target, which: str = "student", image_size: int | None = None,
                num_classes: int = 1000) -> Model:
     """Any of READS; ``which`` picks the teacher of a run folder."""
     path = Path(str(target))
-    if path.is_dir():
-        return open_run(path, which)
-    if not path.exists():
-        from kd_ray.models import MODELS  # local: heavy (torch)
-
-        if str(target) in MODELS:
-            return open_arch(str(target), image_size or 224, num_classes)
-        raise ModelFileError(f"{target} is neither a file, a folder nor an architecture; pass {READS}")
-    if which != "student":
-        raise ModelFileError(f"--which {which} needs a run folder; {path} is one model")
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
+    if path.suffix.lower() == ".onnx" and path.is_file():
+        if which != "student":
+            raise ModelFileError(f"--which {which} needs a run folder; {path} is one model")
         return open_onnx(path)
-    if suffix == ".safetensors":
-        return open_safetensors(path)
-    if suffix in (".pt", ".pth", ".ts", ".torchscript"):
-        return open_torch_file(path)
-    raise ModelFileError(f"{path} has an unknown suffix {path.suffix!r}; pass {READS}")
+    from kd_ray.deploy import torch_models  # the one local import: an ONNX file never loads torch
 
-
-def has_teacher(cfg) -> bool:
-    """A distill run's teacher (one file or an ensemble's); a pipeline's baseline student names the
-    same teacher file."""
-    from kd_ray.config import teacher_files  # local: keeps this module light
-
-    paths = teacher_files(cfg.distill)
-    return bool(paths) and all(Path(str(p)).is_file() for p in paths)
-
-
-def open_run(run_dir: Path, which: str = "student") -> Model:
-    from kd_ray.config import Config  # local: heavy (torch)
-    from kd_ray.config import teacher_files
-    from kd_ray.data import describe
-    from kd_ray.engine import checkpoints
-    from kd_ray.models import build_model, load_teacher, load_teachers
-
-    found = checkpoints.latest(run_dir, with_state=True)
-    if found is None:
-        raise ModelFileError(f"{run_dir} holds no finished checkpoint (checkpoint_*/state.pt): "
-                             "pass the folder of a run that trained at least one epoch")
-    folder, manifest, state = found
-    cfg = Config.from_dict(state["config"])
-    spec = preprocess_spec(data_is_pil(cfg.data), state["image_size"])
-    history = manifest.get("history") or [{}]
-    common = {"run": str(run_dir), "checkpoint": folder.name, "epoch": state["epoch"]}
-    extra = {"config": cfg, "last": history[-1], "stage": state["stage"]}
-    if which == "teacher" and state["stage"] != "teacher":
-        if not has_teacher(cfg):
-            raise ModelFileError(f"{run_dir} is a {state['stage']} run without a teacher file "
-                                 "(distill.teacher_path): use --which student or a distill run")
-        paths = teacher_files(cfg.distill)
-        if len(paths) > 1:  # an ensemble: one module fed the student's input (each member adapts it)
-            norm = state.get("norm") or describe(cfg.data).norm
-            module = load_teachers(paths, cfg.distill.teacher_weights, state["image_size"], norm)
-            meta = describe_meta("ensemble", state["classes"], state["image_size"], spec,
-                                 stage="teacher", source=",".join(map(str, paths)), **common)
-            return Model(meta, "teacher", Path(str(paths[0])), module.eval(), extra=extra)
-        module, info = load_teacher(cfg.distill.teacher_path)
-        meta = describe_meta(info["arch"], info["classes"], info["image_size"],
-                             preprocess_spec(spec["resize"] != "square", info["image_size"]),
-                             stage="teacher", source=str(cfg.distill.teacher_path), **common)
-        return Model(meta, "teacher", Path(cfg.distill.teacher_path), module.eval(), extra=extra)
-    model = build_model(state["arch"], len(state["classes"]))
-    model.load_state_dict(state["model"])
-    meta = describe_meta(state["arch"], state["classes"], state["image_size"], spec,
-                         stage=state["stage"], val_top1=history[-1].get("val/top1"), **common)
-    return Model(meta, "run", folder / checkpoints.STATE_FILE, model.eval(), extra=extra)
-
-
-def open_arch(name: str, image_size: int, num_classes: int) -> Model:
-    from kd_ray.models import build_model  # local: heavy (torch)
-
-    module = build_model(name, num_classes).eval()  # random weights: for size and speed only
-    meta = describe_meta(name, [str(i) for i in range(num_classes)], image_size,
-                         preprocess_spec(True, image_size), stage="random weights")
-    return Model(meta, "arch", None, module)
-
-
-def open_onnx(path: Path) -> Model:
-    try:
-        import onnxruntime as ort
-    except ModuleNotFoundError:
-        raise ModelFileError("reading .onnx files needs onnxruntime: pip install 'kd_ray[deploy]'") from None
-    try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own types for a bad file
-        raise ModelFileError(f"{path} is not a readable ONNX model ({one_line(exc)[:200]})") from None
-    props = session.get_modelmeta().custom_metadata_map
-    meta = _meta_or_error(props.get(META_FILE), path, "ONNX metadata")
-    return Model(meta, "onnx", path, session=session)
-
-
-def open_safetensors(path: Path) -> Model:
-    from safetensors import SafetensorError, safe_open  # local: heavy
-    from safetensors.torch import load_file
-
-    from kd_ray.models import build_model
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelFileError(f"{path} is not a readable safetensors file ({one_line(exc)})") from None
-    meta = _meta_or_error(header.get(META_FILE), path, "safetensors metadata")
-    module = build_model(meta["arch"], meta["num_classes"])
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ModelFileError(f"{path} does not fit {meta['arch']}: {one_line(exc)[:200]}") from None
-    return Model(meta, "safetensors", path, module.eval())
-
-
-def open_torch_file(path: Path) -> Model:
-    """A TorchScript file from ``kd-ray export``, or a kd_ray teacher.pt."""
-    import torch  # local: heavy
-
-    from kd_ray.models import TEACHER_FORMAT, load_teacher
-
-    with warnings.catch_warnings():  # torch.load and torch.jit.load warn about each other
-        warnings.simplefilter("ignore")
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # TorchScript archives and foreign pickles do not load this way
-            raw = None
-    if isinstance(raw, dict) and raw.get("format") == TEACHER_FORMAT:
-        module, info = load_teacher(path)
-        meta = describe_meta(info["arch"], info["classes"], info["image_size"],
-                             _teacher_preprocess(info), stage="teacher")
-        return Model(meta, "teacher", path, module)
-    files = {META_FILE: ""}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
-    except Exception as exc:
-        raise ModelFileError(f"{path} is neither a TorchScript model nor a kd_ray teacher file "
-                             f"({one_line(exc)[:160]}); pass {READS}") from None
-    meta = _meta_or_error(files[META_FILE] or None, path, "TorchScript extra file kd_ray.json")
-    return Model(meta, "torchscript", path, module.eval())
-
-
-def _teacher_preprocess(info: dict) -> dict:
-    """The teacher file does not name its dataset: the run that trained it does (config.yaml)."""
-    run = (info.get("extra") or {}).get("run")
-    config = Path(run) / "config.yaml" if run else None
-    if config is not None and config.is_file():
-        from kd_ray.config import load_config  # local: heavy
-
-        try:
-            return preprocess_spec(data_is_pil(load_config(config).data), info["image_size"])
-        except KdRayError:
-            pass
-    return {**IMAGENET, "image_size": int(info["image_size"]), "layout": "NCHW RGB float32"}
-
-
-def _meta_or_error(text, path: Path, where: str) -> dict:
-    try:
-        meta = json.loads(text) if text else None
-    except ValueError:
-        meta = None
-    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-        raise ModelFileError(f"{path} has no kd_ray metadata ({where}): export it with `kd-ray export`")
-    return meta
+    return torch_models.open_torch_model(target, which, image_size, num_classes)

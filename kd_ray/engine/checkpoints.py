@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from kd_ray.errors import first_line
 from kd_ray.log import get
 from kd_ray.storage import is_uri, location, open_bytes, upload
 
@@ -108,23 +109,22 @@ def load(folder, map_location="cpu") -> tuple[dict, dict]:
         tensors = torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:  # weights_only met an object: refused, not unpickled
         raise BadCheckpoint(f"{STATE_FILE} holds a pickled object that is not a tensor or plain "
-                            f"value ({_first_line(exc)}); refused, it was not loaded") from None
+                            f"value ({_refusal(exc)}); refused, it was not loaded") from None
     except Exception as exc:  # a torn zip: any error means this one is unusable
         raise BadCheckpoint(f"{STATE_FILE} does not load ({type(exc).__name__}: "
-                            f"{_first_line(exc)})") from None
+                            f"{_refusal(exc)})") from None
     if not isinstance(tensors, dict):
         raise BadCheckpoint(f"{STATE_FILE} holds a {type(tensors).__name__}, not a dict of tensors")
     meta = {k: v for k, v in manifest.items() if k not in ("state_bytes", "history", "written")}
     return {**meta, **tensors}, manifest
 
 
-def _first_line(exc: Exception) -> str:
+def _refusal(exc: Exception) -> str:
     """torch's refusal is a page of advice; its "GLOBAL <name>" says what was refused."""
     found = re.search(r"GLOBAL [\w.]+", str(exc))
     if found:
         return f"{found.group(0)} is not allowed"
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:200]
+    return first_line(exc)[:200]
 
 
 def folders(run_dir) -> list[Path]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kd_ray.errors import TeacherError
+from kd_ray.errors import TeacherError, first_line
 from kd_ray.models.zoo import require_file, strip_prefixes
 
 FIX = "give a local weights file (.pt, .pth, .ckpt, .safetensors)"
@@ -28,13 +28,13 @@ def read_weights(path) -> dict:
         try:
             return load_safetensors(str(path))
         except Exception as exc:
-            raise TeacherError(f"weights file {path} is unreadable: {exc}".splitlines()[0]) from None
+            raise TeacherError(f"weights file {path} is unreadable: {first_line(exc)}") from None
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # e.g. a Lightning checkpoint's hyper_parameters (Namespace)
         raw = _load_tensors_only(path)
     except Exception as exc:
-        raise TeacherError(f"weights file {path} is unreadable: {exc}".splitlines()[0]) from None
+        raise TeacherError(f"weights file {path} is unreadable: {first_line(exc)}") from None
     if isinstance(raw, dict):
         for key in WRAPPERS:
             if isinstance(raw.get(key), dict):
@@ -87,7 +87,7 @@ def _load_tensors_only(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)
     except Exception as exc:
-        raise TeacherError(f"weights file {path} is unreadable: {exc}".splitlines()[0]) from None
+        raise TeacherError(f"weights file {path} is unreadable: {first_line(exc)}") from None
 
 
 def module_prefix(keys, own) -> str:

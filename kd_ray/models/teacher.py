@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kd_ray.errors import TeacherError
+from kd_ray.errors import TeacherError, first_line
 from kd_ray.storage import is_uri, location
 from kd_ray.models.zoo import MODELS, build_model, load_file, strip_prefixes
 
@@ -74,9 +74,7 @@ def load_teacher(path, device="cpu") -> tuple[nn.Module, dict]:
     try:
         model.load_state_dict(data["state_dict"], strict=True)
     except RuntimeError as exc:
-        raise TeacherError(
-            f"teacher file {path} does not fit {info['arch']}: {exc}".splitlines()[0]
-        ) from None
+        raise TeacherError(f"teacher file {path} does not fit {info['arch']}: {first_line(exc)}") from None
     model.to(device).eval().requires_grad_(False)
     return model, info
 

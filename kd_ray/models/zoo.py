@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from kd_ray.config.checks import PRETRAINED_FIX
-from kd_ray.errors import ConfigError
+from kd_ray.errors import ConfigError, first_line
 from kd_ray.registry import Registry
 from kd_ray.storage import location, open_bytes
 
@@ -131,7 +131,7 @@ def load_file(path, error, what: str, fix: str):
         source = path if isinstance(path, Path) else open_bytes(path)
         return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise error(f"{what} {path} is unreadable: {exc}".splitlines()[0]) from None
+        raise error(f"{what} {path} is unreadable: {first_line(exc)}") from None
 
 
 def load_weights(model: nn.Module, path, arch: str = "model") -> list[str]:

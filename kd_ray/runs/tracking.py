@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 from kd_ray.config import load_config
 from kd_ray.config.checks import is_uri
-from kd_ray.errors import ConfigError
+from kd_ray.errors import ConfigError, first_line
 from kd_ray.log import get
 from kd_ray.storage import location
 
@@ -189,6 +189,6 @@ def log_export(run_dir, out=None, which: str = "student") -> list[str]:
             client.log_artifact(id_file.read_text().strip(), str(path), "export")
     except Exception as exc:  # noqa: BLE001 (any tracker failure: the export itself succeeded)
         get(__name__).warning(f"export not logged to MLflow at {uri}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+                              f"{first_line(exc)}")
         return []
     return [path.name for path in files]

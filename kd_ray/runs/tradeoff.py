@@ -15,7 +15,8 @@ from pathlib import Path
 
 from kd_ray.deploy.bench import count_macs, timed, torch_runner, weights_bytes
 from kd_ray.deploy.evaluate import collect_logits, split_dataset
-from kd_ray.deploy.loading import has_teacher, open_model
+from kd_ray.deploy.loading import open_model
+from kd_ray.deploy.model import has_teacher
 from kd_ray.errors import KdRayError
 from kd_ray.storage import is_uri, save_figure
 
