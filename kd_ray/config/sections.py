@@ -97,7 +97,8 @@ class DistillConfig:
     """Method-specific settings, checked by the method (e.g. a plugin's weights or layer names)."""
     method_params: dict = field(default_factory=dict)
     """Per-method settings for `kd-ray compare` ({dkd: {beta: 2}, at: {...}}): each method of
-    --methods runs with its entry (distill.params still go to distill.loss, over its entry)."""
+    --methods runs with its entry (distill.params still go to distill.loss, over its entry); an
+    entry's temperature and alpha apply to that method only ({dist: {temperature: 1}})."""
     temperature: Optional[float] = None
     """Softening temperature T; None = each method's own default (kd, dkd, fitnets, at: 4; dist:
     4; kd with params.standardize: 2). A value set here applies to every method of the run."""

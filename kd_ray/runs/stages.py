@@ -132,11 +132,16 @@ def check_pipeline(cfg: Config, train_teacher: bool, distill: bool, methods=None
 def method_config(cfg: Config, method: str) -> Config:
     """``cfg`` distilling with ``method``: its ``distill.method_params`` entry, and for
     ``distill.loss`` ``distill.params`` over that; other methods of a comparison run with their
-    defaults."""
+    defaults. An entry's ``temperature`` and ``alpha`` set the distill section's for that method
+    only (each method at its own T: {dist: {temperature: 1, beta: 2}})."""
     params = dict(cfg.distill.method_params.get(method) or {})
+    shared = {key: params.pop(key) for key in SHARED_KEYS if key in params}
     if method == cfg.distill.loss:
         params.update(cfg.distill.params)
-    return cfg.replace(distill={"loss": method, "params": params})
+    return cfg.replace(distill={"loss": method, "params": params, **shared})
+
+
+SHARED_KEYS = ("temperature", "alpha")  # distill-section keys a method_params entry may set
 
 
 def distill_run_name(cfg: Config, method: str, seed: int) -> str:
