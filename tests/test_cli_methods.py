@@ -57,7 +57,7 @@ def refused(capsys, tmp_path, command, argv) -> str:
     ("distill", ["distill.loss=fitnets"], ["fitnets needs distill.params.student_layer"]),
     ("distill", ["distill.cache_encoding=topk", "distill.cache_top_k=1", "distill.temperature=4"],
      ["distill.cache_encoding=top-1 changes distill.loss=kd's loss by", "use distill.cache_encoding=float16"]),
-    ("distill", ["distill.loss=dkdd"], ["unknown loss 'dkdd'; choose one of: at, ce, dist, dkd, fitnets, kd"]),
+    ("distill", ["distill.loss=dkdd"], ["unknown loss 'dkdd'; choose one of: at, ce, ctkd, dist, dkd, fitnets, kd, mlkd"]),
     ("distill", ["distill.loss=dist", "distill.params.gama=1"],
      ["unknown distill.params key(s) ['gama'] for distill.loss=dist; valid keys: beta, ce_weight, gamma"]),
     ("distill", ["distill.loss=dkd", "distill.params.beta=-2"], ["beta must be >= 0"]),
