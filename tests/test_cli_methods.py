@@ -49,13 +49,15 @@ def refused(capsys, tmp_path, command, argv) -> str:
      ["teacher layer '44' is not in Sequential", "nearest layer names: 4"]),
     ("distill", ["distill.loss=at", "distill.params.student_layers=[1, layer3]"],
      ["student layer 'layer3' is not in Sequential", "nearest layer names:"]),
-    ("distill", ["distill.loss=fitnets", "distill.params.student_layer=1", "distill.params.teacher_layer=4"],
-     ["student layer '1' (8x32x32)", "teacher layer '4' (16x16x16)", "pick another distill.params.teacher_layer",
+    ("distill", ["distill.loss=fitnets", "distill.params.student_layer=1", "distill.params.teacher_layer=7"],
+     ["student layer '1' (8x32x32)", "teacher layer '7' (400)", "pick another distill.params.teacher_layer",
       "teacher layers at 32x32: 0, 1"]),
     ("distill", ["distill.loss=at", "distill.params.student_layers=[4]", "distill.params.teacher_layers=[7]"],
      ["student layer '4' (16x16x16)", "teacher layer '7' (400)", "teacher layers at 16x16: 2, 3, 4"]),
     ("distill", ["distill.loss=fitnets"], ["fitnets needs distill.params.student_layer"]),
-    ("distill", ["distill.loss=dkdd"], ["unknown loss 'dkdd'; choose one of: at, ce, dist, dkd, fitnets, kd"]),
+    ("distill", ["distill.cache_encoding=topk", "distill.cache_top_k=1", "distill.temperature=4"],
+     ["distill.cache_encoding=top-1 changes distill.loss=kd's loss by", "use distill.cache_encoding=float16"]),
+    ("distill", ["distill.loss=dkdd"], ["unknown loss 'dkdd'; choose one of: at, ce, ctkd, dist, dkd, fitnets, kd, mlkd"]),
     ("distill", ["distill.loss=dist", "distill.params.gama=1"],
      ["unknown distill.params key(s) ['gama'] for distill.loss=dist; valid keys: beta, ce_weight, gamma"]),
     ("distill", ["distill.loss=dkd", "distill.params.beta=-2"], ["beta must be >= 0"]),
@@ -105,6 +107,15 @@ def test_a_sweep_space_can_name_distill_params(tree, tmp_path, teacher):
     assert trial.distill.params == {"alpha": 0.5, "beta": 8} and trial.distill.temperature == 2.0
     assert cfg.distill.params == {"alpha": 0.5}  # the base config is not changed
     check_sweep(cfg, train_teacher=False)
+
+
+def test_a_sweep_over_a_temperature_a_lossy_cache_cannot_bear_is_refused(capsys, tree, tmp_path, teacher):
+    """Top-1 of 3 classes moves kd's loss by 0.2% at T 0.5 (the run's T: passes) and by 53% at T 8:
+    each trial's temperature is checked."""
+    err = refused(capsys, tmp_path, "tune", args(tree, tmp_path, teacher, "distill.cache_top_k=1",
+                                                 "distill.temperature=0.5",
+                                                 "sweep.space={distill.temperature: [0.5, 8]}"))
+    assert "distill.cache_encoding=top-1 changes distill.loss=kd's loss by" in err and "T=8" in err
 
 
 @pytest.mark.parametrize("space, needle", [

@@ -34,8 +34,10 @@ def test_fitnets_on_two_workers_resumes_with_its_regressor(ray_cluster, tmp_path
 
     saved = next(f for f in checkpoints.folders(run_dir) if checkpoints.read_manifest(f)["epoch"] == 2)
     state = torch.load(saved / checkpoints.STATE_FILE, map_location="cpu", weights_only=False)
-    assert set(state["method"]) == {"regressor.weight", "regressor.bias"}
-    assert tuple(state["method"]["regressor.weight"].shape) == (16, 16, 1, 1)
+    assert set(state["method"]) == {"regressor.0.weight", "regressor.0.bias", "regressor.1.weight", "regressor.1.bias",
+                                    "regressor.1.running_mean", "regressor.1.running_var",
+                                    "regressor.1.num_batches_tracked"}  # ConvReg: 1x1 conv, BN, ReLU
+    assert tuple(state["method"]["regressor.0.weight"].shape) == (16, 16, 1, 1)
     attempts = [e for e in read_events(faults_dir) if e["event"] == "attempt"]
     fresh = [e["method_state"] for e in attempts if e["start_epoch"] == 1]
     resumed = [e["method_state"] for e in attempts if e["start_epoch"] == 3]

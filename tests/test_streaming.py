@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from kd_ray.cache import rows as cache_rows
-from kd_ray.cache.store import choose_top_k
+from kd_ray.cache.store import choose_encoding
 from kd_ray.config import DataConfig
 from kd_ray.data import build_data, convert_imagefolder_to_parquet, describe, write_synthetic_imagefolder
 from kd_ray.data import parquet
@@ -130,17 +130,23 @@ def test_views_leave_the_callers_random_stream_alone(tmp_path):
 
 def test_cache_rows_round_trip_and_are_read_from_disk(tmp_path):
     logits = np.random.default_rng(0).normal(size=(10, 6)).astype(np.float32)
-    for top_k, shards in ((None, [0, 4, 10]), (2, [0, 10])):
-        folder = tmp_path / f"k{top_k}"
+    for top_k, encoding, shards in ((None, None, [0, 4, 10]), (2, None, [0, 10]), (None, "int8", [0, 3, 10])):
+        folder = tmp_path / f"k{top_k}{encoding or ''}"
         folder.mkdir()
         for s in range(len(shards) - 1):
-            writer = cache_rows.ShardWriter(folder, s, shards[s + 1] - shards[s], 6, top_k)
+            writer = cache_rows.ShardWriter(folder, s, shards[s + 1] - shards[s], 6, top_k, encoding)
             writer.add(logits[shards[s]:shards[s + 1]])
             writer.close()
         cache = cache_rows.CachedLogits(folder, 5, 2, 6, shards)
         assert cache.complete()
         row = cache.row(3, 1)  # flat id 8
-        if top_k is None:
+        if encoding == "int8":
+            step = (logits[8].max() - logits[8].min()) / 255
+            assert cache.nbytes_per_row() == 6 + 4 + 4 and row.dtype == torch.float32
+            assert (row - torch.from_numpy(logits[8])).abs().max() <= step / 2 + 1e-6
+            assert row.max().item() == pytest.approx(float(logits[8].max()), abs=1e-5)
+            assert torch.equal(cache.row(0, 0), torch.from_numpy(cache_rows.roundtrip(logits[:1], "int8")[0]))
+        elif top_k is None:
             assert row.dtype == torch.float16 and torch.allclose(row.float(), torch.from_numpy(logits[8]), atol=1e-2)
         else:
             probs, live = row.softmax(0), torch.from_numpy(logits[8]).softmax(0)
@@ -157,11 +163,30 @@ def test_cache_rows_round_trip_and_are_read_from_disk(tmp_path):
     assert torch.equal(dense.row(4, 1), torch.full((6,), 7.0, dtype=torch.float16))
 
 
-def test_cache_encoding_is_chosen_by_size():
-    assert choose_top_k(50_000, 10, None) is None  # small: dense
-    assert choose_top_k(1_280_000 * 4, 1000, None) == 32  # ImageNet x 4 views: top-32
-    assert choose_top_k(1_280_000 * 4, 1000, 5) == 5
-    assert choose_top_k(100, 10, 10) is None  # k >= classes: dense
+def test_cache_encoding_stays_dense_whatever_the_size_unless_asked():
+    """No size switch: dense float16 unless distill.cache_encoding (or cache_top_k) asks."""
+    assert choose_encoding(1000, None, None) == ("float16", None)
+    assert choose_encoding(1000, "int8", None) == ("int8", None)
+    assert choose_encoding(1000, "topk", None) == ("topk", 32)
+    assert choose_encoding(1000, None, 5) == ("topk", 5)  # cache_top_k alone: top-k, as before
+    assert choose_encoding(10, "topk", 10) == ("float16", None)  # k >= classes: dense
+
+
+def test_an_imagenet_sized_cache_over_1_gib_is_dense_float16(monkeypatch):
+    from kd_ray.cache import store
+    from kd_ray.config import load_config
+
+    # ImageNet-1k: 1.28 M images x 4 views x 1,000 classes x 2 bytes = 10 GB of float16
+    monkeypatch.setattr(store, "_data_facts", lambda cfg: ("digest", 1_281_167, 1000))
+    monkeypatch.setattr(store, "teacher_fingerprint", lambda cfg: "sha")
+    cfg = load_config(overrides=["data.augment=true", "distill.cache_views=4"])
+    assert store.num_views(cfg) * 1_281_167 * 1000 * 2 > 2**30
+    want = store.wanted(cfg)
+    assert (want["encoding"], want["top_k"]) == ("float16", None)
+    asked = store.wanted(cfg.replace(distill={"cache_encoding": "topk"}))
+    assert (asked["encoding"], asked["top_k"]) == ("topk", 32)
+    assert store.mismatch(dict(want, encoding="dense"), want) is None  # a manifest from before: same
+    assert "distill.cache_encoding" in store.mismatch(dict(want, encoding="int8"), want)
 
 
 def test_a_corrupt_image_names_its_file_and_row(tmp_path):

@@ -94,30 +94,31 @@ def build(cfg: Config, path, want: dict | None = None, run_shards: ShardRunner =
     log.info(f"teacher cache: {samples} images x {views} view(s) through the teacher on "
              f"{shards} worker(s) -> {path}")
     started = time.perf_counter()
-    jobs = [(cfg.to_dict(), k, int(bounds[k]), int(bounds[k + 1]), str(staging), want["top_k"])
-            for k in range(shards)]
+    jobs = [(cfg.to_dict(), k, int(bounds[k]), int(bounds[k + 1]), str(staging), want["top_k"],
+             want["encoding"]) for k in range(shards)]
     stats = run_shards(cfg, jobs)
     seconds = time.perf_counter() - started
     rows = sum(s["rows"] for s in stats)
     manifest = dict(want, rows=rows, samples=samples, views=views, num_classes=stats[0]["classes"],
                     teacher_forwards=sum(s["forwards"] for s in stats), shards=shards,
-                    bounds=[int(b) for b in bounds], encoding="top_k" if want["top_k"] else "dense",
+                    bounds=[int(b) for b in bounds],
                     teacher_path=cfg.distill.teacher_path, build_seconds=round(seconds, 2),
                     created=time.strftime("%Y-%m-%dT%H:%M:%S"))
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(path, ignore_errors=True)
     staging.rename(path)  # the finished cache appears at once, manifest included
     size = sum(f.stat().st_size for f in path.glob("part-*"))
-    encoding = f"top-{want['top_k']} logits + rest" if want["top_k"] else "dense float16 logits"
+    encoding = {"topk": f"top-{want['top_k']} logits + rest", "int8": "int8 logits (per-row scale)"}.get(
+        want["encoding"], "dense float16 logits")
     log.info(f"teacher cache: {rows} rows in {seconds:.1f}s ({rows / max(seconds, 1e-9):.0f} "
              f"images/s), {encoding}, {size / 2**20:.1f} MiB on disk")
     return manifest
 
 
 def build_shard(cfg_dict: dict, shard: int, start: int, stop: int, folder: str,
-                top_k: int | None = None) -> dict:
+                top_k: int | None = None, encoding: str | None = None) -> dict:
     """Teacher logits of flat ids [start, stop) (flat id = view * N + sample), written batch by
-    batch to this shard's row files (``top_k``: the encoding ``wanted`` chose; None = dense)."""
+    batch to this shard's row files (``encoding``, ``top_k``: what ``wanted`` chose)."""
     cfg = Config.from_dict(cfg_dict)
     torch.set_num_threads(cfg.run.threads_per_worker)
     device = torch.device("cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu")
@@ -143,7 +144,7 @@ def build_shard(cfg_dict: dict, shard: int, start: int, stop: int, folder: str,
                 raise RuntimeError("teacher cache rows came out of order")  # rows are placed by position
             expected += len(flat)
             if writer is None:
-                writer = ShardWriter(folder, shard, stop - start, logits.shape[1], top_k)
+                writer = ShardWriter(folder, shard, stop - start, logits.shape[1], top_k, encoding)
             writer.add(logits)
     writer.close()
     return {"rows": stop - start, "forwards": forwards[0], "classes": writer.num_classes}

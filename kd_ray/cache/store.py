@@ -1,7 +1,7 @@
 """Teacher logits computed once, stored in fixed-width row files, read by every epoch and trial.
 
-A cache is a folder: shard files (``rows.py``: float16 logits [C] per row, or the top-k logits and
-the log of the other classes' mass) and ``manifest.json``, written last, which records what the
+A cache is a folder: shard files (``rows.py``: float16 logits [C] per row by default; int8 or the
+top-k logits and the log of the other classes' mass when asked) and ``manifest.json``, written last, which records what the
 logits were computed from and which flat ids each shard holds. Logits (not probabilities) are
 stored so that any temperature works. Workers read a row at a time: O(batch) rows in memory.
 """
@@ -21,8 +21,8 @@ from kd_ray.storage import is_uri, local_copy, location, open_bytes
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: row files read a row at a time, splitmix view seeds
-AUTO_DENSE_BYTES = 2**30  # top-k (when cache_top_k is unset) once dense float16 would pass this
-AUTO_TOP_K = 32
+DEFAULT_TOP_K = 32  # distill.cache_encoding: topk without distill.cache_top_k
+LEGACY_ENCODING = {"dense": "float16", "top_k": "topk"}  # manifests before cache_encoding
 FIX = "rebuild it with `kd-ray cache-teacher`, or set distill.teacher_cache=auto"
 
 
@@ -72,11 +72,15 @@ def _data_facts(cfg: Config) -> tuple[str, int, int]:
     return digest, len(labels), len(src.classes)
 
 
-def choose_top_k(rows: int, classes: int, top_k: int | None) -> int | None:
-    """The encoding: None (dense float16) or k. Unset: dense until it would pass AUTO_DENSE_BYTES."""
-    if top_k is None:
-        top_k = AUTO_TOP_K if rows * classes * 2 > AUTO_DENSE_BYTES else None
-    return top_k if top_k and top_k < classes else None
+def choose_encoding(classes: int, encoding: str | None, top_k: int | None) -> tuple[str, int | None]:
+    """(encoding, k): dense float16 whatever the cache's size (rows stream from disk, so size
+    costs disk, not memory) unless ``distill.cache_encoding`` (or a ``cache_top_k``) asks for a
+    smaller one; top-k with k >= the classes is dense."""
+    encoding = encoding or ("topk" if top_k else "float16")
+    if encoding != "topk":
+        return encoding, None
+    k = top_k or DEFAULT_TOP_K
+    return ("topk", k) if k < classes else ("float16", None)
 
 
 def wanted(cfg: Config) -> dict:
@@ -86,12 +90,14 @@ def wanted(cfg: Config) -> dict:
                  "views": num_views(cfg), "view_seed": cfg.data.split_seed}
     if cfg.data.decoder != "pil":  # other pixels and random draws; pil caches keep their key
         transform["decoder"] = cfg.data.decoder
+    encoding, top_k = choose_encoding(classes, cfg.distill.cache_encoding, cfg.distill.cache_top_k)
     return {
         "format": FORMAT_VERSION,
         "teacher_sha256": teacher_fingerprint(cfg),
         "data": data,
         "transform": transform,
-        "top_k": choose_top_k(samples * num_views(cfg), classes, cfg.distill.cache_top_k),
+        "top_k": top_k,
+        "encoding": encoding,
     }
 
 
@@ -107,7 +113,9 @@ def mismatch(manifest: dict | None, want: dict) -> str | None:
     if manifest is None:
         return "it has no readable manifest.json (an unfinished build?)"
     names = {"format": "cache format", "teacher_sha256": "teacher file (or ensemble)", "data": "dataset",
-             "transform": "transform/augmentation settings", "top_k": "distill.cache_top_k"}
+             "transform": "transform/augmentation settings", "top_k": "distill.cache_top_k",
+             "encoding": "distill.cache_encoding"}
+    manifest = dict(manifest, encoding=LEGACY_ENCODING.get(manifest.get("encoding"), manifest.get("encoding")))
     for key, what in names.items():
         if manifest.get(key) != want[key]:
             return f"it was built for another {what}"

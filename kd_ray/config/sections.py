@@ -114,15 +114,24 @@ class DistillConfig:
     teacher every step), or a folder from `kd-ray cache-teacher`."""
     cache_views: int = 4
     """Augmented views cached per image when data.augment is on (one per epoch, in turn)."""
+    cache_encoding: Optional[str] = None
+    """How cached logits are stored: float16 (dense, the default whatever the size), int8 (per-row
+    scale and offset, ~half the bytes) or topk (the cache_top_k largest logits and the others'
+    mass). Unset: topk if cache_top_k is set, else float16. A lossy one the method's loss cannot
+    bear (over 1% off) is refused before the run."""
     cache_top_k: Optional[int] = None
-    """Store only the k largest logits and the others' total mass (for many classes). Unset: dense
-    float16 while the cache stays under 1 GiB, else top-32; k >= the classes: dense."""
+    """k of cache_encoding topk (default 32); k >= the classes: dense."""
     cache_batch_size: int = 256
     """Images per teacher forward pass while building the cache."""
 
     def __post_init__(self):
         positive(self, "cache_views")
         positive(self, "cache_top_k", allow_none=True)
+        if self.cache_encoding not in (None, "float16", "int8", "topk"):
+            raise ConfigError(f"distill.cache_encoding must be float16, int8 or topk, got {self.cache_encoding!r}")
+        if self.cache_top_k and self.cache_encoding in ("float16", "int8"):
+            raise ConfigError(f"distill.cache_top_k applies to distill.cache_encoding=topk, not "
+                              f"{self.cache_encoding}: drop one of them")
         positive(self, "cache_batch_size")
         if not isinstance(self.params, dict):
             raise ConfigError(f"distill.params must be a mapping, got {self.params!r}")

@@ -74,7 +74,8 @@ class FitNetsParams:
     student_layer: Optional[str] = None
     """Student module path whose output is regressed onto the teacher's (e.g. layer3)."""
     teacher_layer: Optional[str] = None
-    """Teacher module path: the hint. Same spatial size as the student's layer."""
+    """Teacher module path: the hint. The same spatial size as the student's layer, half or twice
+    it, or smaller (see ``conv_reg``)."""
     weight: float = 1.0
     """Weight of the hint loss (MSE between regressor(student feature) and teacher feature)."""
 
@@ -82,10 +83,29 @@ class FitNetsParams:
         non_negative(self, "weight")
 
 
+def conv_reg(s: tuple, t: tuple) -> Optional[nn.Module]:
+    """mdistiller's ``ConvReg`` from a (C, H, W) student map to a (C', H', W') teacher map: a conv
+    then BatchNorm2d and ReLU (teacher hint layers are block outputs, after a ReLU). The conv: 3x3
+    stride 2 for a student map twice the teacher's size, a 4x4 stride-2 transposed conv for one
+    half its size, else a valid conv of kernel (1 + H - H', 1 + W - W') (1x1 at equal size); None
+    (refused) for any other smaller student map."""
+    (sc, sh, sw), (tc, th, tw) = s, t
+    if (sh, sw) == (2 * th, 2 * tw):
+        conv = nn.Conv2d(sc, tc, kernel_size=3, stride=2, padding=1)
+    elif (2 * sh, 2 * sw) == (th, tw):
+        conv = nn.ConvTranspose2d(sc, tc, kernel_size=4, stride=2, padding=1)
+    elif sh >= th and sw >= tw:
+        conv = nn.Conv2d(sc, tc, kernel_size=(1 + sh - th, 1 + sw - tw))
+    else:
+        return None
+    return nn.Sequential(conv, nn.BatchNorm2d(tc), nn.ReLU())
+
+
 @METHODS.register("fitnets")
 class FitNets(Distiller):
-    """kd + weight * MSE(regressor(student layer), teacher layer); the regressor is a learnt 1x1
-    convolution (a linear map for (B, C) outputs) from the student's channels to the teacher's."""
+    """kd + weight * MSE(regressor(student layer), teacher layer). The regressor is mdistiller's
+    ConvReg (``conv_reg``: a conv sized to the two maps, BatchNorm2d, ReLU) for (C, H, W) outputs,
+    a Linear for (B, C) ones; it trains with the student."""
 
     teacher = "features"
     Params = FitNetsParams
@@ -110,18 +130,20 @@ class FitNets(Distiller):
         check_layers(teacher, [p.teacher_layer], "teacher")
         s = shapes(student, sample, [p.student_layer])[p.student_layer]
         t = shapes(teacher, sample, [p.teacher_layer])[p.teacher_layer]
-        if len(s) == len(t) == 3 and s[1:] == t[1:]:
-            self.regressor = nn.Conv2d(s[0], t[0], kernel_size=1)
+        regressor = None
+        if len(s) == len(t) == 3:
+            regressor = conv_reg(s, t)
         elif len(s) == len(t) == 1:
-            self.regressor = nn.Linear(s[0], t[0])
-        else:
+            regressor = nn.Linear(s[0], t[0])
+        if regressor is None:
             where = (f"; teacher layers at {fmt(s[1:])}: {layers_at(teacher, sample, s[1:])}"
                      if len(s) == 3 else "")
             raise ConfigError(
                 f"fitnets cannot map student layer {p.student_layer!r} ({fmt(s)}) onto teacher layer "
-                f"{p.teacher_layer!r} ({fmt(t)}): the 1x1-conv regressor maps channels only, so both "
-                f"need the same spatial size (or both be (B, C) vectors); pick another "
-                f"distill.params.teacher_layer or student_layer{where}")
+                f"{p.teacher_layer!r} ({fmt(t)}): the regressor maps a (C, H, W) map onto one of the "
+                f"same, half or twice its size, or any smaller size (or a (B, C) vector onto one); "
+                f"pick another distill.params.teacher_layer or student_layer{where}")
+        self.regressor = regressor
 
     def forward(self, student, teacher, labels, epoch):
         p = self.params
@@ -140,6 +162,13 @@ def attention(feature: torch.Tensor) -> torch.Tensor:
 
 
 def at_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """mean((Q_s - Q_t)^2) of one pair; maps of different H x W are first average-pooled to the
+    smaller size (as mdistiller does), each side that is larger."""
+    size = (min(s.shape[2], t.shape[2]), min(s.shape[3], t.shape[3]))
+    if tuple(s.shape[2:]) != size:
+        s = F.adaptive_avg_pool2d(s, size)
+    if tuple(t.shape[2:]) != size:
+        t = F.adaptive_avg_pool2d(t, size)
     return (attention(s) - attention(t)).pow(2).mean()
 
 
@@ -150,8 +179,8 @@ class ATParams:
     teacher_layers: list = field(default_factory=list)
     """Teacher module paths, pairwise with student_layers; empty: the same paths."""
     beta: float = 1000.0
-    """Weight: the loss adds beta / 2 * the sum over pairs of mean((Q_s - Q_t)^2), Q the
-    normalised attention maps (1000 as in the paper)."""
+    """Weight: the loss adds beta * the sum over pairs of mean((Q_s - Q_t)^2), Q the normalised
+    attention maps (the authors' code and mdistiller; 1000 as in the paper)."""
 
     def __post_init__(self):
         non_negative(self, "beta")
@@ -168,7 +197,8 @@ class ATParams:
 
 @METHODS.register("at")
 class AttentionTransfer(Distiller):
-    """kd + beta / 2 * sum over layer pairs of the attention-map distance."""
+    """kd + beta * sum over layer pairs of the attention-map distance (maps of different spatial
+    size are pooled to the smaller one)."""
 
     teacher = "features"
     Params = ATParams
@@ -193,12 +223,12 @@ class AttentionTransfer(Distiller):
         t_shapes = shapes(teacher, sample, self.teacher_layers)
         for s_name, t_name in zip(self.student_layers, self.teacher_layers):
             s, t = s_shapes[s_name], t_shapes[t_name]
-            if len(s) != 3 or len(t) != 3 or s[1:] != t[1:]:
+            if len(s) != 3 or len(t) != 3:
                 where = (f"; teacher layers at {fmt(s[1:])}: {layers_at(teacher, sample, s[1:])}"
                          if len(s) == 3 else "")
                 raise ConfigError(
                     f"at cannot compare student layer {s_name!r} ({fmt(s)}) with teacher layer "
-                    f"{t_name!r} ({fmt(t)}): attention maps need (C, H, W) outputs of the same H x W; "
+                    f"{t_name!r} ({fmt(t)}): attention maps need (C, H, W) outputs; "
                     f"pick other distill.params.student_layers / teacher_layers{where}")
 
     def forward(self, student, teacher, labels, epoch):
@@ -208,5 +238,5 @@ class AttentionTransfer(Distiller):
             t = hooked(teacher, t_name, "at", "teacher").detach()
             total = total + at_loss(s, t)
         parts = hinton_kd(student, teacher, labels, self.cfg, "at")
-        parts["loss"] = parts["loss"] + self.params.beta / 2 * total
+        parts["loss"] = parts["loss"] + self.params.beta * total
         return {**parts, "at": total.detach()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+from kd_ray.cache.fidelity import check_encoding
 from kd_ray.config import Config, teacher_files
 from kd_ray.config.checks import check_machine, check_paths
 from kd_ray.config.sweep import apply_params, space_entry
@@ -81,6 +82,8 @@ def preflight(cfg: Config, stage: str, teacher_pending: bool = False) -> Config:
         cfg = cfg.replace(data={"image_size": info.image_size})
     if stage == "distill":
         check_method_setup(cfg, method, teacher_arch, len(info.classes))
+        if method.teacher == "logits" and cfg.distill.teacher_cache != "off":
+            check_encoding(cfg, len(info.classes), method)  # a lossy cache the loss cannot bear
     return cfg
 
 
@@ -170,7 +173,7 @@ def check_sweep(cfg: Config, train_teacher: bool) -> Config:
     if not cfg.sweep.space:
         raise ConfigError("sweep.space is empty: name what to search, e.g. --set "
                           "'sweep.space={distill.temperature: [1, 2, 4, 8], distill.alpha: [0.1, 0.5, 0.9]}'")
-    choices = []
+    choices, classes = [], None
     for key, spec in cfg.sweep.space.items():
         _, _, kind, values = space_entry(key, spec)
         choices.append([(key, v) for v in (values if kind in ("grid", "choice") else values[:2])])
@@ -178,8 +181,15 @@ def check_sweep(cfg: Config, train_teacher: bool) -> Config:
         if n == 256:  # enough to find a bad value or method/params pair; a big grid is not walked
             break
         trial = apply_params(cfg, dict(combo))  # e.g. alpha=1.5 fails here
-        build_method(trial.distill)  # an unknown method, or a params key it does not take
+        method = build_method(trial.distill)  # an unknown method, or a params key it does not take
         model_fn(trial.model.student)
+        d = trial.distill
+        lossy = d.cache_encoding in ("int8", "topk") or (d.cache_encoding is None and d.cache_top_k)
+        if lossy and method.teacher == "logits" and d.teacher_cache != "off" \
+                and type(method).setup is Distiller.setup:
+            # each trial's method and temperature (preflight checks the base config's, set up)
+            classes = classes or len(describe(cfg.data).classes)
+            check_encoding(trial, classes)
     if train_teacher:
         preflight(cfg, "teacher")
     return preflight(cfg, "distill", teacher_pending=train_teacher)
