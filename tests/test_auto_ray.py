@@ -23,7 +23,7 @@ def test_auto_searches_trains_paired_seeds_and_its_best_yaml_reruns_the_final_ru
     chosen = json.loads((root / "search" / "chosen.json").read_text())
     assert chosen["trials"] == 2 and chosen["params"]["distill.loss"] in ("kd", "dkd")
     rows = (root / "verdict.csv").read_text().splitlines()
-    assert rows[0].startswith("seed_index,labels_only_test_top1") and len(rows) == 6
+    assert rows[0].startswith("seed,labels_only_test_top1") and len(rows) == 6
     assert (root / "verdict.png").stat().st_size > 0 and (root / "verdict.md").is_file()
     finals = [json.loads((root / "final" / f"{kind}-seed{s}" / "summary.json").read_text())
               for kind in ("student", "distill") for s in (0, 1)]

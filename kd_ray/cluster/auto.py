@@ -41,10 +41,13 @@ def run_auto(cfg: Config, found: list, seeds: int, margin: float) -> tuple[Path,
         teacher = run_stage(cfg, "teacher", storage=str(root), name="teacher")
         cfg = cfg.replace(distill={"teacher_path": teacher.summary["teacher_file"]})
     cfg = resolve_cache(cfg, root / "teacher_cache")  # every trial and final run reads it
+    searched = time.perf_counter()
     chosen = search(cfg, found, root / "search")
+    finals = time.perf_counter()
     best = trial_config(cfg, chosen["params"])
     base_runs, distilled_runs, plain_seconds = [], [], None
-    for seed in final_seeds(cfg.run.seeds, seeds):
+    seed_list = final_seeds(cfg.run.seeds, seeds)
+    for seed in seed_list:
         tic = time.perf_counter()
         base_runs.append(run_stage(cfg.replace(run={"seed": seed}), "student", storage=str(root / "final"),
                                    name=f"student-seed{seed}").summary)
@@ -52,12 +55,17 @@ def run_auto(cfg: Config, found: list, seeds: int, margin: float) -> tuple[Path,
         distilled_runs.append(run_stage(best.replace(run={"seed": seed}), "distill",
                                         storage=str(root / "final"), name=f"distill-seed{seed}").summary)
     verdict = make_verdict([100 * test_of(s) for s in base_runs], [100 * test_of(s) for s in distilled_runs],
-                           margin)
+                           margin, seed_list)
     write_best(root, best, chosen, base_runs[0]["seed"])
-    total = time.perf_counter() - started
+    done = time.perf_counter()
+    total = done - started
     cost = {"wall time (this command)": f"{total / 60:.1f} min",
-            "search trials": chosen["trials"], "search trial-epochs": chosen["trial_epochs"],
-            "one labels-only run (wall)": f"{plain_seconds / 60:.1f} min",
+            "teacher and cache": f"{(searched - started) / 60:.1f} min",
+            "search (the only step `kd-ray pipeline` with these seeds would not run)":
+                f"{(finals - searched) / 60:.1f} min: {chosen['trials']} trials, "
+                f"{chosen['trial_epochs']} trial-epochs",
+            f"final runs ({2 * seeds}, one after another)": f"{(done - finals) / 60:.1f} min",
+            "one labels-only run (wall, as `kd-ray train-student` runs it)": f"{plain_seconds / 60:.1f} min",
             "cost / one labels-only run": f"{total / plain_seconds:.1f}x"}
     text = write_verdict(root, verdict, chosen["label"], cost)
     return root, text

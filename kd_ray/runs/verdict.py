@@ -28,6 +28,7 @@ class Verdict:
     high: float
     verdict: str          # helps | no better | worse | inconclusive: run more seeds
     margin: float         # differences within +- margin points count as "no better"
+    seeds: list = None    # the seeds, in the order of base and distilled
 
 
 def paired_interval(diffs: list, level: float = LEVEL) -> tuple[float, float, float]:
@@ -56,12 +57,13 @@ def judge(low: float, high: float, margin: float) -> str:
     return "inconclusive: run more seeds"
 
 
-def make_verdict(base: list, distilled: list, margin: float = 1.0) -> Verdict:
+def make_verdict(base: list, distilled: list, margin: float = 1.0, seeds=None) -> Verdict:
     """``base`` and ``distilled``: test top-1 % per seed, in the same seed order."""
     if len(base) != len(distilled) or not base:
         raise ValueError("the verdict needs one labels-only and one distilled result per seed")
     mean, low, high = paired_interval([d - b for b, d in zip(base, distilled)])
-    return Verdict(list(base), list(distilled), mean, low, high, judge(low, high, margin), margin)
+    return Verdict(list(base), list(distilled), mean, low, high, judge(low, high, margin), margin,
+                   list(seeds) if seeds is not None else list(range(len(base))))
 
 
 def _pm(values: list) -> str:
@@ -74,7 +76,7 @@ def verdict_markdown(v: Verdict, chosen: str, cost: dict) -> str:
     lines = [
         f"**Verdict: {v.verdict}** (test split, {n} paired seed(s); 95% Student-t interval of the "
         f"paired difference; 'no better' = inside ±{v.margin:g} points)", "",
-        "| student | test top-1 % (mean ± std) | per seed |", "|---|---:|---|",
+        f"| student | test top-1 % (mean ± std) | seeds {', '.join(map(str, v.seeds))} |", "|---|---:|---|",
         f"| labels only | {_pm(v.base)} | {', '.join(f'{x:.2f}' for x in v.base)} |",
         f"| distilled: {chosen} | {_pm(v.distilled)} | {', '.join(f'{x:.2f}' for x in v.distilled)} |",
         f"| difference (paired) | {v.diff_mean:+.2f} [{v.low:+.2f}, {v.high:+.2f}] | "
@@ -92,10 +94,10 @@ def write_verdict(out_dir, v: Verdict, chosen: str, cost: dict) -> str:
     (out / "verdict.md").write_text(text + "\n")
     rows = io.StringIO()
     writer = csv.writer(rows)
-    writer.writerow(["seed_index", "labels_only_test_top1", "distilled_test_top1", "difference"])
-    for i, (b, d) in enumerate(zip(v.base, v.distilled)):
-        writer.writerow([i, f"{b:.4f}", f"{d:.4f}", f"{d - b:.4f}"])
-    summary = {k: val for k, val in asdict(v).items() if k not in ("base", "distilled")}
+    writer.writerow(["seed", "labels_only_test_top1", "distilled_test_top1", "difference"])
+    for seed, b, d in zip(v.seeds, v.base, v.distilled):
+        writer.writerow([seed, f"{b:.4f}", f"{d:.4f}", f"{d - b:.4f}"])
+    summary = {k: val for k, val in asdict(v).items() if k not in ("base", "distilled", "seeds")}
     writer.writerow([])
     writer.writerow(list(summary) + ["chosen"])
     writer.writerow(list(summary.values()) + [chosen])
@@ -113,8 +115,8 @@ def plot_verdict(v: Verdict, chosen: str, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(8.5, 4), gridspec_kw={"width_ratios": [3, 2]})
-    for i, (b, d) in enumerate(zip(v.base, v.distilled)):
-        left.plot([0, 1], [b, d], "-o", color=f"C{i}", label=f"seed {i + 1}")
+    for i, (seed, b, d) in enumerate(zip(v.seeds, v.base, v.distilled)):
+        left.plot([0, 1], [b, d], "-o", color=f"C{i}", label=f"seed {seed}")
     left.set_xticks([0, 1], ["labels only", f"distilled\n{chosen}"], fontsize=8)
     left.set_xlim(-0.3, 1.3)
     left.set_ylabel("test top-1 (%)")
@@ -131,7 +133,7 @@ def plot_verdict(v: Verdict, chosen: str, path) -> None:
     right.set_ylabel("distilled - labels only (points)")
     if finite:
         right.set_ylim(min(finite + [-v.margin]) - 1, max(finite + [v.margin]) + 1)
-    right.legend(fontsize=8, loc="lower right")
+    right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.02), frameon=False)
     fig.suptitle(f"Verdict: {v.verdict}", fontsize=11)
     fig.tight_layout()
     save_figure(fig, path)
