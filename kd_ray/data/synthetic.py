@@ -29,3 +29,26 @@ def write_synthetic_imagefolder(root, num_classes=3, per_class=(12, 4), image_si
                     img = img.convert("L")
                 img.save(folder / f"img{i:03d}.png")
     return root
+
+
+def write_digits_imagefolder(root, image_size: int = 64, val_fraction: float = 0.2, seed: int = 0) -> Path:
+    """scikit-learn's 1,797 8x8 digits as ``image_size`` PNGs in root/{train,val}/<digit>/ (a
+    stratified split): a real dataset in the ImageFolder layout, made offline. Written once
+    (a ``done`` marker), so a second call returns at once."""
+    from sklearn.datasets import load_digits  # local: sklearn is slow to import
+    from sklearn.model_selection import train_test_split
+
+    root = Path(root)
+    if (root / "done").exists():
+        return root
+    digits = load_digits()
+    ids = np.arange(len(digits.target))
+    train, val = train_test_split(ids, test_size=val_fraction, stratify=digits.target, random_state=seed)
+    for split, members in (("train", train), ("val", val)):
+        for i in members:
+            folder = root / split / str(digits.target[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = (digits.images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+            Image.fromarray(pixels, "L").resize((image_size, image_size), Image.BILINEAR).save(folder / f"{i}.png")
+    (root / "done").write_text("written by kd_ray.data.synthetic.write_digits_imagefolder\n")
+    return root
