@@ -1,0 +1,48 @@
+"""Probes of issue 24: bad input, bad files and signals give one line and an exit code, never a
+traceback (no Ray: every case stops before it, or is the library function itself)."""
+import json
+
+import pytest
+
+from kd_ray.cli import main
+from kd_ray.runs.files import finished_summary
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+# ----- kd-ray report: a summary.json cut short ------------------------------------------------
+
+def cut_summary(run):
+    run.mkdir(parents=True)
+    text = json.dumps({"stage": "student", "arch": "tiny_cnn", "epochs": 2, "final": {"val/top1": 0.5}})
+    (run / "summary.json").write_text(text[:25])  # a driver killed while writing it
+    return run / "summary.json"
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["run", "pipeline"])
+def test_report_of_a_cut_short_summary(capsys, tmp_path, nested):
+    path = cut_summary(tmp_path / "pipe" / "seed0-student" if nested else tmp_path / "run")
+    code, err = run_cli(capsys, "report", tmp_path / "pipe" if nested else path.parent)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("kd-ray: error: ") and str(path) in err
+    assert "not valid JSON" in err and "rerun" in err and "delete" in err
+
+
+def test_report_of_a_cut_short_metrics_file(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"stage": "student", "arch": "tiny_cnn", "epochs": 1,
+                                                  "params": 1, "final": {"val/top1": 0.5}}))
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "val/top1": 0.5}\n{"epoch": 2, "val/t')
+    code, err = run_cli(capsys, "report", run)
+    assert code == 2 and len(err.splitlines()) == 1 and str(run / "metrics.jsonl") in err
+
+
+def test_a_cut_short_summary_counts_as_unfinished(tmp_path):
+    """The rerun the message asks for writes the summary again instead of failing to read it."""
+    cut_summary(tmp_path / "run")
+    assert finished_summary(tmp_path / "run", 2) is None
