@@ -46,3 +46,23 @@ def test_a_cut_short_summary_counts_as_unfinished(tmp_path):
     """The rerun the message asks for writes the summary again instead of failing to read it."""
     cut_summary(tmp_path / "run")
     assert finished_summary(tmp_path / "run", 2) is None
+
+
+# ----- kd-ray export --out under a regular file --------------------------------------------
+
+def test_export_out_under_a_regular_file(capsys, tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    run = tmp_path / "run"
+    run.mkdir()  # refused before the run is opened: it need not hold a checkpoint
+    code, err = run_cli(capsys, "export", run, "--out", tmp_path / "afile" / "m.onnx")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"{tmp_path / 'afile'} is a file, not a folder" in err and "--out" in err
+
+
+def test_export_out_that_is_a_folder(tmp_path):
+    from kd_ray.deploy.export import export
+    from kd_ray.errors import ModelFileError
+
+    (tmp_path / "m.onnx").mkdir()
+    with pytest.raises(ModelFileError, match="is a folder"):
+        export(tmp_path, "onnx", tmp_path / "m.onnx")
