@@ -66,3 +66,19 @@ def test_export_out_that_is_a_folder(tmp_path):
     (tmp_path / "m.onnx").mkdir()
     with pytest.raises(ModelFileError, match="is a folder"):
         export(tmp_path, "onnx", tmp_path / "m.onnx")
+
+
+# ----- YAML that does not parse: --set values and config files -------------------------------
+
+def test_set_value_with_a_missing_bracket(capsys):
+    code, err = run_cli(capsys, "train-student", "--set", "run.seeds=[0, 1")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--set run.seeds=[0, 1" in err and "expected ',' or ']'" in err and "column 6" in err
+
+
+def test_config_file_that_does_not_parse(capsys, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lr: 0.1\nrun:\n  seeds: [0, 1\n")
+    code, err = run_cli(capsys, "train-student", "-c", path)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert str(path) in err and "line 4, column 10" in err and "expected ',' or ']'" in err

@@ -135,7 +135,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"config section {section!r} must be a mapping")
-        value = yaml.safe_load(text) if text.strip() else None
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item}: the value is not valid YAML: {yaml_problem(exc)}; fix it, "
+                              "e.g. close its brackets or quotes, or quote the whole value") from None
         if len(parts) == 3:
             mapping = raw[section].setdefault(name, {})
             if not isinstance(mapping, dict):
@@ -144,6 +148,17 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         else:
             raw[section][name] = value
     return raw
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error in one phrase: what is wrong, where (its text runs to several lines)."""
+    def where(mark) -> str:
+        return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    start = where(getattr(exc, "context_mark", None))  # e.g. where the unclosed bracket opened
+    return f"{context + start + ': ' if context else ''}{problem}{where(getattr(exc, 'problem_mark', None))}"
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -165,7 +180,8 @@ def load_config(path=None, overrides=(), args_file=None) -> Config:
         try:
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+            raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(exc)}; fix the "
+                              "file (see configs/ for examples)") from None
         if raw is None:  # an empty file would silently train on every default
             raise ConfigError(f"config file {path} is empty: give it the sections you mean to set "
                               "(see configs/), or leave out -c to run on the defaults")
