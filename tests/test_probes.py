@@ -82,3 +82,41 @@ def test_config_file_that_does_not_parse(capsys, tmp_path):
     code, err = run_cli(capsys, "train-student", "-c", path)
     assert code == 2 and len(err.splitlines()) == 1
     assert str(path) in err and "line 4, column 10" in err and "expected ',' or ']'" in err
+
+
+# ----- scientific notation is a float wherever a float is read ---------------------------------
+
+def test_scientific_notation_in_set_and_config_file(tmp_path):
+    from kd_ray.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  weight_decay: 5e-4\n  lr: 1E-2\ndistill:\n  teacher_weights: [1e0, 2]\n"
+                    "  teacher_path: [a.pt, b.pt]\nrun:\n  name: 1e3\n")
+    cfg = load_config(path, ["optim.lr=1e-3", "optim.clip_grad_norm=+2.5e1"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.clip_grad_norm) == (1e-3, 5e-4, 25.0)
+    assert type(cfg.optim.lr) is float and cfg.distill.teacher_weights == [1.0, 2]
+    assert cfg.run.name == "1e3"  # a text field keeps the text as written
+
+
+def test_text_that_is_not_a_number_is_still_refused():
+    from kd_ray.config import load_config
+    from kd_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.lr must be float, got '1e-3x'"):
+        load_config(overrides=["optim.lr=1e-3x"])
+    with pytest.raises(ConfigError, match="optim.batch_size must be int"):
+        load_config(overrides=["optim.batch_size=1e2"])  # an int field takes no float
+
+
+def test_scientific_notation_in_method_params_and_sweep_space():
+    from kd_ray.config import load_config
+    from kd_ray.config.sweep import apply_params
+    from kd_ray.methods import build_method
+
+    cfg = load_config(overrides=["distill.loss=dkd", "distill.params.beta=8e0",
+                                 "sweep.space={optim.lr: {loguniform: [1e-4, 1e-1]}, "
+                                 "distill.params.alpha: [5e-1, 2E0]}"])
+    assert build_method(cfg.distill).params.beta == 8.0
+    assert cfg.sweep.space == {"optim.lr": {"loguniform": [1e-4, 0.1]}, "distill.params.alpha": [0.5, 2.0]}
+    trial = apply_params(cfg, {"optim.lr": 3e-4, "distill.params.alpha": 0.5})
+    assert trial.optim.lr == 3e-4 and build_method(trial.distill).params.alpha == 0.5

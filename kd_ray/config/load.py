@@ -17,7 +17,7 @@ import yaml
 from kd_ray.config.args_file import read_args_file
 from kd_ray.storage import location
 from kd_ray.config.sections import (PATH_KEYS, RUN_SECTIONS, DataConfig, DistillConfig, ModelConfig,
-                                    OptimConfig, RunConfig)
+                                    OptimConfig, RunConfig, scientific)
 from kd_ray.config.sweep import SweepConfig
 from kd_ray.errors import ConfigError
 
@@ -96,7 +96,8 @@ def _absolute(path: str) -> str:
 
 
 def coerce_field(section_cls, section: str, key: str, value: Any) -> Any:
-    """Check ``value`` against a dataclass field's annotation; ints are accepted for floats."""
+    """Check ``value`` against a dataclass field's annotation; ints and text in scientific
+    notation (``1e-3``, a string to YAML 1.1) are accepted for floats."""
     hints = typing.get_type_hints(section_cls)
     hint = hints[key]
     optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
@@ -105,6 +106,10 @@ def coerce_field(section_cls, section: str, key: str, value: Any) -> Any:
         if optional:
             return None
         raise ConfigError(f"{section}.{key} may not be null")
+    if base is float:
+        value = scientific(value)
+    if (section, key) == ("distill", "teacher_weights") and isinstance(value, list):
+        value = [scientific(v) for v in value]  # numbers, checked in DistillConfig
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
