@@ -120,3 +120,25 @@ def test_scientific_notation_in_method_params_and_sweep_space():
     assert cfg.sweep.space == {"optim.lr": {"loguniform": [1e-4, 0.1]}, "distill.params.alpha": [0.5, 2.0]}
     trial = apply_params(cfg, {"optim.lr": 3e-4, "distill.params.alpha": 0.5})
     assert trial.optim.lr == 3e-4 and build_method(trial.distill).params.alpha == 0.5
+
+
+# ----- a dataset of one class -------------------------------------------------------------
+
+def test_one_class_folder_is_refused_before_ray(capsys, tmp_path, no_ray):
+    from kd_ray.data import write_synthetic_imagefolder
+
+    root = write_synthetic_imagefolder(tmp_path / "tree", num_classes=1, per_class=(3, 2), image_size=16)
+    code, err = run_cli(capsys, "train-teacher", "--set", "data.name=imagefolder", "--set",
+                        f"data.root={root}", "--set", f"run.storage={tmp_path / 'runs'}")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "only class 'class0'" in err and "at least 2 classes" in err and f"{root}/train" in err
+
+
+def test_one_synthetic_class_is_refused():
+    from kd_ray.config import load_config
+    from kd_ray.data import describe
+    from kd_ray.errors import DataError
+
+    with pytest.raises(DataError, match="at least 2 classes; set data.num_classes to 2 or more"):
+        describe(load_config(overrides=["data.name=synthetic", "data.num_classes=1"]).data)
+    assert len(describe(load_config(overrides=["data.name=synthetic", "data.num_classes=2"]).data).classes) == 2
