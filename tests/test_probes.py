@@ -142,3 +142,26 @@ def test_one_synthetic_class_is_refused():
     with pytest.raises(DataError, match="at least 2 classes; set data.num_classes to 2 or more"):
         describe(load_config(overrides=["data.name=synthetic", "data.num_classes=1"]).data)
     assert len(describe(load_config(overrides=["data.name=synthetic", "data.num_classes=2"]).data).classes) == 2
+
+
+# ----- data.image_size whose batches this machine cannot hold -----------------------------
+
+def test_image_size_too_large_for_memory_is_refused_before_ray(capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local instance: this machine's memory
+    code, err = run_cli(capsys, "train-teacher", "--set", "data.image_size=100000",
+                        "--set", f"run.storage={tmp_path}")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "data.image_size=100000" in err and "GiB of memory" in err and "lower data.image_size" in err
+
+
+def test_batch_memory_bound(monkeypatch):
+    from kd_ray.config import checks, load_config
+    from kd_ray.errors import ConfigError
+
+    monkeypatch.setattr(checks, "machine_memory", lambda: 2**30)
+    # 16 images x 3 x 2048^2 x 4 bytes = 0.75 GiB per worker: one worker fits in 1 GiB, two do not
+    one = load_config(overrides=["data.image_size=2048", "optim.batch_size=16", "run.num_workers=1"])
+    checks.check_batch_memory(one)
+    with pytest.raises(ConfigError, match=r"takes 0.8 GiB per worker \(x run.num_workers=2\)"):
+        checks.check_batch_memory(one.replace(run={"num_workers": 2}))
+    checks.check_batch_memory(one.replace(data={"image_size": None}))  # the dataset's own default
