@@ -165,3 +165,46 @@ def test_batch_memory_bound(monkeypatch):
     with pytest.raises(ConfigError, match=r"takes 0.8 GiB per worker \(x run.num_workers=2\)"):
         checks.check_batch_memory(one.replace(run={"num_workers": 2}))
     checks.check_batch_memory(one.replace(data={"image_size": None}))  # the dataset's own default
+
+
+# ----- a decompression bomb is a bad image, not a crash to retry ---------------------------
+
+@pytest.fixture
+def bomb_tree(tmp_path, monkeypatch):
+    """A 2-class tree of 40x40 PNGs (and its Parquet copy); then PIL's pixel limit lowered so
+    that each image counts as a decompression bomb (above twice the limit: an error, not a warning)."""
+    from PIL import Image
+
+    from kd_ray.data import convert_imagefolder_to_parquet, write_synthetic_imagefolder
+
+    root = write_synthetic_imagefolder(tmp_path / "tree", num_classes=2, per_class=(2, 1), image_size=40)
+    convert_imagefolder_to_parquet(root, tmp_path / "parquet")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 40 * 40 = 1600 > 2 * 500
+    assert not issubclass(Image.DecompressionBombError, OSError)  # why it needs its own clause
+    return root, tmp_path / "parquet"
+
+
+def test_decompression_bomb_in_the_train_split_is_a_data_error(bomb_tree):
+    from kd_ray.config import load_config
+    from kd_ray.data import load_source
+    from kd_ray.data.sources import _load_rgb
+    from kd_ray.errors import DataError
+
+    folder, parquet = bomb_tree
+    path = sorted((folder / "train" / "class0").glob("*.png"))[0]
+    with pytest.raises(DataError, match=rf"cannot read image {path}: .*decompression bomb.*; delete or replace"):
+        _load_rgb(str(path))
+    for name, root in (("imagefolder", folder), ("parquet", parquet)):
+        cfg = load_config(overrides=[f"data.name={name}", f"data.root={root}"])
+        train, _ = load_source(cfg.data).open(40)
+        with pytest.raises(DataError, match="cannot read image .*decompression bomb.*delete or replace"):
+            train[0]
+
+
+def test_decompression_bomb_in_predict_is_an_unreadable_file(bomb_tree):
+    from kd_ray.deploy.images import load_images
+
+    path = sorted((bomb_tree[0] / "val" / "class1").glob("*.png"))[0]
+    spec = {"image_size": 40, "resize": "shorter_side_center_crop", "mean": [0.5] * 3, "std": [0.5] * 3}
+    arrays, kept, bad = load_images([path], spec)
+    assert not arrays and not kept and bad[0][0] == path and "decompression bomb" in bad[0][1]
