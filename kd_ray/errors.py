@@ -21,6 +21,10 @@ class DataError(KdRayError):
     """Missing data root or split, empty class folder, corrupt image, class mismatch."""
 
 
+class CacheError(DataError):
+    """A teacher cache whose row files were cut short or changed after it was built."""
+
+
 class TeacherError(KdRayError):
     """Teacher file missing, unreadable or not matching the dataset."""
 
@@ -56,7 +60,8 @@ class RunFailedError(RuntimeError):
 
 # The errors that may cross a process boundary as a worker's return value (see ``to_payload``).
 CROSSING = {cls.__name__: cls for cls in
-            (KdRayError, ConfigError, DataError, TeacherError, NonFiniteLossError, PeerFailedError)}
+            (KdRayError, ConfigError, DataError, CacheError, TeacherError, NonFiniteLossError,
+             PeerFailedError)}
 
 
 def one_line(error: BaseException) -> str:

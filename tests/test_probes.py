@@ -208,3 +208,81 @@ def test_decompression_bomb_in_predict_is_an_unreadable_file(bomb_tree):
     spec = {"image_size": 40, "resize": "shorter_side_center_crop", "mean": [0.5] * 3, "std": [0.5] * 3}
     arrays, kept, bad = load_images([path], spec)
     assert not arrays and not kept and bad[0][0] == path and "decompression bomb" in bad[0][1]
+
+
+# ----- teacher cache: a row file cut short or changed ----------------------------------------
+
+@pytest.fixture
+def built_cache(tmp_path):
+    import torch
+
+    from kd_ray import cache as teacher_cache
+    from kd_ray.config import load_config
+    from kd_ray.models import build_model, export_teacher
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.pt"
+    export_teacher(teacher, build_model("tiny_cnn", 4), "tiny_cnn", [f"class{c}" for c in range(4)], 16)
+    cfg = load_config(overrides=["data.name=synthetic", "data.num_classes=4", "data.synthetic_size=16",
+                                 "data.image_size=16", f"distill.teacher_path={teacher}",
+                                 "run.num_workers=2", f"run.storage={tmp_path / 'runs'}"])
+    path = tmp_path / "cache"
+    teacher_cache.build(cfg, path)
+    return cfg.replace(distill={"teacher_cache": str(path)}), path
+
+
+def test_cache_manifest_records_each_row_file(built_cache):
+    import zlib
+
+    _, path = built_cache
+    files = json.loads((path / "manifest.json").read_text())["files"]
+    assert sorted(files) == ["part-00000.logits.npy", "part-00001.logits.npy"]
+    for name, sums in files.items():
+        data = (path / name).read_bytes()
+        assert sums == {"bytes": len(data), "crc32": zlib.crc32(data)}
+
+
+def test_a_cut_short_row_file_is_one_line_not_up_to_date(built_cache, capsys):
+    from kd_ray import cache as teacher_cache
+    from kd_ray.errors import CacheError, KdRayError
+
+    cfg, path = built_cache
+    part = path / "part-00001.logits.npy"
+    part.write_bytes(part.read_bytes()[:-10])  # a copy or a disk that lost the end
+    message = rf"teacher cache row file {part} is \d+ bytes but \d+ were written .*rm -r {path}\) and rerun"
+    with pytest.raises(CacheError, match=message):
+        teacher_cache.resolve(cfg, path)  # the driver, before anything starts
+    assert "up to date" not in capsys.readouterr().out
+    with pytest.raises(CacheError, match=message):
+        teacher_cache.load(path)  # a worker
+    assert issubclass(CacheError, KdRayError)
+
+
+def test_a_changed_row_file_fails_its_checksum(built_cache):
+    from kd_ray import cache as teacher_cache
+    from kd_ray.errors import CacheError
+
+    cfg, path = built_cache
+    part = path / "part-00000.logits.npy"
+    data = bytearray(part.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    part.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=rf"row file {part} does not match the checksum.*rm -r {path}"):
+        teacher_cache.resolve(cfg, path)
+
+
+def test_an_old_cache_without_sums_stays_readable_and_size_checked(built_cache, capsys):
+    from kd_ray import cache as teacher_cache
+    from kd_ray.errors import CacheError
+
+    cfg, path = built_cache
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["files"]  # as a build before this change wrote it
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert teacher_cache.resolve(cfg, path).distill.teacher_cache == str(path)
+    assert "up to date" in capsys.readouterr().out
+    assert teacher_cache.load(path).row(0, 0).shape == (4,)
+    part = path / "part-00000.logits.npy"
+    part.write_bytes(part.read_bytes()[:-2])  # the header still promises every row
+    with pytest.raises(CacheError, match=f"row file {part} is"):
+        teacher_cache.load(path)

@@ -118,7 +118,15 @@ def train_loop(loop_config: dict, session) -> dict | None:
     cache = cached_logits_folder(cfg, stage) if method.teacher == "logits" else None
     bundle = build_data(cfg.data, stage, cfg.run.seed)
     if cache:  # the teacher never runs: its logits for the replayed views come with each batch
-        bundle.train = CachedViews(bundle.train, load_cache(cache), cfg.data.split_seed)
+        try:  # a row file cut short (cache.CacheError): every rank stops alike, no retry fixes it
+            logits, error = load_cache(cache), None
+        except KdRayError as exc:
+            logits, error = None, exc
+        try:
+            stop_together(error, device)
+        except KdRayError as exc:
+            return shared_error(exc, world)
+        bundle.train = CachedViews(bundle.train, logits, cfg.data.split_seed)
     train_loader, sampler, val_loader = make_loaders(
         bundle, cfg.optim.batch_size, rank, world, cfg.run.seed, cfg.data.loader_workers
     )
