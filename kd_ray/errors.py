@@ -34,6 +34,10 @@ class ModelFileError(KdRayError):
     does not match PyTorch (export, eval, predict, bench)."""
 
 
+class DiskFullError(KdRayError):
+    """No space left where a checkpoint is written; the partial checkpoint folder is removed."""
+
+
 class NonFiniteLossError(KdRayError):
     """Loss became NaN or inf; raised with the epoch and step."""
 
@@ -60,8 +64,8 @@ class RunFailedError(RuntimeError):
 
 # The errors that may cross a process boundary as a worker's return value (see ``to_payload``).
 CROSSING = {cls.__name__: cls for cls in
-            (KdRayError, ConfigError, DataError, CacheError, TeacherError, NonFiniteLossError,
-             PeerFailedError)}
+            (KdRayError, ConfigError, DataError, CacheError, TeacherError, DiskFullError,
+             NonFiniteLossError, PeerFailedError)}
 
 
 def one_line(error: BaseException) -> str:

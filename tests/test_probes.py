@@ -286,3 +286,51 @@ def test_an_old_cache_without_sums_stays_readable_and_size_checked(built_cache, 
     part.write_bytes(part.read_bytes()[:-2])  # the header still promises every row
     with pytest.raises(CacheError, match=f"row file {part} is"):
         teacher_cache.load(path)
+
+
+# ----- a full disk while a checkpoint is written ---------------------------------------------
+
+def test_full_disk_during_checkpoint_save(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    import torch
+
+    from kd_ray.engine import checkpoints
+    from kd_ray.errors import DiskFullError, KdRayError, one_line
+
+    written = []
+
+    def full(path, write):
+        written.append(path)
+        if path.name == checkpoints.STATE_FILE:
+            path.write_bytes(b"partial")  # some bytes made it before the disk filled
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoints, "_write", full)
+    seen = []
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: seen.append(path) or shutil._ntuple_diskusage(
+        10 * 2**30, 10 * 2**30 - 5 * 2**20, 5 * 2**20))
+    state = {"model": {"w": torch.zeros(2)}, "epoch": 1}
+    with pytest.raises(DiskFullError) as caught:
+        checkpoints.save(tmp_path, state, [])
+    line = one_line(caught.value)
+    assert isinstance(caught.value, KdRayError) and len(line.splitlines()) == 1
+    assert f"no space left on the disk of {tmp_path}" in line and "rerun the same command" in line
+    assert "(5 MiB free)" in line and seen == [tmp_path]
+    assert written and list(tmp_path.iterdir()) == []  # no .tmp_checkpoint_* left behind
+    assert checkpoints.latest(tmp_path) is None
+
+
+def test_other_write_errors_still_raise_and_leave_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from kd_ray.engine import checkpoints
+
+    def denied(path, write):
+        raise OSError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(checkpoints, "_write", denied)
+    with pytest.raises(PermissionError):
+        checkpoints.save(tmp_path, {"epoch": 1}, [])
+    assert list(tmp_path.iterdir()) == []
