@@ -1,7 +1,7 @@
 """Errors a user can fix, and the one place that finds them inside Ray's wrappers.
 
 The CLI prints a KdRayError as one line and exits 2; RunFailedError (retries used up) and
-RayStartError exit 1; RunInterrupted (Ctrl-C) exits 130.
+RayStartError exit 1; RunInterrupted (Ctrl-C) exits 130, 143 when SIGTERM stopped it.
 Nothing here imports Ray: Ray's wrappers are walked through ``cause`` / ``__cause__``.
 """
 from __future__ import annotations

@@ -334,3 +334,80 @@ def test_other_write_errors_still_raise_and_leave_nothing(tmp_path, monkeypatch)
     with pytest.raises(PermissionError):
         checkpoints.save(tmp_path, {"epoch": 1}, [])
     assert list(tmp_path.iterdir()) == []
+
+
+# ----- SIGTERM is a stop, not a crash ----------------------------------------------------------
+
+def test_sigterm_before_training_stops_with_143(capsys, monkeypatch):
+    import os
+    import signal
+
+    from kd_ray import cli
+
+    def run(args):
+        os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler before os.kill returns
+        raise AssertionError("SIGTERM did not stop the command")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "run", run)
+    code, err = run_cli(capsys, "train-student")
+    assert code == 143 and err.splitlines()[-1] == f"kd-ray: {cli.TERMINATED} from the last checkpoint"
+    assert signal.getsignal(signal.SIGTERM) is before  # main() puts the previous handler back
+
+
+def test_first_sigterm_in_training_asks_for_a_stop_second_stops_at_once(capsys, monkeypatch, tmp_path):
+    import os
+    import signal
+
+    from kd_ray import cli
+    from kd_ray.cluster.stage import on_ctrl_c  # the stage's SIGINT handler during fit()
+    from kd_ray.errors import RunInterrupted
+
+    stop_file = tmp_path / ".stop"
+    saved = signal.getsignal(signal.SIGINT)
+
+    def run(args):
+        signal.signal(signal.SIGINT, on_ctrl_c(stop_file))  # as _Trainer does in fit()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop_file.exists()  # the first: workers stop after this epoch's checkpoint
+            if args.command == "distill":  # a second SIGTERM before the epoch ended
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise AssertionError("the second SIGTERM did not stop at once")
+        finally:
+            signal.signal(signal.SIGINT, saved)
+        raise RunInterrupted(f"stopped after epoch 1 of 3, checkpointed in {tmp_path}")
+
+    monkeypatch.setattr(cli, "run", run)
+    code, err = run_cli(capsys, "train-student")
+    assert code == 143
+    assert err.splitlines()[-1] == (f"kd-ray: stopped by SIGTERM; rerun the same command to resume "
+                                    f"(stopped after epoch 1 of 3, checkpointed in {tmp_path})")
+    stop_file.unlink()
+    code, err = run_cli(capsys, "distill")
+    assert code == 143 and err.splitlines()[-1].endswith("rerun the same command to resume from the last checkpoint")
+
+
+def test_ctrl_c_still_exits_130(capsys, monkeypatch):
+    from kd_ray import cli
+
+    def run(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run", run)
+    code, err = run_cli(capsys, "train-student")
+    assert code == 130 and err.splitlines()[-1] == f"kd-ray: {cli.INTERRUPTED} from the last checkpoint"
+
+
+def test_ray_start_keeps_the_clis_sigterm_handler():
+    import signal
+
+    from kd_ray.cli import Sigterm
+    from kd_ray.cluster.session import _start
+
+    def init():  # what ray.init does to the driver's SIGTERM
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+
+    with Sigterm().installed() as sigterm:
+        _start("start", "fix", init)
+        assert signal.getsignal(signal.SIGTERM) is sigterm
