@@ -2,8 +2,9 @@
 
 A cache is a folder: shard files (``rows.py``: float16 logits [C] per row, or the top-k logits and
 the log of the other classes' mass) and ``manifest.json``, written last, which records what the
-logits were computed from and which flat ids each shard holds. Logits (not probabilities) are
-stored so that any temperature works. Workers read a row at a time: O(batch) rows in memory.
+logits were computed from, which flat ids each shard holds and each row file's bytes and CRC-32
+(``verify``: a file cut short or changed is refused, not read as rows of another size). Logits
+(not probabilities) are stored so that any temperature works. Workers read a row at a time: O(batch) rows in memory.
 """
 from __future__ import annotations
 
