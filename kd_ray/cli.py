@@ -7,7 +7,10 @@ passed their checks: ``kd-ray --help`` and bad input answer in a fraction of a s
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from kd_ray import log as kd_log
@@ -23,6 +26,7 @@ STAGE_COMMANDS = {"train-teacher": "teacher", "train-student": "student", "disti
 log = kd_log.get("cli")
 SWEEP_FIX = "wait for it to finish, or pick another run.name"
 INTERRUPTED = "interrupted; rerun the same command to resume"
+TERMINATED = "stopped by SIGTERM; rerun the same command to resume"
 
 
 def _set_arg(p: argparse.ArgumentParser) -> None:
@@ -371,9 +375,47 @@ def run(args) -> int:
     raise AssertionError(args.command)
 
 
+class Sigterm:
+    """SIGTERM (a preempted node, a scheduler's stop, ``kill``) is a stop, not a crash: it goes
+    where Ctrl-C goes. During training that is the stage's SIGINT handler (the first asks every
+    rank to stop after the epoch's checkpoint, a second SIGTERM or Ctrl-C stops at once);
+    elsewhere Python's, which raises KeyboardInterrupt. ``received`` makes the exit code 143."""
+
+    def __init__(self):
+        self.received = False
+
+    def __call__(self, signum, frame):
+        if not self.received:
+            log.warning("SIGTERM: stopping as on Ctrl-C")
+        self.received = True
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):  # SIGINT ignored or not ours to call: stop at once
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # main() called by a thread
+            yield self
+            return
+        before = signal.signal(signal.SIGTERM, self)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, before)
+
+    def stopped(self) -> tuple[str, int]:
+        return (TERMINATED, 143) if self.received else (INTERRUPTED, 130)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     kd_log.configure()
+    with Sigterm().installed() as sigterm:
+        return _main(args, sigterm)
+
+
+def _main(args, sigterm: Sigterm) -> int:
     try:
         return run(args)
     except KdRayError as exc:
@@ -386,12 +428,14 @@ def main(argv=None) -> int:
     except RayStartError as exc:
         print(f"kd-ray: error: {one_line(exc)}", file=sys.stderr)
         return 1
-    except RunInterrupted as exc:  # the first Ctrl-C: stopped after an epoch's checkpoint
-        print(f"kd-ray: {INTERRUPTED} ({one_line(exc)})", file=sys.stderr)
-        return 130
+    except RunInterrupted as exc:  # the first Ctrl-C (or SIGTERM): stopped after an epoch's checkpoint
+        why, code = sigterm.stopped()
+        print(f"kd-ray: {why} ({one_line(exc)})", file=sys.stderr)
+        return code
     except KeyboardInterrupt:  # the second Ctrl-C, or one before training started
-        print(f"kd-ray: {INTERRUPTED} from the last checkpoint", file=sys.stderr)
-        return 130
+        why, code = sigterm.stopped()
+        print(f"kd-ray: {why} from the last checkpoint", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Errors a user can fix, and the one place that finds them inside Ray's wrappers.
 
 The CLI prints a KdRayError as one line and exits 2; RunFailedError (retries used up) and
-RayStartError exit 1; RunInterrupted (Ctrl-C) exits 130.
+RayStartError exit 1; RunInterrupted (Ctrl-C) exits 130, 143 when SIGTERM stopped it.
 Nothing here imports Ray: Ray's wrappers are walked through ``cause`` / ``__cause__``.
 """
 from __future__ import annotations
@@ -21,6 +21,10 @@ class DataError(KdRayError):
     """Missing data root or split, empty class folder, corrupt image, class mismatch."""
 
 
+class CacheError(DataError):
+    """A teacher cache whose row files were cut short or changed after it was built."""
+
+
 class TeacherError(KdRayError):
     """Teacher file missing, unreadable or not matching the dataset."""
 
@@ -28,6 +32,10 @@ class TeacherError(KdRayError):
 class ModelFileError(KdRayError):
     """A run folder without a usable checkpoint, a model file of another format, an export that
     does not match PyTorch (export, eval, predict, bench)."""
+
+
+class DiskFullError(KdRayError):
+    """No space left where a checkpoint is written; the partial checkpoint folder is removed."""
 
 
 class NonFiniteLossError(KdRayError):
@@ -69,8 +77,8 @@ class RunFailedError(RuntimeError):
 
 # The errors that may cross a process boundary as a worker's return value (see ``to_payload``).
 CROSSING = {cls.__name__: cls for cls in
-            (KdRayError, ConfigError, DataError, TeacherError, NonFiniteLossError, CollapseError,
-              PeerFailedError)}
+            (KdRayError, ConfigError, DataError, CacheError, TeacherError, DiskFullError,
+              NonFiniteLossError, CollapseError, PeerFailedError)}
 
 
 def first_line(error: BaseException | str) -> str:

@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from kd_ray.cache.rows import ShardWriter
-from kd_ray.cache.store import MANIFEST, mismatch, num_views, read_manifest, check, serves, wanted
+from kd_ray.cache.store import (MANIFEST, check, mismatch, num_views, read_manifest, serves, verify_here,
+                                wanted)
 from kd_ray.config import Config, teacher_files
 from kd_ray.data import build_data, describe
 from kd_ray.data.views import ReplayViews
@@ -54,6 +55,7 @@ def resolve(cfg: Config, default_dir, build_cache: Builder | None = None) -> Con
     if manifest is not None or (path.exists() and setting != "auto"):
         reason = mismatch(manifest, want)
         if reason is None:
+            verify_here(path, manifest)  # a row file cut short or changed: one line, no retries
             log.info(f"teacher cache {path}: {manifest['rows']} logit rows, up to date")
             return cfg.replace(distill={"teacher_cache": str(path)})
         if setting != "auto":
@@ -103,6 +105,7 @@ def build(cfg: Config, path, want: dict | None = None, run_shards: ShardRunner =
                     teacher_forwards=sum(s["forwards"] for s in stats), shards=shards,
                     bounds=[int(b) for b in bounds],
                     teacher_path=cfg.distill.teacher_path, build_seconds=round(seconds, 2),
+                    files={name: sums for s in stats for name, sums in s.get("files", {}).items()},
                     created=time.strftime("%Y-%m-%dT%H:%M:%S"))
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(path, ignore_errors=True)
@@ -147,4 +150,5 @@ def build_shard(cfg_dict: dict, shard: int, start: int, stop: int, folder: str,
                 writer = ShardWriter(folder, shard, stop - start, logits.shape[1], top_k, encoding)
             writer.add(logits)
     writer.close()
-    return {"rows": stop - start, "forwards": forwards[0], "classes": writer.num_classes}
+    return {"rows": stop - start, "forwards": forwards[0], "classes": writer.num_classes,
+            "files": writer.sums}

@@ -12,8 +12,10 @@ resident memory as an epoch touches them, growing it to the cache's size).
 from __future__ import annotations
 
 import bisect
+import io
 import math
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -75,8 +77,22 @@ def shard_file(folder, shard: int, column: str) -> Path:
     return Path(folder) / f"part-{shard:05d}.{column}.npy"
 
 
+class _Sum:
+    """A file being written, with its byte count and CRC-32 (recorded in the manifest)."""
+
+    def __init__(self, path: Path):
+        self.f, self.bytes, self.crc = open(path, "wb"), 0, 0
+
+    def write(self, data: bytes) -> None:
+        self.f.write(data)
+        self.bytes += len(data)
+        self.crc = zlib.crc32(data, self.crc)
+
+
 class ShardWriter:
-    """Appends encoded blocks to one shard's column files; the row count is fixed up front."""
+    """Appends encoded blocks to one shard's column files; the row count is fixed up front.
+
+    ``sums`` (after ``close``): each file's name -> {"bytes", "crc32"}, for the manifest."""
 
     def __init__(self, folder, shard: int, rows: int, num_classes: int, top_k: int | None,
                  encoding: str | None = None):
@@ -84,13 +100,15 @@ class ShardWriter:
         self.encoding = encoding_of(top_k, encoding, num_classes)
         widths = {"float16": {"logits": num_classes}, "int8": {"q": num_classes, "lo": 0, "step": 0},
                   "topk": {"top_index": top_k, "top_logit": top_k, "rest": 0}}[self.encoding]
-        self.files = {}
+        self.files, self.sums = {}, {}
         for column, width in widths.items():
             dtype = np.dtype(COLUMNS[self.encoding][column])
-            f = open(shard_file(folder, shard, column), "wb")
+            f = _Sum(shard_file(folder, shard, column))
             shape = (rows, width) if width else (rows,)
+            header = io.BytesIO()
             np.lib.format.write_array_header_1_0(
-                f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+                header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+            f.write(header.getvalue())
             self.files[column] = (f, dtype)
 
     def add(self, logits: np.ndarray) -> None:
@@ -101,9 +119,18 @@ class ShardWriter:
 
     def close(self) -> None:
         for f, _ in self.files.values():
-            f.close()
+            f.f.close()
+            self.sums[Path(f.f.name).name] = {"bytes": f.bytes, "crc32": f.crc}
         if self.written != self.rows:
             raise RuntimeError(f"cache shard got {self.written} rows, expected {self.rows}")
+
+
+def file_crc32(path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 class _Column:
@@ -117,6 +144,7 @@ class _Column:
         self.path, self.rows, self.dtype = str(path), shape[0], dtype
         self.width, self.ndim = (shape[1] if len(shape) > 1 else 1), len(shape)
         self.row_bytes = self.width * dtype.itemsize
+        self.bytes = self.offset + self.rows * self.row_bytes  # what its header says was written
         self.fd = None
 
     def read(self, row: int) -> np.ndarray:
@@ -143,6 +171,10 @@ class CachedLogits:
     def complete(self) -> bool:
         return all(col.rows == self.bounds[s + 1] - self.bounds[s]
                    for s, shard in enumerate(self.columns) for col in shard.values())
+
+    def files(self) -> list:
+        """Every row file's (path, bytes its header promises)."""
+        return [(Path(col.path), col.bytes) for shard in self.columns for col in shard.values()]
 
     def nbytes_per_row(self) -> int:
         """Bytes one (sample, view) row takes on disk (the encodings table reads it)."""

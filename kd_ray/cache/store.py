@@ -1,9 +1,11 @@
 """Teacher logits computed once, stored in fixed-width row files, read by every epoch and trial.
 
 A cache is a folder: shard files (``rows.py``: float16 logits [C] per row by default; int8 or the
-top-k logits and the log of the other classes' mass when asked) and ``manifest.json``, written last, which records what the
-logits were computed from and which flat ids each shard holds. Logits (not probabilities) are
-stored so that any temperature works. Workers read a row at a time: O(batch) rows in memory.
+top-k logits and the log of the other classes' mass when asked) and ``manifest.json``, written
+last, which records what the logits were computed from, which flat ids each shard holds and each
+row file's bytes and CRC-32 (``verify``: a file cut short or changed is refused, not read as rows
+of another size). Logits (not probabilities) are stored so that any temperature works. Workers
+read a row at a time: O(batch) rows in memory.
 """
 from __future__ import annotations
 
@@ -13,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_ray.cache.rows import CachedLogits
+from kd_ray.cache.rows import CachedLogits, file_crc32
 from kd_ray.config import Config, teacher_files
 from kd_ray.data import load_source
-from kd_ray.errors import ConfigError
+from kd_ray.errors import CacheError, ConfigError
 from kd_ray.storage import is_uri, local_copy, location, open_bytes
 
 MANIFEST = "manifest.json"
@@ -24,6 +26,7 @@ FORMAT_VERSION = 2  # 2: row files read a row at a time, splitmix view seeds
 DEFAULT_TOP_K = 32  # distill.cache_encoding: topk without distill.cache_top_k
 LEGACY_ENCODING = {"dense": "float16", "top_k": "topk"}  # manifests before cache_encoding
 FIX = "rebuild it with `kd-ray cache-teacher`, or set distill.teacher_cache=auto"
+CHECKSUM_BYTES = 2**30  # the driver checks the CRC-32s of caches up to this size (about 1 s)
 
 
 def num_views(cfg: Config) -> int:
@@ -146,4 +149,43 @@ def load(path) -> CachedLogits:
     if not ok:
         raise ConfigError(f"teacher cache {path} is incomplete (shard files missing or short for "
                           f"{n * k} rows); {FIX}")
+    verify(path, manifest, logits)
     return logits
+
+
+def verify(path, manifest: dict, logits: CachedLogits | None = None, checksums: bool = False) -> None:
+    """Refuse, in one line naming the file, a row file whose size differs from what its header
+    promises and the manifest recorded, or (``checksums``) whose CRC-32 differs from the one
+    written with it. Caches of older builds record neither: their sizes are checked from the
+    headers alone."""
+    path = Path(path)
+    logits = logits or CachedLogits(path, manifest["samples"], manifest["views"],
+                                    manifest["num_classes"], manifest.get("bounds", []))
+    recorded = manifest.get("files") or {}
+    fix = f"delete the cache folder (rm -r {path}) and rerun, which builds it again"
+    for file, promised in logits.files():
+        size = file.stat().st_size
+        written = recorded.get(file.name, {}).get("bytes", promised)
+        if size != promised or size != written:
+            raise CacheError(f"teacher cache row file {file} is {size} bytes but {written} were "
+                             f"written (cut short or changed): {fix}")
+    if checksums:
+        for file, _ in logits.files():
+            crc = recorded.get(file.name, {}).get("crc32")
+            if crc is not None and file_crc32(file) != crc:
+                raise CacheError(f"teacher cache row file {file} does not match the checksum written "
+                                 f"with it (changed after the build): {fix}")
+
+
+def verify_here(path, manifest: dict) -> None:
+    """The driver's check of a local cache before it is used: sizes always, checksums of caches
+    up to CHECKSUM_BYTES (a larger one would take seconds to read at every start)."""
+    if is_uri(path):  # workers check the sizes of their local copy (``load``)
+        return
+    try:
+        logits = CachedLogits(Path(path), manifest["samples"], manifest["views"],
+                              manifest["num_classes"], manifest.get("bounds", []))
+    except (OSError, ValueError, KeyError, IndexError):
+        return  # missing files or fields: ``load`` names them as incomplete
+    total = sum(size for _, size in logits.files())
+    verify(path, manifest, logits, checksums=total <= CHECKSUM_BYTES)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
+import threading
 
 import ray
 import ray.util
@@ -42,13 +44,20 @@ def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
 
 
 def _start(what: str, fix: str, init) -> None:
-    """Run ``init``; Ray's start-up failures (a timeout under load) become one line, exit 1."""
+    """Run ``init``; Ray's start-up failures (a timeout under load) become one line, exit 1.
+
+    ray.init replaces the SIGTERM handler with an exit (which aborted the driver mid-run): a
+    Python handler set before (the CLI's: SIGTERM stops as Ctrl-C does) is put back."""
+    term = signal.getsignal(signal.SIGTERM)
     try:
         init()
     except Exception as exc:  # Ray raises bare Exception, TimeoutError, ConnectionError ...
         ray.shutdown()  # stop what this process started, if anything
         first = first_line(str(exc))[:200]  # the text: its type name is already in the message
         raise RayStartError(f"{what} ({type(exc).__name__}: {first}): {fix}") from exc
+    finally:
+        if callable(term) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, term)
 
 
 def _storage_env(cfg: Config) -> dict:

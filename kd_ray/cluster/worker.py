@@ -1,6 +1,7 @@
 """The per-worker function Ray Train runs on every rank: build, resume, loop, report."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import tempfile
@@ -82,18 +83,23 @@ class TrainSession:
         On object storage rank 0 writes the folder here and Ray's own upload copies it into the run
         (an upload cut short leaves a folder that fails its checks and is skipped on resume).
         """
-        if state is None:
-            ray.train.report(metrics, checkpoint=None)
-            return
-        if is_uri(run_dir):
-            with tempfile.TemporaryDirectory() as local:
-                folder = checkpoints.save(local, state, history)
+        here = tempfile.TemporaryDirectory() if is_uri(run_dir) else contextlib.nullcontext(run_dir)
+        with here as where:
+            folder, error = None, None
+            if state is not None:
+                try:  # atomic: whole folder or none
+                    folder = checkpoints.save(where, state, history)
+                except KdRayError as exc:  # a full disk: every rank stops here alike, no retry
+                    error = exc
+            stop_together(error, self.device)  # no rank waits alone in the report's barrier
+            if folder is None:
+                ray.train.report(metrics, checkpoint=None)
+            elif is_uri(run_dir):
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
                                  checkpoint_dir_name=folder.name)
-            return
-        folder = checkpoints.save(run_dir, state, history)  # atomic: whole folder or none
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint(str(folder)),
-                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+            else:
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint(str(folder)),
+                                 checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
 
 
 def train_loop_per_worker(loop_config: dict) -> dict | None:
@@ -119,7 +125,15 @@ def train_loop(loop_config: dict, session) -> dict | None:
     cache = cached_logits_folder(cfg, stage) if method.teacher == "logits" else None
     bundle = build_data(cfg.data, stage, cfg.run.seed)
     if cache:  # the teacher never runs: its logits for the replayed views come with each batch
-        bundle.train = CachedViews(bundle.train, load_cache(cache), cfg.data.split_seed)
+        try:  # a row file cut short (cache.CacheError): every rank stops alike, no retry fixes it
+            logits, error = load_cache(cache), None
+        except KdRayError as exc:
+            logits, error = None, exc
+        try:
+            stop_together(error, device)
+        except KdRayError as exc:
+            return shared_error(exc, world)
+        bundle.train = CachedViews(bundle.train, logits, cfg.data.split_seed)
     train_loader, sampler, val_loader = make_loaders(
         bundle, cfg.optim.batch_size, rank, world, cfg.run.seed, cfg.data.loader_workers
     )

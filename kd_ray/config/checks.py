@@ -52,12 +52,14 @@ def machine_counts(gpus: bool = True) -> tuple[int, int]:
 
 
 def check_machine(cfg) -> None:
-    """On a local instance (no RAY_ADDRESS), refuse more workers than this machine holds.
+    """On a local instance (no RAY_ADDRESS), refuse more workers than this machine holds, and
+    batches its memory cannot hold.
 
     A cluster's own resources are checked after joining it (cluster.session.check_resources).
     """
     if os.environ.get("RAY_ADDRESS"):
         return
+    check_batch_memory(cfg)
     run = cfg.run
     cpus, gpus = machine_counts(gpus=run.use_gpu)
     if run.use_gpu and run.num_workers > gpus:
@@ -69,3 +71,26 @@ def check_machine(cfg) -> None:
         raise ConfigError(f"run.num_workers={run.num_workers} x run.cpus_per_worker={run.cpus_per_worker:g} "
                           f"needs {needed:g} CPUs but this machine has {cpus}: "
                           "lower run.num_workers, or join a cluster (RAY_ADDRESS or `kd-ray submit`)")
+
+
+def machine_memory() -> int | None:
+    """Bytes of physical memory of this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_batch_memory(cfg) -> None:
+    """Refuse a data.image_size whose input batches alone (float32, 3 channels, one per local
+    worker) exceed this machine's memory: a worker would run out of memory after Ray started."""
+    size, memory = cfg.data.image_size, machine_memory()
+    if size is None or not memory:
+        return
+    batch = cfg.optim.batch_size * 3 * size * size * 4
+    needed = batch * cfg.run.num_workers
+    if needed > memory:
+        raise ConfigError(f"data.image_size={size}: one batch of optim.batch_size={cfg.optim.batch_size} "
+                          f"images of {size}x{size} takes {batch / 2**30:,.1f} GiB per worker "
+                          f"(x run.num_workers={cfg.run.num_workers}) but this machine has "
+                          f"{memory / 2**30:,.1f} GiB of memory: lower data.image_size (or optim.batch_size)")

@@ -17,7 +17,7 @@ import yaml
 from kd_ray.config.args_file import read_args_file
 from kd_ray.storage import location
 from kd_ray.config.sections import (PATH_KEYS, RUN_SECTIONS, DataConfig, DistillConfig, GuardConfig,
-                                    ModelConfig, OptimConfig, RunConfig)
+                                    ModelConfig, OptimConfig, RunConfig, scientific)
 from kd_ray.config.sweep import SweepConfig
 from kd_ray.errors import ConfigError, first_line
 
@@ -97,7 +97,8 @@ def _absolute(path: str) -> str:
 
 
 def coerce_field(section_cls, section: str, key: str, value: Any) -> Any:
-    """Check ``value`` against a dataclass field's annotation; ints are accepted for floats."""
+    """Check ``value`` against a dataclass field's annotation; ints and text in scientific
+    notation (``1e-3``, a string to YAML 1.1) are accepted for floats."""
     hints = typing.get_type_hints(section_cls)
     hint = hints[key]
     optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
@@ -106,6 +107,10 @@ def coerce_field(section_cls, section: str, key: str, value: Any) -> Any:
         if optional:
             return None
         raise ConfigError(f"{section}.{key} may not be null")
+    if base is float:
+        value = scientific(value)
+    if (section, key) == ("distill", "teacher_weights") and isinstance(value, list):
+        value = [scientific(v) for v in value]  # numbers, checked in DistillConfig
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -136,7 +141,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"config section {section!r} must be a mapping")
-        value = yaml.safe_load(text) if text.strip() else None
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item}: the value is not valid YAML: {yaml_problem(exc)}; fix it, "
+                              "e.g. close its brackets or quotes, or quote the whole value") from None
         if len(parts) == 3:
             mapping = raw[section].setdefault(name, {})
             if not isinstance(mapping, dict):
@@ -145,6 +154,17 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         else:
             raw[section][name] = value
     return raw
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error in one phrase: what is wrong, where (its text runs to several lines)."""
+    def where(mark) -> str:
+        return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    start = where(getattr(exc, "context_mark", None))  # e.g. where the unclosed bracket opened
+    return f"{context + start + ': ' if context else ''}{problem}{where(getattr(exc, 'problem_mark', None))}"
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -166,7 +186,8 @@ def load_config(path=None, overrides=(), args_file=None) -> Config:
         try:
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {first_line(exc)}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(exc)}; fix the "
+                              "file (see configs/ for examples)") from None
         if raw is None:  # an empty file would silently train on every default
             raise ConfigError(f"config file {path} is empty: give it the sections you mean to set "
                               "(see configs/), or leave out -c to run on the defaults")

@@ -4,6 +4,7 @@ Every check here needs neither torch nor Ray, so bad values are refused as soon 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -11,6 +12,15 @@ from kd_ray.errors import ConfigError
 
 STAGES = ("teacher", "student", "distill")
 DECODERS = ("pil", "torchvision")
+SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def scientific(value):
+    """A float for text in scientific notation (``1e-3``, ``5E-4``), which YAML 1.1 (PyYAML)
+    reads as a string when it has no dot; any other value as it is."""
+    if isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 @dataclass

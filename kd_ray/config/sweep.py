@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from kd_ray.config.sections import RUN_SECTIONS, positive
+from kd_ray.config.sections import RUN_SECTIONS, positive, scientific
 from kd_ray.errors import ConfigError
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -46,6 +46,7 @@ class SweepConfig:
         if not isinstance(self.space, dict):
             raise ConfigError("sweep.space must map config keys to values, e.g. "
                               "{distill.temperature: [1, 2, 4], distill.alpha: {uniform: [0.1, 0.9]}}")
+        self.space = {key: _numbers(spec) for key, spec in self.space.items()}
         for key, spec in self.space.items():
             space_entry(key, spec)
         positive(self, "num_samples")
@@ -58,6 +59,17 @@ class SweepConfig:
             raise ConfigError("sweep.reduction_factor must be > 1 (ASHA keeps 1/factor per rung)")
         if self.max_concurrent_trials < 0:
             raise ConfigError("sweep.max_concurrent_trials must be >= 0 (0 = what the cluster fits)")
+
+
+def _numbers(spec):
+    """A space entry with its values in scientific notation (``1e-4``) read as floats: Tune
+    samples and reports numbers, and a trial's config is coerced from them."""
+    if isinstance(spec, list):
+        return [scientific(v) for v in spec]
+    if isinstance(spec, dict) and len(spec) == 1:
+        (kind, values), = spec.items()
+        return {kind: [scientific(v) for v in values] if isinstance(values, list) else values}
+    return spec
 
 
 def _choice(obj, name: str, allowed: tuple) -> None:

@@ -164,12 +164,26 @@ def test_holdout(src: Source, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
 def describe(cfg: DataConfig) -> DataInfo:
     """Driver-side check before workers start: reads folder listings and labels, no image decoding."""
     src = load_source(cfg)
+    _check_two_classes(cfg, src.classes)
     keep, test = test_holdout(src, cfg)
     if cfg.labels_per_class is not None:
         _check_label_counts(np.asarray(src.train_labels)[keep], cfg.labels_per_class, src.classes)
     tests = len(src.test_labels) if src.test_labels is not None else len(test)
     return DataInfo(src.classes, cfg.image_size or src.image_size, len(keep),
                     len(src.val_labels), normalization(src), tests)
+
+
+def _check_two_classes(cfg: DataConfig, classes: list) -> None:
+    """One class trains to 100% and means nothing: refused on the driver."""
+    if len(classes) >= 2:
+        return
+    found = f"only class {classes[0]!r}" if classes else "no class"
+    if cfg.name == "synthetic":
+        fix = "set data.num_classes to 2 or more"
+    else:
+        where = f" in {cfg.root}/{cfg.train_split}" if cfg.root else ""
+        fix = f"add a folder (or label) per class{where}, at least 2"
+    raise DataError(f"dataset {cfg.name} has {found}: a classifier needs at least 2 classes; {fix}")
 
 
 def build_data(cfg: DataConfig, stage: str, seed: int) -> DataBundle:

@@ -130,7 +130,7 @@ class ParquetImages(Dataset):
         try:
             with Image.open(io.BytesIO(images[row].as_py())) as img:
                 image = img.convert("RGB")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # a bomb is no OSError
             name = paths[row].as_py() if paths is not None else f"row {row} of row group {self.where[g][1]}"
             raise DataError(
                 f"cannot read image {Path(self.files[self.where[g][0]]).name} row {i} ({name}): {exc}; "

@@ -65,7 +65,7 @@ def _load_rgb(path: str):
     try:
         with Image.open(path) as img:
             return img.convert("RGB")  # grayscale/palette/RGBA -> 3 channels
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # a bomb is no OSError
         raise DataError(f"cannot read image {path}: {exc}; delete or replace the file") from None
 
 

@@ -43,10 +43,11 @@ def export(target, fmt: str = "onnx", out=None, which: str = "student",
     """Write the model; returns (path, report) where report has max_abs_diff (ONNX, TorchScript)."""
     if fmt not in FORMATS:
         raise ModelFileError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    out = Path(out) if out else default_out(Path(target), which, fmt)
+    check_out(out)  # before the model loads: a wrong --out is refused at once
     model = open_model(target, which)
     if model.module is None:
         raise ModelFileError(f"{target} is already an ONNX file; export from the run folder")
-    out = Path(out) if out else default_out(Path(target), which, fmt)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp_{os.getpid()}_{out.name}")
     try:
@@ -62,6 +63,18 @@ def export(target, fmt: str = "onnx", out=None, which: str = "student",
         for leftover in out.parent.glob(f".tmp_{os.getpid()}_*"):
             leftover.unlink(missing_ok=True)
     return out, report
+
+
+def check_out(out: Path) -> None:
+    """Refuse an output path that is a folder, or whose folder cannot be made (a file on its way)."""
+    if out.is_dir():
+        raise ModelFileError(f"--out {out} is a folder: give a file name in it, e.g. {out / out.name}")
+    for folder in out.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise ModelFileError(f"--out {out}: {folder} is a file, not a folder: pick another "
+                                     "--out, or move the file away")
+            return
 
 
 def _check(reference: np.ndarray, got: np.ndarray, tolerance: float, what: str) -> dict:

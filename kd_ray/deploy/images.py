@@ -64,11 +64,13 @@ def load_image(path, spec: dict) -> np.ndarray:
 
 def load_images(paths, spec: dict):
     """(arrays, kept paths, [(path, reason)] of files that could not be decoded)."""
+    from PIL import Image  # local: only commands that read image files need PIL
+
     arrays, kept, bad = [], [], []
-    for path in paths:
+    for path in paths:  # PIL raises all four on bad files (a decompression bomb is no OSError)
         try:
             arrays.append(load_image(path, spec))
             kept.append(Path(path))
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three on bad files
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL's bad-file errors
             bad.append((Path(path), first_line(exc)))
     return arrays, kept, bad

@@ -14,6 +14,7 @@ workers; by ``save``, manifest last, elsewhere); a copy cut short fails the same
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -27,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from kd_ray.errors import first_line
+from kd_ray.errors import DiskFullError, first_line
 from kd_ray.log import get
 from kd_ray.storage import is_uri, location, open_bytes, upload
 
@@ -70,15 +71,31 @@ def save(run_dir, state: dict, history: list) -> Path:
     run_dir = Path(run_dir)
     final = run_dir / new_name()
     tmp = run_dir / (TMP + final.name)
-    tmp.mkdir(parents=True)
     tensors = {k: v for k, v in state.items() if k in TENSOR_KEYS}
     meta = {k: v for k, v in state.items() if k not in TENSOR_KEYS}
-    _write(tmp / STATE_FILE, lambda out: torch.save(tensors, out))
-    manifest = {**meta, "state_bytes": (tmp / STATE_FILE).stat().st_size, "history": history,
-                "written": time.time()}
-    _write(tmp / MANIFEST, lambda out: out.write(json.dumps(manifest).encode()))
+    try:
+        tmp.mkdir(parents=True)
+        _write(tmp / STATE_FILE, lambda out: torch.save(tensors, out))
+        manifest = {**meta, "state_bytes": (tmp / STATE_FILE).stat().st_size, "history": history,
+                    "written": time.time()}
+        _write(tmp / MANIFEST, lambda out: out.write(json.dumps(manifest).encode()))
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        if exc.errno == errno.ENOSPC:  # no retry frees the disk: one line, every rank stops
+            raise DiskFullError(_disk_full(run_dir, final.name)) from None
+        raise
     os.rename(tmp, final)
     return final
+
+
+def _disk_full(run_dir: Path, name: str) -> str:
+    try:
+        free = f"{shutil.disk_usage(run_dir).free / 2**20:,.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return (f"no space left on the disk of {run_dir} while writing checkpoint {name} ({free}): free "
+            "space there (old runs, a lower run.keep_checkpoints) or set run.storage to a bigger "
+            "disk, then rerun the same command to resume")
 
 
 def read_manifest(folder) -> dict:

@@ -139,8 +139,11 @@ def finished_summary(run_dir, epochs: int) -> dict | None:
     """The summary of a run that already trained ``epochs`` epochs, else None."""
     path = location(run_dir) / SUMMARY_FILE
     if path.is_file():
-        summary = json.loads(path.read_text())
-        if summary.get("epochs", 0) >= epochs:
+        try:
+            summary = json.loads(path.read_text())
+        except ValueError:  # cut short (a driver killed while writing it): written again
+            return None
+        if isinstance(summary, dict) and summary.get("epochs", 0) >= epochs:
             return summary
     return None
 

@@ -38,7 +38,25 @@ def load_run(run_dir) -> dict:
                          "(it resumes), then report")
     if not path.is_file():
         raise KdRayError(f"{run_dir} has no summary.json: pass the folder of a finished kd_ray run")
-    return {"dir": run_dir, "summary": json.loads(path.read_text()), "history": read_history(run_dir)}
+    summary = _parsed(path, lambda: json.loads(path.read_text()), REWRITE_SUMMARY)
+    if not isinstance(summary, dict):
+        raise KdRayError(f"{path} holds no summary (a JSON {type(summary).__name__}): {REWRITE_SUMMARY}")
+    history = _parsed(run_dir / METRICS_FILE, lambda: read_history(run_dir), REWRITE_METRICS)
+    return {"dir": run_dir, "summary": summary, "history": history}
+
+
+REWRITE_SUMMARY = ("rerun the command that made the run (it writes summary.json again from the "
+                   "last checkpoint), or delete the file")
+REWRITE_METRICS = "delete the file (the report then takes the final numbers from summary.json)"
+
+
+def _parsed(path, read, fix: str):
+    """``read()``, or one line naming ``path`` when it is cut short or not JSON (a driver killed
+    while writing it, a bad copy)."""
+    try:
+        return read()
+    except ValueError as exc:  # json's JSONDecodeError
+        raise KdRayError(f"{path} is cut short or not valid JSON ({exc}): {fix}") from None
 
 
 def find_runs(paths) -> list[dict]:
