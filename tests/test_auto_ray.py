@@ -22,6 +22,7 @@ def test_auto_searches_trains_paired_seeds_and_its_best_yaml_reruns_the_final_ru
     assert "**Verdict: " in done.stdout and "| labels only |" in done.stdout and "95%" in done.stdout
     chosen = json.loads((root / "search" / "chosen.json").read_text())
     assert chosen["trials"] == 2 and chosen["params"]["distill.loss"] in ("kd", "dkd")
+    assert "test/top1" in (root / "search" / "summary.md").read_text().splitlines()[0]
     rows = (root / "verdict.csv").read_text().splitlines()
     assert rows[0].startswith("seed,labels_only_test_top1") and len(rows) == 6
     assert (root / "verdict.png").stat().st_size > 0 and (root / "verdict.md").is_file()

@@ -59,9 +59,14 @@ def trial_rows(cfg: Config, sweep_dir: Path, trials: list[dict]) -> list[dict]:
         row.update({_short(k): trial["params"].get(k) for k in swept_keys(cfg)})
         row.update({"epochs": epochs, "best_epoch": best["epoch"] if best else None,
                     f"best {metric}": _pct(metric, best[metric]) if best else None,
-                    f"final {metric}": _pct(metric, history[-1][metric]) if history else None,
-                    "stop": stop})
+                    f"final {metric}": _pct(metric, history[-1][metric]) if history else None})
+        if any("test/top1" in h for h in history):  # read once, after the last epoch; never ranks
+            row["test/top1"] = _pct("test/top1", history[-1].get("test/top1"))
+        row["stop"] = stop
         rows.append(row)
+    if any("test/top1" in r for r in rows):  # one column for all (early-stopped trials: empty)
+        rows = [{**{k: v for k, v in r.items() if k != "stop"}, "test/top1": r.get("test/top1"),
+                 "stop": r["stop"]} for r in rows]
     final = f"final {metric}"
     rows.sort(key=lambda r: (r["stop"].startswith("error"), r[final] is None, -sign * (r[final] or 0.0),
                              r["trial"]))
