@@ -25,7 +25,7 @@ from kd_ray.errors import ConfigError
 from kd_ray.log import get
 from kd_ray.runs.auto_plan import short, trial_config
 from kd_ray.runs.files import read_history
-from kd_ray.runs.sweep_report import TRIALS_DIR, write_sweep_report
+from kd_ray.runs.sweep_report import TRIALS_DIR, trial_rows, write_sweep_report
 from kd_ray.runs.verdict import make_verdict, write_verdict
 from kd_ray.storage import location, storage_root
 
@@ -102,7 +102,7 @@ def search(cfg: Config, found: list, folder: Path) -> dict:
     trials = [{"name": Path(r.path).name, "params": r.config["candidate"], "error": trial_error(r),
                "last": r.metrics} for r in results]
     write_sweep_report(report_cfg, folder, trials)  # summary.md/.csv; fails if every trial did
-    best_name = best_trial(cfg, folder, trials)
+    best_name = best_trial(report_cfg, folder, trials)
     params = next(t["params"] for t in trials if t["name"] == best_name)
     epochs = sum(len(read_history(folder / TRIALS_DIR / t["name"])) for t in trials)
     chosen = {"params": params, "label": short(params), "trial": best_name, "trials": len(trials),
@@ -112,14 +112,11 @@ def search(cfg: Config, found: list, folder: Path) -> dict:
 
 
 def best_trial(cfg: Config, folder: Path, trials: list) -> str:
-    """The trial with the best final validation metric (failed trials never count)."""
-    sign = 1 if cfg.sweep.mode == "max" else -1
-    scored = []
-    for t in trials:
-        history = [h for h in read_history(folder / TRIALS_DIR / t["name"]) if cfg.sweep.metric in h]
-        if not t["error"] and history:
-            scored.append((sign * history[-1][cfg.sweep.metric], len(history), t["name"]))
-    return max(scored)[2]
+    """The first trial of the sweep table (best final validation metric; failed trials never
+    count), so that the table and the choice agree."""
+    final = f"final {cfg.sweep.metric}"
+    rows = [r for r in trial_rows(cfg, folder, trials) if not r["stop"].startswith("error") and r[final] is not None]
+    return rows[0]["trial"]
 
 
 def run_candidate(params: dict, base: dict, sweep_dir: str) -> None:
