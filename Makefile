@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 FAST := not ray and not chaos and not cluster
 
 export RAY_AUTH_MODE ?= disabled
+export NO_MKDOCS_2_WARNING ?= 1  # mkdocs-material's end-of-life notice on every build
 
 .PHONY: install demo lint docs test test-fast clean
 
