@@ -158,3 +158,13 @@ def test_optuna_search_without_optuna_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 4.0})
     with pytest.raises(ConfigError, match=r"pip install 'kd_ray\[optuna\]'"):
         make_tuner(sweep_cfg(tmp_path, search="optuna"), tmp_path / "sw")
+
+
+def test_asha_judges_no_trial_during_its_warm_up():
+    from kd_ray.cluster.tune import grace_epochs
+
+    assert grace_epochs(load_config()) == 2  # the default 1-epoch warm-up, then one epoch
+    assert grace_epochs(load_config(overrides=["optim.warmup_epochs=0"])) == 1
+    assert grace_epochs(load_config(overrides=["optim.warmup_epochs=2.5", "sweep.grace_period=1"])) == 4
+    assert grace_epochs(load_config(overrides=["optim.warmup_epochs=0", "sweep.grace_period=3"])) == 3
+    assert grace_epochs(load_config(overrides=["optim.epochs=1"])) == 1  # never past the budget

@@ -19,7 +19,7 @@ from ray import tune
 from kd_ray.cluster.cache import resolve_cache
 from kd_ray.cluster.session import ensure_ray
 from kd_ray.cluster.stage import run_stage
-from kd_ray.cluster.tune import TUNE_DIR, run_trial, trial_error, trials_that_fit
+from kd_ray.cluster.tune import TUNE_DIR, asha, grace_epochs, run_trial, trial_error, trials_that_fit
 from kd_ray.config import Config
 from kd_ray.errors import ConfigError
 from kd_ray.log import get
@@ -97,7 +97,8 @@ def search(cfg: Config, found: list, folder: Path) -> dict:
     keys = list(dict.fromkeys(k for params in found for k in params))
     report_cfg = trial_cfg.replace(sweep={"space": {k: sorted({str(p.get(k)) for p in found}) for k in keys}})
     log.info(f"auto search: {len(found)} settings ({'; '.join(map(short, found))}), "
-             f"{cfg.optim.epochs} epochs each at most, ASHA on {cfg.sweep.metric}; results in {folder}")
+             f"{cfg.optim.epochs} epochs each at most, ASHA on {cfg.sweep.metric} (grace "
+             f"{grace_epochs(cfg)} epochs); results in {folder}")
     results = tuner(trial_cfg, found, folder).fit()
     trials = [{"name": Path(r.path).name, "params": r.config["candidate"], "error": trial_error(r),
                "last": r.metrics} for r in results]
@@ -131,12 +132,9 @@ def tuner(cfg: Config, found: list, folder: Path):
     if (folder / TUNE_DIR).exists() and tune.Tuner.can_restore(str(folder / TUNE_DIR)):
         log.info(f"resuming the search in {folder}")
         return tune.Tuner.restore(str(folder / TUNE_DIR), trainable=trainable, resume_errored=True)
-    scheduler = tune.schedulers.ASHAScheduler(
-        time_attr="epoch", max_t=cfg.optim.epochs, grace_period=min(cfg.sweep.grace_period, cfg.optim.epochs),
-        reduction_factor=cfg.sweep.reduction_factor)
     return tune.Tuner(
         trainable, param_space={"candidate": tune.grid_search(found)},
-        tune_config=tune.TuneConfig(metric=cfg.sweep.metric, mode=cfg.sweep.mode, scheduler=scheduler,
+        tune_config=tune.TuneConfig(metric=cfg.sweep.metric, mode=cfg.sweep.mode, scheduler=asha(cfg),
                                     max_concurrent_trials=trials_that_fit(cfg), reuse_actors=True,
                                     trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}"),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(folder), verbose=1,

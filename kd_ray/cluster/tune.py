@@ -8,6 +8,7 @@ trial skips the TorchTrainer and trains in its Tune actor (cluster.trial).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -131,9 +132,7 @@ def make_tuner(cfg: Config, sweep_dir, restore: bool = False):
     sweep = cfg.sweep
     scheduler = None
     if sweep.scheduler == "asha":
-        scheduler = tune.schedulers.ASHAScheduler(
-            time_attr="epoch", max_t=cfg.optim.epochs, grace_period=min(sweep.grace_period, cfg.optim.epochs),
-            reduction_factor=sweep.reduction_factor)
+        scheduler = asha(cfg)
     if sweep.search == "optuna":
         search_alg = _optuna(sweep.seed)
     else:
@@ -153,6 +152,19 @@ def make_tuner(cfg: Config, sweep_dir, restore: bool = False):
             # A Train trial retries its workers itself; an actor trial is retried by Tune.
             failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures if direct else 0)),
     )
+
+
+def grace_epochs(cfg: Config) -> int:
+    """ASHA's grace period: no trial is judged before its learning-rate warm-up is over (under the
+    default 1-epoch warm-up a trial's first epoch says little of where it ends)."""
+    warmed = math.ceil(cfg.optim.warmup_epochs) + 1 if cfg.optim.warmup_epochs else 1
+    return min(max(cfg.sweep.grace_period, warmed), cfg.optim.epochs)
+
+
+def asha(cfg: Config):
+    return tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs,
+                                         grace_period=grace_epochs(cfg),
+                                         reduction_factor=cfg.sweep.reduction_factor)
 
 
 def mlflow_callbacks(cfg: Config) -> list:
@@ -232,7 +244,7 @@ def trial_states(sweep_dir) -> dict[str, str]:
 
 def _describe(cfg: Config) -> str:
     keys = ", ".join(f"{k}={v}" for k, v in cfg.sweep.space.items())
-    sched = (f"ASHA (grace {cfg.sweep.grace_period}, factor {cfg.sweep.reduction_factor:g})"
+    sched = (f"ASHA (grace {grace_epochs(cfg)}, factor {cfg.sweep.reduction_factor:g})"
              if cfg.sweep.scheduler == "asha" else "no early stopping")
     return (f"{keys}; {planned_trials(cfg.sweep)} trials of {cfg.optim.epochs} epochs on "
             f"{cfg.run.num_workers} worker(s) each, {sched}")

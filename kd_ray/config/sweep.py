@@ -23,6 +23,8 @@ class SweepConfig:
     scheduler: str = "asha"
     """asha (stops weak trials after grace_period epochs) or none."""
     grace_period: int = 1
+    """Epochs every trial trains before ASHA may stop it; at least the learning-rate warm-up plus
+    one (optim.warmup_epochs: a trial is not judged while its lr still ramps up)."""
     """ASHA: epochs every trial trains before it can be stopped."""
     reduction_factor: float = 2.0
     """ASHA keeps the best 1/factor of the trials at each rung (epochs grace_period x factor^k).
