@@ -14,6 +14,7 @@ from kd_ray.cluster import trial
 from kd_ray.config import load_config
 from kd_ray.data.sampling import ShuffleSampler
 from kd_ray.engine import checkpoints
+from kd_ray.engine.resume import resume_from
 from kd_ray.errors import ConfigError
 from kd_ray.models import build_model, export_teacher
 from kd_ray.runs.files import prune_mid_epoch, read_history
@@ -144,3 +145,17 @@ def test_two_gloo_ranks_save_after_the_same_step_and_resume_to_the_same_sums_and
             assert math.isclose(r["again"][key], r["whole"][key], rel_tol=1e-6), (key, r)
         assert torch.allclose(torch.tensor(r["weights_again"][0]), torch.tensor(r["weights"][0]), atol=1e-6)
     assert r0["whole"]["images"] == 64
+
+
+def test_a_mid_epoch_checkpoint_of_another_layout_continues_at_its_step_with_a_warning(capsys):
+    state = {"position": {"step": 9, "sums": {"loss_sum": 3.0, "images": 30}, "layout": [2, 10, 12]},
+             "rng": {"cpu": [torch.get_rng_state()] * 2}}
+    device = torch.device("cpu")
+    same = resume_from(state, 1, 2, [2, 10, 12], device)
+    assert same.step == 9 and same.sums == {"loss_sum": 0.0, "images": 0}  # rank 0 holds the sums
+    other = resume_from(state, 0, 1, [1, 20, 6], device)  # 1 rank of 20 images: 6 steps an epoch
+    assert other.step == 5 and other.sums == {"loss_sum": 3.0, "images": 30}
+    other.restore()  # RNG states of 2 ranks for 1: not restored
+    out = capsys.readouterr().out
+    assert "[2, 10, 12]" in out and "continues at step 5" in out and "other random numbers" in out
+    assert resume_from({"epoch": 2}, 0, 1, [1, 20, 6], device) is None  # an epoch's checkpoint
