@@ -79,7 +79,8 @@ def _run_locked(cfg: Config, stage: str, storage: str, name: str, run_dir: Path)
     log.info(f"{label}: {epochs} epochs on {cfg.run.num_workers} worker(s), results in {run_dir}")
     if resume:
         done = "epoch 1" if resume["epoch"] == 1 else f"epochs 1-{resume['epoch']}"
-        log.info(f"resuming {name} from epoch {resume['epoch'] + 1} ({done} done, "
+        at = f" step {resume['step']}" if resume.get("step") else ""  # run.checkpoint_every_s
+        log.info(f"resuming {name} from epoch {resume['epoch'] + 1}{at} ({done} done, "
                  f"{run_dir.name}/{resume['folder']}); --new starts a fresh run beside it")
         backfill(run_dir, resume.get("history", []))  # epochs whose metrics line was lost
         prune_checkpoints(run_dir, cfg.run.keep_checkpoints, protect=run_dir / resume["folder"])

@@ -20,10 +20,11 @@ from kd_ray.data.views import CachedViews
 from kd_ray.engine import (StepProgress, all_sum, build_optimizer, check_collapse, checkpoints,
                            epoch_metrics, evaluate, make_loaders, shard_loader, split_metrics,
                            stop_together, train_one_epoch)
+from kd_ray.engine.resume import MidEpoch, resume_from
 from kd_ray.errors import KdRayError, PeerFailedError, to_payload
 from kd_ray.methods import TrainStep, build_method
 from kd_ray.models import build_model, load_teachers
-from kd_ray.runs.files import STOP_FILE
+from kd_ray.runs.files import STOP_FILE, prune_mid_epoch
 from kd_ray.runs.stages import stage_epochs, stage_method, stage_model
 from kd_ray.storage import is_uri, location
 
@@ -38,7 +39,8 @@ class Hooks:
     def attempt(self, start_epoch: int, method=None) -> None:
         """An attempt starts at ``start_epoch``, with ``method`` (its extras) restored if resumed."""
 
-    def loader(self, loader, epoch: int):
+    def loader(self, loader, epoch: int, start: int = 0):
+        """``loader`` of ``epoch``, whose first step is step ``start`` (a resumed epoch)."""
         return loader
 
 
@@ -162,7 +164,9 @@ def train_loop(loop_config: dict, session) -> dict | None:
     if rank == 0:
         checkpoints.clean_partial(run_dir)  # the previous attempt's rank 0 is gone
     # Every rank picks the same folder: the newest that passes its checks (then older ones).
-    start_epoch, history = 0, []
+    start_epoch, history, resume = 0, [], None
+    # A mid-epoch checkpoint continues at its step only with the same ranks, batch and epoch length.
+    layout = [world, train_loader.batch_size, len(train_loader)]
     found = checkpoints.latest(run_dir, with_state=True, map_location=device)
     if found:
         folder, manifest, state = found
@@ -171,8 +175,25 @@ def train_loop(loop_config: dict, session) -> dict | None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"], manifest.get("history", [])
-        log.info(f"resuming {run_dir.name} from epoch {start_epoch + 1} ({folder.name})")
+        resume = resume_from(state, rank, world, layout, device)
+        at = f" step {resume.step}" if resume else ""
+        log.info(f"resuming {run_dir.name} from epoch {start_epoch + 1}{at} ({folder.name})")
     hooks.attempt(start_epoch + 1, unwrapped.method)
+
+    def write_mid_epoch(epoch: int, position: dict, rng: dict) -> None:  # rank 0, in the epoch
+        state = {
+            "model": unwrapped.student.state_dict(), "method": unwrapped.method.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+            "epoch": epoch, "step": position["step"], "position": position, "stage": stage,
+            "arch": arch, "classes": bundle.classes, "image_size": bundle.image_size,
+            "norm": bundle.norm, "config": cfg.to_dict(),
+        }  # "epoch": epochs done, as in an epoch's checkpoint; no report: no metrics row
+        checkpoints.save(run_dir, state, history)
+        prune_mid_epoch(run_dir, cfg.run.keep_checkpoints)
+
+    mid_epoch = None
+    if cfg.run.checkpoint_every_s is not None:
+        mid_epoch = MidEpoch(cfg.run.checkpoint_every_s, rank, device, layout, write_mid_epoch)
 
     steps_writer = step_writer(run_dir, rank)
     # This attempt's first report says when the loop started and how long its setup took (data,
@@ -180,14 +201,18 @@ def train_loop(loop_config: dict, session) -> dict | None:
     setup = {"perf/setup_seconds": time.time() - entered, "perf/loop_started": entered}
     try:
         for epoch in range(start_epoch, epochs):
-            sampler.set_epoch(epoch)
+            position = resume if epoch == start_epoch else None  # steps done: skipped, not loaded
+            sampler.set_epoch(epoch, skip=position.step * train_loader.batch_size if position else 0)
+            if mid_epoch is not None:
+                mid_epoch.epoch = epoch  # epochs done before this one
             progress = StepProgress(run_dir.name, epoch + 1, epochs, len(train_loader),
                                     train_loader.batch_size, world, cfg.run.progress_interval_s,
                                     scalar=steps_writer and steps_writer.add_scalar) if rank == 0 else None
             train_sums = train_one_epoch(
-                step, hooks.loader(train_loader, epoch + 1), optimizer, epoch=epoch + 1, device=device,
-                teacher=teacher, scheduler=scheduler, amp=amp, channels_last=nhwc,
-                clip_grad_norm=cfg.optim.clip_grad_norm, on_step=progress,
+                step, hooks.loader(train_loader, epoch + 1, position.step if position else 0), optimizer,
+                epoch=epoch + 1, device=device, teacher=teacher, scheduler=scheduler, amp=amp,
+                channels_last=nhwc, clip_grad_norm=cfg.optim.clip_grad_norm, on_step=progress,
+                resume=position, mid_epoch=mid_epoch,
             )
             if steps_writer is not None:
                 steps_writer.flush()
@@ -207,6 +232,10 @@ def train_loop(loop_config: dict, session) -> dict | None:
                 "image_size": bundle.image_size, "norm": bundle.norm, "config": cfg.to_dict(),
             }
             session.report({**metrics, **setup}, state if rank == 0 else None, run_dir, history)
+            if mid_epoch is not None:  # the epoch's checkpoint supersedes its mid-epoch ones
+                if rank == 0:
+                    prune_mid_epoch(run_dir, cfg.run.keep_checkpoints)
+                mid_epoch.restart()
             setup = {}  # the first report's only (not in the checkpoint's history)
             # After the checkpoint: a collapsed run keeps its epochs, and all ranks stop alike.
             check_collapse(history, cfg.guard, method=stage_method(cfg, stage), optim=cfg.optim)

@@ -252,6 +252,10 @@ class RunConfig:
     before the attempt fails; must exceed the time rank 0 takes to write a checkpoint."""
     keep_checkpoints: int = 2
     """Newest epoch checkpoints kept per run (one is written every epoch)."""
+    checkpoint_every_s: Optional[float] = None
+    """Also checkpoint inside an epoch about every this many seconds (rank 0 writes; all ranks agree
+    on the step), so a preemption loses minutes, not an epoch; a rerun continues at that step.
+    None = once per epoch. Each write pauses training for as long as a checkpoint takes."""
     bf16: bool = True
     """bf16 autocast when training on GPU (ignored on CPU)."""
     channels_last: bool = True
@@ -278,6 +282,11 @@ class RunConfig:
         if not isinstance(self.progress_interval_s, (int, float)) or not self.progress_interval_s > 0:
             raise ConfigError(f"run.progress_interval_s must be a positive number of seconds, "
                               f"got {self.progress_interval_s!r}")
+        if self.checkpoint_every_s is not None and (
+                isinstance(self.checkpoint_every_s, bool) or not isinstance(self.checkpoint_every_s, (int, float))
+                or not self.checkpoint_every_s > 0):
+            raise ConfigError(f"run.checkpoint_every_s must be a positive number of seconds or null, "
+                              f"got {self.checkpoint_every_s!r}")
         if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
             raise ConfigError(f"run.seeds must be a non-empty list of integers, got {self.seeds!r}")
         if self.tracker not in ("tensorboard", "mlflow"):

@@ -62,15 +62,17 @@ class ShuffleSampler(Sampler):
         self.n = len(dataset)
         self.world, self.rank, self.shuffle, self.seed, self.window = num_replicas, rank, shuffle, seed, window
         self.num_samples = math.ceil(self.n / num_replicas)
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
         groups = item_groups(dataset) if shuffle else None
         self.groups = None if groups is None else by_group(groups)
         # A per-sample offset, so that not every sample uses view 0 in the same epoch.
         self.offsets = (np.random.default_rng(view_seed).integers(views, size=self.n, dtype=np.int16)
                         if views > 1 else None)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """``skip``: leave out this rank's first ``skip`` samples of the epoch (a run resumed
+        inside it: the same order, without loading the images already trained on)."""
+        self.epoch, self.skip = epoch, skip
 
     def indices(self) -> np.ndarray:
         """This rank's sample indices for the epoch, in order."""
@@ -82,7 +84,7 @@ class ShuffleSampler(Sampler):
         return order[self.rank * self.num_samples:(self.rank + 1) * self.num_samples]
 
     def __iter__(self):
-        mine = self.indices()
+        mine = self.indices()[self.skip:]
         for start in range(0, len(mine), 4096):  # small lists: n Python ints would cost 36 B each
             chunk = mine[start:start + 4096]
             if self.offsets is not None:
@@ -90,4 +92,4 @@ class ShuffleSampler(Sampler):
             yield from chunk.tolist()
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples - self.skip

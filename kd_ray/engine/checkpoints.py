@@ -38,7 +38,8 @@ STATE_FILE = "state.pt"
 MANIFEST = "manifest.json"
 PREFIX = "checkpoint_"
 TMP = ".tmp_"
-TENSOR_KEYS = ("model", "method", "optimizer", "scheduler")  # state.pt; the rest goes to the manifest
+# state.pt; the rest goes to the manifest ("rng": each rank's generator states, mid-epoch only)
+TENSOR_KEYS = ("model", "method", "optimizer", "scheduler", "rng")
 
 
 class BadCheckpoint(Exception):

@@ -47,6 +47,8 @@ def train_one_epoch(
     check_every: Optional[int] = None,
     clip_grad_norm: Optional[float] = None,
     on_step: Optional[Callable] = None,
+    resume=None,
+    mid_epoch=None,
 ) -> dict:
     """Train for one pass over ``loader``.
 
@@ -63,21 +65,40 @@ def train_one_epoch(
     each look is shared by all ranks (``stop_together``): a NaN loss or a bad image on one rank
     stops every rank at the same step. ``clip_grad_norm``: clip the gradients' global norm.
     ``on_step(step, images so far, loss)`` after every step (engine.progress.StepProgress).
+
+    ``resume`` (engine.resume.Resume): ``loader`` holds the epoch's steps after ``resume.step``;
+    sums start from ``resume.sums``. ``mid_epoch`` (engine.resume.MidEpoch): when rank 0's
+    ``due()`` rides on a check, every rank calls ``save(steps done, sums)`` after that step.
     """
     if check_every is None:
         check_every = 1 if device.type == "cpu" and _world() == 1 else 25
     step_module.train()
     if teacher is not None:
         teacher.eval()  # a caller's model.train() must never flip the teacher's BatchNorm/dropout
-    sums: dict[str, torch.Tensor] = {}
+    first = resume.step if resume is not None else 0
+    before = dict(resume.sums) if resume is not None else {}
+    sums: dict[str, torch.Tensor] = {key: torch.tensor(value, dtype=torch.float32, device=device)
+                                     for key, value in before.items() if key.endswith("_sum")}
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     bad_value = torch.zeros((), device=device)
     images = teacher_images = 0
     start = time.perf_counter()
+    save_after = False
     def check(error):  # reads bad_step and bad_value as they are at the time of the check
-        stop_together(error, device, bad_step, bad_value, epoch)
+        nonlocal save_after
+        save_after = stop_together(error, device, bad_step, bad_value, epoch,
+                                   wish=mid_epoch is not None and mid_epoch.due())
 
-    for step, (inputs, labels, *cached) in enumerate(_batches(loader, check_every, check)):
+    def totals() -> dict:
+        out = {key: float(value) for key, value in sums.items()}  # one wait for the GPU
+        out["images"] = images + before.get("images", 0)
+        out["teacher_images"] = teacher_images + before.get("teacher_images", 0)
+        out["seconds"] = time.perf_counter() - start + before.get("seconds", 0.0)
+        return out
+
+    steps = first + len(loader)
+    started = resume.restore if resume is not None else None
+    for step, (inputs, labels, *cached) in enumerate(_batches(loader, check_every, check, started), first):
         inputs = to_device(inputs, device, channels_last)
         labels = labels.to(device, non_blocking=True)
         logits = cached[0].to(device, non_blocking=True) if cached else None
@@ -103,20 +124,22 @@ def train_one_epoch(
         for name, value in parts.items():
             key = f"{name}_sum"
             sums[key] = sums.get(key, 0.0) + torch.as_tensor(value).detach().float() * batch
-    out = {key: float(value) for key, value in sums.items()}  # one wait for the GPU per epoch
-    out["images"] = images
-    out["teacher_images"] = teacher_images
-    out["seconds"] = time.perf_counter() - start
-    return out
+        if save_after and step + 1 < steps:  # every rank: the wish came with the last check
+            stop_together(None, device, bad_step, bad_value, epoch)  # never save a NaN's weights
+            mid_epoch.save(step + 1, totals())
+        save_after = False
+    return totals()
 
 
-def _batches(loader, check_every: int, check: Callable):
+def _batches(loader, check_every: int, check: Callable, started: Optional[Callable] = None):
     """``loader``'s batches, with ``check(error)`` before every ``check_every``-th one and after
     the last. A KdRayError while loading (a corrupt image) is kept for the next check; until then
     this rank repeats its last good batch, so it joins the same collectives as the others (step 0
-    is always checked, so a good batch exists by then).
+    is always checked, so a good batch exists by then). ``started()`` once the iterator exists.
     """
     error, last, batches = None, None, iter(loader)
+    if started is not None:
+        started()
     for step in range(len(loader)):
         if error is None:
             try:
@@ -141,8 +164,9 @@ def _non_finite(bad_value: torch.Tensor, epoch, step: int) -> NonFiniteLossError
 
 
 def stop_together(error: Optional[Exception], device: torch.device, bad_step=None, bad_value=None,
-                  epoch: Optional[int] = None) -> None:
-    """Raise on every rank at once if any rank failed; return otherwise.
+                  epoch: Optional[int] = None, wish: bool = False) -> bool:
+    """Raise on every rank at once if any rank failed; return whether any rank ``wish``-ed
+    (rank 0's wish for a mid-epoch checkpoint, carried by the same all-reduce).
 
     Every rank calls this at the same points. One small all-reduce shares the first step with a
     non-finite loss (``bad_step``, -1 for none) and whether a rank holds a KdRayError, so that no
@@ -155,11 +179,12 @@ def stop_together(error: Optional[Exception], device: torch.device, bad_step=Non
             raise error
         if int(bad_step) >= 0:
             raise _non_finite(bad_value, epoch, int(bad_step))
-        return
+        return wish
     flags = torch.stack([torch.where(bad_step < 0, NO_STEP, bad_step),
-                         torch.tensor(-int(error is not None), device=device)])
+                         torch.tensor(-int(error is not None), device=device),
+                         torch.tensor(-int(wish), device=device)])
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    first_bad, failed = flags.tolist()
+    first_bad, failed, wished = flags.tolist()
     if error is not None:
         raise error
     if first_bad != NO_STEP:
@@ -168,6 +193,7 @@ def stop_together(error: Optional[Exception], device: torch.device, bad_step=Non
         raise PeerFailedError(f"another rank had a non-finite loss at epoch {epoch} step {first_bad}")
     if failed:
         raise PeerFailedError("another rank stopped with an error")
+    return bool(wished)
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import math
 import time
 from pathlib import Path
 
-from kd_ray.engine.checkpoints import MANIFEST, folders
+from kd_ray.engine.checkpoints import MANIFEST, BadCheckpoint, folders, read_manifest
 from kd_ray.storage import append_text, download, is_uri, local_mirror, location, rmtree, upload
 
 METRICS_FILE = "metrics.jsonl"
@@ -163,4 +163,24 @@ def prune_checkpoints(run_dir, keep: int, protect=None) -> list[Path]:
             continue
         rmtree(folder)  # a local folder or a prefix in object storage
         removed.append(folder)
+    return removed
+
+
+def prune_mid_epoch(run_dir, keep: int) -> list[Path]:
+    """Remove mid-epoch checkpoints (run.checkpoint_every_s) beyond the newest ``keep`` and those
+    older than the newest epoch checkpoint, which supersedes them. Epoch checkpoints are never
+    touched here: Ray may know them before its snapshot says so (see prune_checkpoints)."""
+    removed, mid, epoch_seen = [], 0, False
+    for folder in folders(run_dir):
+        try:
+            is_mid = "step" in read_manifest(folder)
+        except BadCheckpoint:
+            continue  # a copy still arriving, or a damaged one: resume skips it, the run's end prunes it
+        if not is_mid:
+            epoch_seen = True
+            continue
+        mid += 1
+        if epoch_seen or mid > keep:
+            rmtree(folder)
+            removed.append(folder)
     return removed

@@ -78,9 +78,9 @@ class Faults:
         state = method.state_dict() if method is not None else {}
         self.event("attempt", start_epoch=start_epoch, method_state=state_digest(state))
 
-    def loader(self, loader, epoch: int):
-        """``loader`` with the faults of ``epoch`` fired before their steps."""
-        return _FaultyLoader(self, loader, epoch)
+    def loader(self, loader, epoch: int, start: int = 0):
+        """``loader`` with the faults of ``epoch`` fired before their steps (the first is ``start``)."""
+        return _FaultyLoader(self, loader, epoch, start)
 
     def before_step(self, epoch: int, step: int, batch):
         if step == 0:
@@ -106,12 +106,17 @@ class Faults:
 
 
 class _FaultyLoader:
-    def __init__(self, faults: Faults, loader, epoch: int):
-        self.faults, self.loader, self.epoch = faults, loader, epoch
+    def __init__(self, faults: Faults, loader, epoch: int, start: int = 0):
+        self.faults, self.loader, self.epoch, self.start = faults, loader, epoch, start
 
     def __len__(self):
         return len(self.loader)
 
-    def __iter__(self):
-        for step, batch in enumerate(self.loader):
+    def __iter__(self):  # the loader's iterator now, as iter(loader) makes it (its RNG draw)
+        if self.start:  # an attempt that continues inside the epoch (run.checkpoint_every_s)
+            self.faults.event("epoch_resume", epoch=self.epoch, step=self.start)
+        return self._batches(iter(self.loader))
+
+    def _batches(self, batches):
+        for step, batch in enumerate(batches, self.start):
             yield self.faults.before_step(self.epoch, step, batch)
