@@ -2,7 +2,7 @@
 the feature methods."""
 from kd_ray.methods import features, logits, logits_extra  # noqa: F401  (register ce, kd, mse_logits, dkd, dist; fitnets, at; ctkd, mlkd)
 from kd_ray.methods.base import (METHODS, Distiller, Outputs, TrainStep, build_method, loss_method,
-                                 method_class, needs_teacher)
+                                 method_class, needs_teacher, setup_method)
 
 __all__ = ["METHODS", "Distiller", "Outputs", "TrainStep", "build_method", "loss_method", "method_class",
-           "needs_teacher"]
+           "needs_teacher", "setup_method"]
