@@ -55,9 +55,14 @@ def refused(capsys, tmp_path, command, argv) -> str:
     ("distill", ["distill.loss=at", "distill.params.student_layers=[4]", "distill.params.teacher_layers=[7]"],
      ["student layer '4' (16x16x16)", "teacher layer '7' (400)", "teacher layers at 16x16: 2, 3, 4"]),
     ("distill", ["distill.loss=fitnets"], ["fitnets needs distill.params.student_layer"]),
+    ("distill", ["distill.loss=crd"], ["crd needs distill.params.student_layer"]),
+    ("distill", ["distill.loss=reviewkd", "distill.params.student_layers=[4, 1]"],
+     ["reviewkd fuses deep to shallow: student layer '1' (8x32x32) is larger than the layer before it, '4'"]),
+    ("distill", ["distill.loss=crd", "distill.params.student_layer=7", "distill.params.teacher_layer=77"],
+     ["teacher layer '77' is not in Sequential", "nearest layer names: 7"]),
     ("distill", ["distill.cache_encoding=topk", "distill.cache_top_k=1", "distill.temperature=4"],
      ["distill.cache_encoding=top-1 changes distill.loss=kd's loss by", "use distill.cache_encoding=float16"]),
-    ("distill", ["distill.loss=dkdd"], ["unknown loss 'dkdd'; choose one of: at, ce, ctkd, dist, dkd, fitnets, kd, mlkd"]),
+    ("distill", ["distill.loss=dkdd"], ["unknown loss 'dkdd'; choose one of: at, ce, crd, ctkd, dist, dkd, fitnets, kd, mlkd, mse_logits, reviewkd"]),
     ("distill", ["distill.loss=dist", "distill.params.gama=1"],
      ["unknown distill.params key(s) ['gama'] for distill.loss=dist; valid keys: beta, ce_weight, gamma"]),
     ("distill", ["distill.loss=dkd", "distill.params.beta=-2"], ["beta must be >= 0"]),
@@ -78,6 +83,8 @@ def test_good_feature_settings_pass_the_driver_checks(tree, tmp_path, teacher):
 
     for sets in (["distill.loss=fitnets", "distill.params.student_layer=4", "distill.params.teacher_layer=4"],
                  ["distill.loss=at", "distill.params.student_layers=[1, 4]"],
+                 ["distill.loss=crd", "distill.params.student_layer=7", "distill.params.teacher_layer=6"],
+                 ["distill.loss=reviewkd", "distill.params.student_layers=[1, 4, 7]"],
                  ["distill.loss=dkd", "distill.params.standardize=true"]):
         cfg = load_config(None, args(tree, tmp_path, teacher, *sets)[1::2])
         preflight(cfg, "distill")

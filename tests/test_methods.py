@@ -157,7 +157,7 @@ def test_unknown_name_lists_choices():
         method_class("kdd")
     for name in ("ce", "kd", "mse_logits"):
         assert name in str(err.value)
-    assert METHODS.names() == ["at", "ce", "ctkd", "dist", "dkd", "fitnets", "kd", "mlkd", "mse_logits"]
+    assert METHODS.names() == ["at", "ce", "crd", "ctkd", "dist", "dkd", "fitnets", "kd", "mlkd", "mse_logits", "reviewkd"]
 
 
 # ----- the Distiller interface ---------------------------------------------------------------

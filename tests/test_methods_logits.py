@@ -201,6 +201,6 @@ def test_the_registry_has_every_method_and_the_cache_serves_the_logit_ones():
     from kd_ray.cache import serves
     from kd_ray.methods import method_class
 
-    assert set(METHODS.names()) >= {"ce", "kd", "mse_logits", "dkd", "dist", "fitnets", "at"}
+    assert set(METHODS.names()) >= {"ce", "kd", "mse_logits", "dkd", "dist", "fitnets", "at", "crd", "reviewkd"}
     assert all(serves(method_class(n)) for n in LOGIT_METHODS)
-    assert not serves(method_class("fitnets")) and not serves(method_class("at"))
+    assert not any(serves(method_class(n)) for n in ("fitnets", "at", "crd", "reviewkd"))

@@ -22,7 +22,7 @@ from kd_ray.engine import (StepProgress, all_sum, build_optimizer, check_collaps
                            stop_together, train_one_epoch)
 from kd_ray.engine.resume import MidEpoch, resume_from
 from kd_ray.errors import KdRayError, PeerFailedError, to_payload
-from kd_ray.methods import TrainStep, build_method
+from kd_ray.methods import TrainStep, build_method, setup_method
 from kd_ray.models import build_model, load_teachers
 from kd_ray.runs.files import STOP_FILE, prune_mid_epoch
 from kd_ray.runs.stages import stage_epochs, stage_method, stage_model
@@ -137,7 +137,8 @@ def train_loop(loop_config: dict, session) -> dict | None:
             return shared_error(exc, world)
         bundle.train = CachedViews(bundle.train, logits, cfg.data.split_seed)
     train_loader, sampler, val_loader = make_loaders(
-        bundle, cfg.optim.batch_size, rank, world, cfg.run.seed, cfg.data.loader_workers
+        bundle, cfg.optim.batch_size, rank, world, cfg.run.seed, cfg.data.loader_workers,
+        with_index=method.needs_index,  # e.g. crd's memory bank: one row per training image
     )
     arch, pretrained = stage_model(cfg, stage)
     torch.manual_seed(cfg.run.seed)  # identical initial weights (student and extras) on every rank
@@ -148,7 +149,7 @@ def train_loop(loop_config: dict, session) -> dict | None:
         teacher = load_teachers(teacher_files(cfg.distill), cfg.distill.teacher_weights,
                                 bundle.image_size, bundle.norm)
     try:  # models and sample on the CPU: e.g. a regressor sized by a layer's output
-        method.setup(student, teacher, bundle.val[0][0][None])
+        setup_method(method, student, teacher, bundle.val[0][0][None], len(bundle.train))
     except KdRayError as exc:  # a bad layer name or image: every rank stops here alike
         return shared_error(exc, world)
     if teacher is not None:

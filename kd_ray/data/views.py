@@ -82,6 +82,25 @@ class CachedViews(ReplayViews):
         return image, label, self.logits.row(index, view)
 
 
+class Indexed(Dataset):
+    """``base``'s items followed by ``{"index": position}``: the image's position in the training
+    set (the sample, not the flat view id, for replayed views), for a method that needs it (a
+    memory bank with one row per image). The loader collates the dicts into a LongTensor."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def row_groups(self):
+        return item_groups(self.base)
+
+    def __getitem__(self, k):
+        position = self.base.split(int(k))[0] if isinstance(self.base, ReplayViews) else int(k)
+        return (*self.base[k], {"index": position})
+
+
 class ViewSampler(ShuffleSampler):
     """Flat ids: the view of sample i changes every epoch (``data.sampling.ShuffleSampler``)."""
 

@@ -6,11 +6,13 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from kd_ray.data.sampling import ShuffleSampler
-from kd_ray.data.views import CachedViews
+from kd_ray.data.views import CachedViews, Indexed
 
 
-def make_loaders(bundle, batch_size: int, rank: int, world: int, seed: int, workers: int):
-    """Shuffled, sharded training loader and an exact (unpadded) validation shard."""
+def make_loaders(bundle, batch_size: int, rank: int, world: int, seed: int, workers: int,
+                 with_index: bool = False):
+    """Shuffled, sharded training loader and an exact (unpadded) validation shard. ``with_index``:
+    training batches end with ``{"index": positions}`` (``data.views.Indexed``)."""
     per_worker = max(1, batch_size // world)
     views, view_seed = 1, 0
     if isinstance(bundle.train, CachedViews):  # yields (view, sample) ids, a new view each epoch
@@ -20,7 +22,8 @@ def make_loaders(bundle, batch_size: int, rank: int, world: int, seed: int, work
                              shuffle=True, seed=seed)
     # drop_last keeps BatchNorm away from 1-image batches; tiny sets keep their only batch.
     drop_last = len(sampler) > per_worker
-    train = DataLoader(bundle.train, batch_size=per_worker, sampler=sampler, drop_last=drop_last,
+    dataset = Indexed(bundle.train) if with_index else bundle.train
+    train = DataLoader(dataset, batch_size=per_worker, sampler=sampler, drop_last=drop_last,
                        num_workers=workers, persistent_workers=workers > 0)
     return train, sampler, shard_loader(bundle.val, rank, world, per_worker * 2, workers)
 

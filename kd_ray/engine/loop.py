@@ -54,7 +54,9 @@ def train_one_epoch(
 
     ``step_module(inputs, labels, epoch, teacher=..., cached=...)`` returns a dict with "loss" and
     its parts: a ``methods.TrainStep`` (student + method), possibly wrapped in DDP. Batches are
-    ``(inputs, labels)``, or ``(inputs, labels, teacher_logits)`` from a teacher cache; otherwise
+    ``(inputs, labels)``, or ``(inputs, labels, teacher_logits)`` from a teacher cache, either
+    possibly followed by a dict of keyword tensors for the step (``{"index": positions}`` for a
+    method that ``needs_index``); otherwise
     the teacher, when given, runs without autograd and in eval mode. Returns sums: ``loss_sum``
     and ``<part>_sum`` weighted by batch size, ``images``, ``seconds``, ``teacher_images``
     (images the teacher ran on).
@@ -98,12 +100,15 @@ def train_one_epoch(
 
     steps = first + len(loader)
     started = resume.restore if resume is not None else None
-    for step, (inputs, labels, *cached) in enumerate(_batches(loader, check_every, check, started), first):
+    for step, (inputs, labels, *rest) in enumerate(_batches(loader, check_every, check, started), first):
         inputs = to_device(inputs, device, channels_last)
         labels = labels.to(device, non_blocking=True)
-        logits = cached[0].to(device, non_blocking=True) if cached else None
+        # A trailing dict holds keyword tensors for the step (data.views.Indexed: {"index": ...}).
+        keywords = rest.pop() if rest and isinstance(rest[-1], dict) else {}
+        keywords = {k: v.to(device, non_blocking=True) for k, v in keywords.items()}
+        logits = rest[0].to(device, non_blocking=True) if rest else None
         with autocast_for(device, amp):
-            parts = step_module(inputs, labels, epoch, teacher=teacher, cached=logits)
+            parts = step_module(inputs, labels, epoch, teacher=teacher, cached=logits, **keywords)
         if teacher is not None and logits is None:
             teacher_images += inputs.shape[0]
         loss = parts["loss"]

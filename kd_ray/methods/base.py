@@ -42,6 +42,10 @@ class Distiller(nn.Module):
     """A dataclass of the method's settings, filled from ``distill.params`` and checked there."""
     default_temperature: ClassVar[Optional[float]] = None
     """The temperature used when ``distill.temperature`` is unset (None: the method uses none)."""
+    needs_index: ClassVar[bool] = False
+    """True: each batch carries its images' positions in the training set (``forward`` gets them
+    as ``index=``, a LongTensor) and ``setup`` gets ``train_size=`` (how many positions), e.g. for
+    a memory bank with one row per training image. Other methods get neither."""
 
     def __init__(self, cfg, params=None):
         super().__init__()
@@ -78,6 +82,13 @@ class Distiller(nn.Module):
         """``forward`` for logits alone (tests, simple callers)."""
         teacher = None if teacher_logits is None else Outputs(teacher_logits)
         return self(Outputs(student_logits), teacher, labels, epoch)
+
+
+def setup_method(method: Distiller, student, teacher, sample, train_size: int) -> None:
+    """``method.setup``, with ``train_size=`` only for a method that ``needs_index`` (so every
+    other method's, and every plugin's, ``setup(student, teacher, sample)`` stays as it is)."""
+    extra = {"train_size": train_size} if method.needs_index else {}
+    method.setup(student, teacher, sample, **extra)
 
 
 def temperature_of(cfg, default: Optional[float] = 4.0) -> Optional[float]:
@@ -206,7 +217,9 @@ class TrainStep(nn.Module):
         self.student, self.method = student, method
 
     def forward(self, inputs, labels, epoch: int, teacher: Optional[nn.Module] = None,
-                cached: Optional[torch.Tensor] = None) -> dict:
+                cached: Optional[torch.Tensor] = None, index: Optional[torch.Tensor] = None) -> dict:
+        """``index``: the images' training-set positions, passed on (as ``index=``) only when given
+        (batches carry them for a method that ``needs_index``)."""
         teacher_out = None
         if cached is not None:
             teacher_out = Outputs(cached)
@@ -214,4 +227,5 @@ class TrainStep(nn.Module):
             with torch.no_grad():
                 teacher_out = run_model(teacher, inputs, self.method.teacher_layers)
         student_out = run_model(self.student, inputs, self.method.student_layers)
-        return self.method(student_out, teacher_out, labels, epoch)
+        extra = {} if index is None else {"index": index}
+        return self.method(student_out, teacher_out, labels, epoch, **extra)

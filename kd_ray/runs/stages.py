@@ -14,7 +14,7 @@ from kd_ray.data import build_data, describe
 from kd_ray.engine import checkpoints
 from kd_ray.errors import ConfigError
 from kd_ray.log import get
-from kd_ray.methods import Distiller, build_method, method_class
+from kd_ray.methods import Distiller, build_method, method_class, setup_method
 from kd_ray.models import (build_model, check_same_classes, check_teacher_matches, model_fn,
                            read_teacher_info)
 from kd_ray.runs.files import read_failures
@@ -95,8 +95,8 @@ def check_method_setup(cfg: Config, method: Distiller, teacher_arch: str, num_cl
         return  # nothing to check, and no model to build
     student = build_model(stage_model(cfg, "distill")[0], num_classes)
     teacher = build_model(teacher_arch, num_classes) if method.teacher is not None else None
-    sample = build_data(cfg.data, "distill", cfg.run.seed).val[0][0][None]
-    method.setup(student, teacher, sample)
+    bundle = build_data(cfg.data, "distill", cfg.run.seed)
+    setup_method(method, student, teacher, bundle.val[0][0][None], len(bundle.train))
 
 
 def check_cache_teacher(cfg: Config) -> Config:
