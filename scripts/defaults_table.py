@@ -159,8 +159,8 @@ def one_run(args, name, path, base, teacher, setting, over, method, seed, work, 
     if args.epochs:
         overrides.append(f"optim.epochs={args.epochs}")
     run_dir = work / name / "runs" / f"{setting}-{method}-s{seed}"
-    cfg, history, error, seconds = run_stage(path, overrides, stage, run_dir,
-                                             cache_dir=work / name / "teacher_cache")
+    cache = work / name / "teacher_cache" if stage == "distill" else None
+    cfg, history, error, seconds = run_stage(path, overrides, stage, run_dir, cache_dir=cache)
     shutil.rmtree(run_dir, ignore_errors=True)
     final = history[-1]["val/top1"] if history else None
     losses = [h.get("train/loss", 0.0) for h in history]
