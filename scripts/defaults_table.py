@@ -175,14 +175,18 @@ def one_run(args, name, path, base, teacher, setting, over, method, seed, work, 
 
 
 def table(rows: list[dict], teachers: dict) -> str:
-    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    named = list(dict.fromkeys(r["setting"] for r in rows))
+    settings = [s for s in ("before", "after") if s in named] + sorted(set(named) - {"before", "after"})
+    # The labels-only student ignores distill.*: a setting that differs only in T shares its baseline.
+    runs_of = {r["setting"]: optim_part(r["overrides"]) for r in rows}
     lines = ["| dataset | method | " + " | ".join(settings) + " |",
              "|---" * (len(settings) + 2) + "|"]
     cell = {}
     for r in rows:
         cell.setdefault((r["dataset"], r["method"], r["setting"]), []).append(r)
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
-        base = {s: mean_of(cell.get((dataset, "baseline", s), [])) for s in settings}
+        base = {s: mean_of([r for r in rows if r["dataset"] == dataset and r["method"] == "baseline"
+                            and optim_part(r["overrides"]) == runs_of[s]]) for s in settings}
         for method in METHODS:
             parts = []
             for s in settings:
@@ -202,6 +206,10 @@ def table(rows: list[dict], teachers: dict) -> str:
                 label += f" (teacher {100 * teachers[dataset]:.1f})"
             lines.append(f"| {dataset} | {label} | " + " | ".join(parts) + " |")
     return "\n".join(lines)
+
+
+def optim_part(overrides: str) -> str:
+    return " ".join(o for o in overrides.split() if not o.startswith("distill."))
 
 
 def mean_of(runs: list[dict]):
