@@ -27,6 +27,7 @@ from kd_ray.cache import resolve
 from kd_ray.cluster.stage import make_loop_config
 from kd_ray.cluster.worker import train_loop
 from kd_ray.config import load_config
+from kd_ray.data import write_digits_imagefolder
 from kd_ray.engine import checkpoints
 from kd_ray.errors import KdRayError, from_payload
 from kd_ray.models import build_model
@@ -66,32 +67,10 @@ class LocalSession:
         self.history = list(history)
 
 
-def write_digits64(folder: Path) -> Path:
-    """sklearn's 8x8 digits as 64x64 PNGs in train/ and val/ class folders (stratified 80/20)."""
-    if (folder / "done").exists():
-        return folder
-    from PIL import Image
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    idx = list(range(len(digits.target)))
-    train, val = train_test_split(idx, test_size=0.2, stratify=digits.target, random_state=0)
-    shutil.rmtree(folder, ignore_errors=True)
-    for split, ids in (("train", train), ("val", val)):
-        for i in ids:
-            out = folder / split / str(digits.target[i])
-            out.mkdir(parents=True, exist_ok=True)
-            pixels = (digits.images[i] * (255.0 / 16.0)).clip(0, 255).astype("uint8")
-            Image.fromarray(pixels, "L").resize((64, 64), Image.BILINEAR).save(out / f"{i}.png")
-    (folder / "done").write_text("ok")
-    return folder
-
-
 def dataset_overrides(name: str, data_dir: Path) -> tuple[str | None, list[str]]:
     if name == "demo":  # configs/demo.yaml's data and models; its optim keys are overridden below
         return str(ROOT / "configs" / "demo.yaml"), []
-    root = write_digits64(data_dir / "digits64")
+    root = write_digits_imagefolder(data_dir / "digits64")  # the same tree as scripts/make_digits_tree.py
     return None, ["data.name=imagefolder", f"data.root={root}", "data.image_size=64",
                   "data.labels_per_class=10", "model.teacher=resnet18", "model.student=simple_cnn",
                   "optim.epochs=10", "optim.teacher_epochs=12", "optim.lr=0.02", "distill.alpha=0.9"]

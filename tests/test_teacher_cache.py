@@ -186,3 +186,13 @@ def test_cli_refuses_a_stale_cache_before_ray_starts(tmp_path, capsys, monkeypat
 def test_teacher_cache_setting_from_set(text):
     value = load_config(overrides=[f"distill.teacher_cache={text}"]).distill.teacher_cache
     assert value == text.strip("'")
+
+
+def test_a_cache_without_a_teacher_is_one_line(tmp_path):
+    from kd_ray.cache import resolve
+    from kd_ray.config import load_config
+    from kd_ray.errors import ConfigError
+
+    cfg = load_config(overrides=["data.name=synthetic", "distill.loss=kd"])
+    with pytest.raises(ConfigError, match="needs a teacher: set distill.teacher_path"):
+        resolve(cfg, tmp_path / "cache")

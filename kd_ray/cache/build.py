@@ -23,6 +23,7 @@ from kd_ray.config import Config, teacher_files
 from kd_ray.data import build_data, describe
 from kd_ray.data.views import ReplayViews
 from kd_ray.engine import autocast_for, to_device
+from kd_ray.errors import ConfigError
 from kd_ray.log import get
 from kd_ray.methods import method_class
 from kd_ray.models import load_teachers
@@ -48,6 +49,9 @@ def resolve(cfg: Config, default_dir, build_cache: Builder | None = None) -> Con
         log.info(f"distill.loss={cfg.distill.loss} reads teacher features: the teacher runs live "
                  "every step and the teacher cache is not used")
         return cfg.replace(distill={"teacher_cache": "off"})
+    if not teacher_files(cfg.distill):  # the CLI's checks say so first; a library caller hears it here
+        raise ConfigError(f"a teacher cache needs a teacher: set distill.teacher_path (distill.loss="
+                          f"{cfg.distill.loss} reads teacher logits)")
     path = location(default_dir if setting == "auto" else setting)
     path = path if is_uri(path) else path.expanduser().resolve()
     want = wanted(cfg)
