@@ -168,3 +168,23 @@ def test_asha_judges_no_trial_during_its_warm_up():
     assert grace_epochs(load_config(overrides=["optim.warmup_epochs=2.5", "sweep.grace_period=1"])) == 4
     assert grace_epochs(load_config(overrides=["optim.warmup_epochs=0", "sweep.grace_period=3"])) == 3
     assert grace_epochs(load_config(overrides=["optim.epochs=1"])) == 1  # never past the budget
+
+
+def test_the_choice_reads_validation_only_never_the_test_split(tmp_path):
+    """auto and tune choose on val: a trial with the better test top-1 but the worse val top-1
+    is not chosen, and the test column is reported beside it."""
+    from kd_ray.cluster.auto import best_trial
+
+    cfg = sweep_cfg(tmp_path, space={"distill.temperature": [1, 4]})
+    for name, val, test in (("trial-a", 0.6, 0.99), ("trial-b", 0.7, 0.10)):
+        folder = tmp_path / "sw" / "trials" / name
+        folder.mkdir(parents=True)
+        rows = [{"epoch": e, "val/top1": val - 0.1 * (3 - e)} for e in (1, 2, 3)]
+        rows[-1]["test/top1"] = test
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trials = [{"name": n, "params": {"distill.temperature": t}, "error": None, "last": None}
+              for n, t in (("trial-a", 1), ("trial-b", 4))]
+    rows = trial_rows(cfg, tmp_path / "sw", trials)
+    assert [r["trial"] for r in rows] == ["trial-b", "trial-a"]
+    assert [r["test/top1"] for r in rows] == [pytest.approx(10.0), pytest.approx(99.0)]
+    assert best_trial(cfg, tmp_path / "sw", trials) == "trial-b"
