@@ -46,6 +46,19 @@ def test_one_class_for_two_epochs_stops_with_the_fix_named():
                    method="kd", optim=optim)
 
 
+def test_the_one_class_rule_waits_for_the_warm_up_and_min_steps():
+    cfg = small_cfg("/tmp")
+    stuck = [epoch(1, 0.99), epoch(2, 0.99)]
+    check_collapse(stuck, cfg.guard, method="kd", optim=cfg.optim)  # epoch 1 is the warm-up
+    no_warmup = cfg.replace(optim={"warmup_epochs": 0}).optim
+    with pytest.raises(CollapseError, match="epochs 1-2"):
+        check_collapse(stuck, cfg.guard, method="kd", optim=no_warmup)
+    # A short run on little data: 2 epochs of 10 steps is under guard.min_steps (50).
+    check_collapse(stuck, cfg.guard, method="kd", optim=no_warmup, steps_per_epoch=10)
+    with pytest.raises(CollapseError):
+        check_collapse(stuck, cfg.guard, method="kd", optim=no_warmup, steps_per_epoch=50)
+
+
 def test_a_loss_far_above_its_first_epoch_stops_and_null_turns_the_checks_off():
     cfg = small_cfg("/tmp")
     rising = [epoch(1, 0.2, 2.0), epoch(2, 0.2, 15.0)]
@@ -58,7 +71,8 @@ def test_a_loss_far_above_its_first_epoch_stops_and_null_turns_the_checks_off():
 
 
 def test_a_planted_collapse_stops_within_two_epochs_and_keeps_its_checkpoints(tmp_path, reports):
-    cfg = small_cfg(tmp_path, "optim.lr=50")
+    # lr 50 from the first step, on enough data (64 steps an epoch) for the one-class rule.
+    cfg = small_cfg(tmp_path, "optim.lr=50", "optim.warmup_epochs=0", "data.synthetic_size=2048")
     with pytest.raises(KdRayError, match="optim.lr") as stopped:
         trial.train_in_actor(cfg, str(tmp_path), "planted")
     assert isinstance(stopped.value, CollapseError) or "non-finite" in str(stopped.value)

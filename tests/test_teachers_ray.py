@@ -82,7 +82,7 @@ def test_compare_with_an_ensemble_and_an_assistant_chain(ray_cluster, tree, tmp_
     assert "| student, distilled (kd) | tiny_cnn | 1 |" in methods
     assert methods.count("| yes |") == 3  # kd, mse_logits and the chain's student read a cache
     rows = (root / "methods.csv").read_text().splitlines()
-    assert rows[0].startswith("method,arch,runs,top1_mean,top1_std,agreement_mean") and len(rows) == 4
+    assert rows[0].startswith("method,arch,runs,top1_mean,top1_std,test_mean,test_std,agreement_mean") and len(rows) == 4
     # One cache for the ensemble (both files fingerprinted), one for the assistant's logits.
     manifest = json.loads((tmp_path / "results" / "cmp" / "teacher_cache" / "manifest.json").read_text())
     assert [h for h, _ in manifest["teacher_sha256"]] == [sha256_file(teacher), sha256_file(second)]

@@ -239,7 +239,8 @@ def train_loop(loop_config: dict, session) -> dict | None:
                 mid_epoch.restart()
             setup = {}  # the first report's only (not in the checkpoint's history)
             # After the checkpoint: a collapsed run keeps its epochs, and all ranks stop alike.
-            check_collapse(history, cfg.guard, method=stage_method(cfg, stage), optim=cfg.optim)
+            check_collapse(history, cfg.guard, method=stage_method(cfg, stage), optim=cfg.optim,
+                           steps_per_epoch=layout[2])
             if epoch + 1 < epochs and stop_requested(run_dir, device, world):
                 log.info(f"stopping after epoch {epoch + 1} (Ctrl-C on the driver); checkpoint written")
                 break

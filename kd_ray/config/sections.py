@@ -311,12 +311,17 @@ class GuardConfig:
     for guard.collapse_epochs epochs in a row (a collapsed student); null = never."""
     collapse_epochs: int = 2
     """Epochs in a row the collapse must last before the run stops."""
+    min_steps: int = 50
+    """The one-class rule judges only epochs past the learning-rate warm-up and past this many
+    optimizer steps of the run (a short run on little data that has not learned yet is no collapse)."""
     loss_growth: Optional[float] = 10.0
     """Stop a run whose epoch training loss grows past this multiple of its first epoch's (a
     diverging student); null = never. A non-finite loss always stops the run."""
 
     def __post_init__(self):
         positive(self, "collapse_epochs")
+        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 0:
+            raise ConfigError(f"guard.min_steps must be an integer >= 0, got {self.min_steps!r}")
         if self.collapse_share is not None and not 0.0 < self.collapse_share <= 1.0:
             raise ConfigError(f"guard.collapse_share must be in (0, 1] (or null), got {self.collapse_share}")
         if self.loss_growth is not None and not self.loss_growth > 1.0:

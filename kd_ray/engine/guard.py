@@ -5,6 +5,8 @@ so every rank reaches the same verdict at the same epoch and stops together.
 """
 from __future__ import annotations
 
+import math
+
 from kd_ray.errors import CollapseError
 
 # The setting a user would turn down first, per method (its main weight), for the message.
@@ -23,7 +25,16 @@ def fixes(method: str, optim) -> str:
     return ", ".join(parts)
 
 
-def check_collapse(history: list[dict], guard, *, method: str, optim) -> None:
+def judged(epoch: int, guard, optim, steps_per_epoch: int | None) -> bool:
+    """Whether the one-class rule may judge this epoch: past the learning-rate warm-up (the model
+    has barely moved before) and past guard.min_steps steps (a short run on little data that
+    has not learned yet is no collapse)."""
+    warmed = epoch > math.ceil(optim.warmup_epochs)
+    return warmed and (steps_per_epoch is None or epoch * steps_per_epoch >= guard.min_steps)
+
+
+def check_collapse(history: list[dict], guard, *, method: str, optim,
+                   steps_per_epoch: int | None = None) -> None:
     """Raise CollapseError when the last epochs of ``history`` show a collapsed or diverging
     student. Reads ``val/top_share`` (share of validation predictions in the most predicted class),
     ``val/label_share`` (the same for the true labels) and ``train/loss``."""
@@ -35,7 +46,8 @@ def check_collapse(history: list[dict], guard, *, method: str, optim) -> None:
     if share is not None and len(history) >= guard.collapse_epochs:
         recent = history[-guard.collapse_epochs:]
         # A validation set dominated by one class is no collapse: its own share is the floor.
-        if all(h.get("val/top_share", 0.0) >= share > h.get("val/label_share", 1.0) for h in recent):
+        if all(judged(h.get("epoch", epoch), guard, optim, steps_per_epoch)
+               and h.get("val/top_share", 0.0) >= share > h.get("val/label_share", 1.0) for h in recent):
             raise CollapseError(
                 f"the student collapsed: {100 * last['val/top_share']:.0f}% of the validation images "
                 f"got one class in epochs {recent[0].get('epoch', '?')}-{epoch} (val top-1 "
