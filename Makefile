@@ -38,7 +38,7 @@ docs: $(STAMP)
 test: lint
 	bash scripts/test_deps.sh  # sshd and rsync for the cluster tests, if missing
 	$(BIN)/mkdocs build --strict
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # Under a minute: no Ray instance, no chaos, no clusters.
 test-fast: lint
