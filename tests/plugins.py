@@ -41,6 +41,14 @@ def nan_in_second_epoch(student_logits, teacher_logits, labels, cfg):
 nan_in_second_epoch.needs_teacher = False
 
 
+def pull_to_class_zero(student_logits, teacher_logits, labels, cfg):
+    """A planted collapse: every image is pushed to class 0 (the guard's one-class rule)."""
+    return {"loss": F.cross_entropy(student_logits, torch.zeros_like(labels).clamp(min=0))}
+
+
+pull_to_class_zero.needs_teacher = False
+
+
 @dataclass
 class HeadParams:
     weight: float = 0.5
