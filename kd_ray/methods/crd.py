@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_ray.errors import ConfigError
-from kd_ray.methods.base import METHODS, Distiller, layer_names
-from kd_ray.methods.features import check_layers, hooked, shapes
+from kd_ray.methods.base import METHODS, layer_names
+from kd_ray.methods.features import OneLayer, check_layers, hooked, shapes
 from kd_ray.methods.logits import as_float, hinton_kd, non_negative
 
 EPS = 1e-7  # the authors' eps in the NCE ratios
@@ -125,23 +125,13 @@ def update_bank(bank: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, mom
 
 
 @METHODS.register("crd")
-class ContrastiveRepresentationKD(Distiller):
+class ContrastiveRepresentationKD(OneLayer):
     """kd + weight * (NCE(student embedding vs teacher bank) + NCE(teacher embedding vs student
     bank)). Trainable extras: the two embedding heads. Buffers (in the checkpoint): the banks
     ``memory_s``, ``memory_t`` (train_size x feat_dim) and ``z`` (the two normalising constants)."""
 
-    teacher = "features"
     Params = CRDParams
-    default_temperature = 4.0  # of its kd term
     needs_index = True
-
-    @property
-    def student_layers(self):
-        return (self.params.student_layer,)
-
-    @property
-    def teacher_layers(self):
-        return (self.params.teacher_layer,)
 
     def setup(self, student, teacher, sample, train_size=None):
         p = self.params

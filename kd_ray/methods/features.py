@@ -101,14 +101,11 @@ def conv_reg(s: tuple, t: tuple) -> Optional[nn.Module]:
     return nn.Sequential(conv, nn.BatchNorm2d(tc), nn.ReLU())
 
 
-@METHODS.register("fitnets")
-class FitNets(Distiller):
-    """kd + weight * MSE(regressor(student layer), teacher layer). The regressor is mdistiller's
-    ConvReg (``conv_reg``: a conv sized to the two maps, BatchNorm2d, ReLU) for (C, H, W) outputs,
-    a Linear for (B, C) ones; it trains with the student."""
+class OneLayer(Distiller):
+    """A feature method over one student and one teacher layer (``distill.params.student_layer``,
+    ``teacher_layer``)."""
 
     teacher = "features"
-    Params = FitNetsParams
     default_temperature = 4.0  # of its kd term
 
     @property
@@ -118,6 +115,15 @@ class FitNets(Distiller):
     @property
     def teacher_layers(self):
         return (self.params.teacher_layer,)
+
+
+@METHODS.register("fitnets")
+class FitNets(OneLayer):
+    """kd + weight * MSE(regressor(student layer), teacher layer). The regressor is mdistiller's
+    ConvReg (``conv_reg``: a conv sized to the two maps, BatchNorm2d, ReLU) for (C, H, W) outputs,
+    a Linear for (B, C) ones; it trains with the student."""
+
+    Params = FitNetsParams
 
     def setup(self, student, teacher, sample):
         p = self.params
@@ -184,25 +190,30 @@ class ATParams:
 
     def __post_init__(self):
         non_negative(self, "beta")
-        for key in ("student_layers", "teacher_layers"):
-            names = getattr(self, key)
-            # YAML reads nn.Sequential paths ([1, 4]) as ints.
-            if not all((isinstance(n, str) and n) or (type(n) is int and n >= 0) for n in names):
-                raise ValueError(f"{key} must be a list of module paths, got {names!r}")
-            setattr(self, key, [str(n) for n in names])
-        if self.teacher_layers and len(self.teacher_layers) != len(self.student_layers):
-            raise ValueError(f"teacher_layers ({len(self.teacher_layers)}) and student_layers "
-                             f"({len(self.student_layers)}) must pair up one to one")
+        check_layer_lists(self)
 
 
-@METHODS.register("at")
-class AttentionTransfer(Distiller):
-    """kd + beta * sum over layer pairs of the attention-map distance (maps of different spatial
-    size are pooled to the smaller one)."""
+def check_layer_lists(params) -> None:
+    """``params.student_layers`` / ``teacher_layers`` as lists of module paths that pair up."""
+    for key in ("student_layers", "teacher_layers"):
+        names = getattr(params, key)
+        # YAML reads nn.Sequential paths ([1, 4]) as ints.
+        if not all((isinstance(n, str) and n) or (type(n) is int and n >= 0) for n in names):
+            raise ValueError(f"{key} must be a list of module paths, got {names!r}")
+        setattr(params, key, [str(n) for n in names])
+    if params.teacher_layers and len(params.teacher_layers) != len(params.student_layers):
+        raise ValueError(f"teacher_layers ({len(params.teacher_layers)}) and student_layers "
+                         f"({len(params.student_layers)}) must pair up one to one")
+
+
+class LayerPairs(Distiller):
+    """A feature method over pairs of layers: ``distill.params.student_layers`` and
+    ``teacher_layers`` (default: the same paths). ``layer_shapes`` checks the names and returns
+    each pair's output shapes on one image (what ``setup`` builds its extras from)."""
 
     teacher = "features"
-    Params = ATParams
     default_temperature = 4.0  # of its kd term
+    layout_hint = "a list of module paths"
 
     @property
     def student_layers(self):
@@ -212,17 +223,28 @@ class AttentionTransfer(Distiller):
     def teacher_layers(self):
         return tuple(self.params.teacher_layers or self.params.student_layers)
 
-    def setup(self, student, teacher, sample):
+    def layer_shapes(self, name: str, student, teacher, sample) -> list[tuple]:
+        """[(student layer, teacher layer, student shape, teacher shape)] per pair."""
         if not self.student_layers:
             raise ConfigError(
-                "at needs distill.params.student_layers (a list of module paths; teacher_layers "
+                f"{name} needs distill.params.student_layers ({self.layout_hint}; teacher_layers "
                 f"defaults to the same paths); student layers: {', '.join(layer_names(student)[:10])}")
         check_layers(student, self.student_layers, "student")
         check_layers(teacher, self.teacher_layers, "teacher")
         s_shapes = shapes(student, sample, self.student_layers)
         t_shapes = shapes(teacher, sample, self.teacher_layers)
-        for s_name, t_name in zip(self.student_layers, self.teacher_layers):
-            s, t = s_shapes[s_name], t_shapes[t_name]
+        return [(s, t, s_shapes[s], t_shapes[t]) for s, t in zip(self.student_layers, self.teacher_layers)]
+
+
+@METHODS.register("at")
+class AttentionTransfer(LayerPairs):
+    """kd + beta * sum over layer pairs of the attention-map distance (maps of different spatial
+    size are pooled to the smaller one)."""
+
+    Params = ATParams
+
+    def setup(self, student, teacher, sample):
+        for s_name, t_name, s, t in self.layer_shapes("at", student, teacher, sample):
             if len(s) != 3 or len(t) != 3:
                 where = (f"; teacher layers at {fmt(s[1:])}: {layers_at(teacher, sample, s[1:])}"
                          if len(s) == 3 else "")

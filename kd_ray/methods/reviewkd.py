@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_ray.errors import ConfigError
-from kd_ray.methods.base import METHODS, Distiller, layer_names
-from kd_ray.methods.features import check_layers, fmt, hooked, shapes
+from kd_ray.methods.base import METHODS
+from kd_ray.methods.features import LayerPairs, check_layer_lists, fmt, hooked
 from kd_ray.methods.logits import as_float, hinton_kd, non_negative
 
 LEVELS = (4, 2, 1)  # the pooled sizes of the HCL
@@ -50,15 +50,7 @@ class ReviewKDParams:
         non_negative(self, "weight", "warmup")
         if self.mid_channels is not None and int(self.mid_channels) < 1:
             raise ValueError(f"mid_channels must be >= 1, got {self.mid_channels}")
-        for key in ("student_layers", "teacher_layers"):
-            names = getattr(self, key)
-            # YAML reads nn.Sequential paths ([1, 4]) as ints.
-            if not all((isinstance(n, str) and n) or (type(n) is int and n >= 0) for n in names):
-                raise ValueError(f"{key} must be a list of module paths, got {names!r}")
-            setattr(self, key, [str(n) for n in names])
-        if self.teacher_layers and len(self.teacher_layers) != len(self.student_layers):
-            raise ValueError(f"teacher_layers ({len(self.teacher_layers)}) and student_layers "
-                             f"({len(self.student_layers)}) must pair up one to one")
+        check_layer_lists(self)
 
 
 class ABF(nn.Module):
@@ -105,34 +97,16 @@ def as_map(x: torch.Tensor) -> torch.Tensor:
 
 
 @METHODS.register("reviewkd")
-class ReviewKD(Distiller):
+class ReviewKD(LayerPairs):
     """kd + weight * min(epoch / warmup, 1) * sum over layer pairs of HCL(fused student, teacher).
     Trainable extras: the ABF modules (one per level), in DDP, the optimizer and the checkpoint."""
 
-    teacher = "features"
     Params = ReviewKDParams
-    default_temperature = 4.0  # of its kd term
-
-    @property
-    def student_layers(self):
-        return tuple(self.params.student_layers)
-
-    @property
-    def teacher_layers(self):
-        return tuple(self.params.teacher_layers or self.params.student_layers)
+    layout_hint = "a list of module paths, shallow to deep"
 
     def setup(self, student, teacher, sample):
-        if not self.student_layers:
-            raise ConfigError(
-                "reviewkd needs distill.params.student_layers (a list of module paths, shallow to deep; "
-                f"teacher_layers defaults to the same paths); student layers: {', '.join(layer_names(student)[:10])}")
-        check_layers(student, self.student_layers, "student")
-        check_layers(teacher, self.teacher_layers, "teacher")
-        s_shapes = shapes(student, sample, self.student_layers)
-        t_shapes = shapes(teacher, sample, self.teacher_layers)
         pairs = []
-        for s_name, t_name in zip(self.student_layers, self.teacher_layers):
-            s, t = s_shapes[s_name], t_shapes[t_name]
+        for s_name, t_name, s, t in self.layer_shapes("reviewkd", student, teacher, sample):
             s, t = (s + (1, 1) if len(s) == 1 else s), (t + (1, 1) if len(t) == 1 else t)
             if len(s) != 3 or len(t) != 3:
                 raise ConfigError(
