@@ -14,7 +14,7 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(kd_ray.__path__, "kd_ray.
 
 def test_the_package_has_the_layers_of_the_readme():
     top = {m.split(".")[1] for m in MODULES}
-    assert top == {"cache", "cli", "cluster", "config", "data", "deploy", "engine", "errors", "log",
+    assert top == {"cache", "cli", "cli_parser", "cluster", "config", "data", "deploy", "engine", "errors", "log",
                    "methods", "models", "registry", "runs", "storage", "testing"}
 
 
