@@ -19,6 +19,22 @@ def test_candidates_spread_the_budget_over_the_methods_in_a_seeded_order():
     assert dist["distill.params.beta"] == dist["distill.params.gamma"] and "distill.temperature" in dist
 
 
+def test_every_built_in_distillation_method_has_a_grid_of_its_own_keys():
+    """Not the plugin fallback (temperature only): ctkd learns its T, mlkd sums fixed ones, crd and
+    reviewkd are weighed by their own params."""
+    from kd_ray.methods import METHODS, method_class
+    from kd_ray.runs.auto_plan import _grid
+
+    for name in METHODS.names():
+        if method_class(name).teacher is None:
+            continue
+        grid = _grid(name)
+        assert len(grid) >= 3 and len({short({"distill.loss": name, **g}) for g in grid}) == len(grid), name
+        if name in ("ctkd", "mlkd", "crd", "reviewkd", "fitnets", "at"):
+            assert "distill.temperature" not in grid[0], name
+    assert set(_grid("mlkd")[0]) == {"distill.params.kd_weight"} and set(_grid("ctkd")[0]) == {"distill.alpha"}
+
+
 def test_a_candidate_keeps_its_methods_own_params_and_its_values():
     cfg = load_config(overrides=["distill.method_params={dkd: {warmup: 1}}"])
     trial = trial_config(cfg, {"distill.loss": "dkd", "distill.temperature": 2.0, "distill.params.beta": 8.0})

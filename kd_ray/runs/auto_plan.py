@@ -37,6 +37,14 @@ def _grid(method: str) -> list[dict]:
         return [{"distill.params.weight": w} for w in (0.1, 1.0, 10.0)]
     if method == "at":
         return [{"distill.params.beta": b} for b in (100.0, 1000.0, 5000.0)]
+    if method == "crd":
+        return [{"distill.params.weight": w} for w in (0.4, 0.8, 1.6)]
+    if method == "reviewkd":
+        return [{"distill.params.weight": w} for w in (0.5, 1.0, 5.0)]
+    if method == "ctkd":  # its temperature is learnt: the weight of its KD term alone
+        return [{ALPHA: a} for a in (0.5, 0.7, 0.9)]
+    if method == "mlkd":  # its temperatures are a fixed set: the weight of its alignments
+        return [{"distill.params.kd_weight": w} for w in (0.5, 1.0, 2.0)]
     return [{T: t} for t in (1.0, 2.0, 4.0)]  # a plugin: its temperature only
 
 
