@@ -55,13 +55,6 @@ def refused(capsys, tmp_path, command, argv) -> str:
     ("distill", ["distill.loss=at", "distill.params.student_layers=[4]", "distill.params.teacher_layers=[7]"],
      ["student layer '4' (16x16x16)", "teacher layer '7' (400)", "teacher layers at 16x16: 2, 3, 4"]),
     ("distill", ["distill.loss=fitnets"], ["fitnets needs distill.params.student_layer"]),
-    ("distill", ["distill.loss=crd"], ["crd needs distill.params.student_layer"]),
-    ("distill", ["distill.loss=reviewkd", "distill.params.student_layers=[4, 1]"],
-     ["reviewkd fuses deep to shallow: student layer '1' (8x32x32) is larger than the layer before it, '4'"]),
-    ("distill", ["distill.loss=crd", "distill.params.student_layer=7", "distill.params.teacher_layer=77"],
-     ["teacher layer '77' is not in Sequential", "nearest layer names: 7"]),
-    ("distill", ["distill.cache_encoding=topk", "distill.cache_top_k=1", "distill.temperature=4"],
-     ["distill.cache_encoding=top-1 changes distill.loss=kd's loss by", "use distill.cache_encoding=float16"]),
     ("distill", ["distill.loss=dkdd"], ["unknown loss 'dkdd'; choose one of: at, ce, crd, ctkd, dist, dkd, fitnets, kd, mlkd, mse_logits, reviewkd"]),
     ("distill", ["distill.loss=dist", "distill.params.gama=1"],
      ["unknown distill.params key(s) ['gama'] for distill.loss=dist; valid keys: beta, ce_weight, gamma"]),
@@ -71,6 +64,14 @@ def refused(capsys, tmp_path, command, argv) -> str:
     # The pipeline checks the distill stage against model.teacher before it trains anything.
     ("pipeline", ["distill.loss=fitnets", "distill.params.student_layer=4", "distill.params.teacher_layer=layer4"],
      ["teacher layer 'layer4' is not in Sequential"]),
+    # Later cases go last, so the ids of the earlier ones (their index) stay as they were.
+    ("distill", ["distill.loss=crd"], ["crd needs distill.params.student_layer"]),
+    ("distill", ["distill.loss=reviewkd", "distill.params.student_layers=[4, 1]"],
+     ["reviewkd fuses deep to shallow: student layer '1' (8x32x32) is larger than the layer before it, '4'"]),
+    ("distill", ["distill.loss=crd", "distill.params.student_layer=7", "distill.params.teacher_layer=77"],
+     ["teacher layer '77' is not in Sequential", "nearest layer names: 7"]),
+    ("distill", ["distill.cache_encoding=topk", "distill.cache_top_k=1", "distill.temperature=4"],
+     ["distill.cache_encoding=top-1 changes distill.loss=kd's loss by", "use distill.cache_encoding=float16"]),
 ])
 def test_bad_method_input_stops_before_ray(capsys, tree, tmp_path, teacher, command, sets, needles):
     err = refused(capsys, tmp_path, command, args(tree, tmp_path, None if command == "pipeline" else teacher, *sets))

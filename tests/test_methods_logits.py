@@ -152,11 +152,14 @@ def test_dkd_standardize_changes_the_soft_terms_only():
 LOGIT_METHODS = ["kd", "mse_logits", "dkd", "dist"]
 
 
-# Only kd and dkd take `standardize`; the others refuse it (test_bad_params_name_the_valid_ones).
-@pytest.mark.parametrize("name, params", [(n, {}) for n in LOGIT_METHODS]
-                         + [(n, {"standardize": True}) for n in ("kd", "dkd")])
+@pytest.mark.parametrize("name", LOGIT_METHODS)
+@pytest.mark.parametrize("params", [{}, {"standardize": True}])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_no_nan_on_a_batch_without_labels(name, params, batch):
+    if params and name not in ("kd", "dkd"):  # only kd and dkd take `standardize`: refused in one line
+        with pytest.raises(ConfigError, match=r"\['standardize'\]"):
+            method(name, **params)
+        return
     s = torch.tensor(S[:batch], requires_grad=True)
     out = method(name, **params).loss(s, torch.tensor(T[:batch]), torch.full((batch,), -1), epoch=1)
     assert all(torch.isfinite(v).all() for v in out.values()) and out["ce"].item() == 0.0
@@ -187,10 +190,10 @@ def test_dkd_and_dist_compute_bf16_in_float32():
                           "alpha, beta, ce_weight, standardize, warmup"),
     ("dist", {"tau": 1}, "valid keys: beta, ce_weight, gamma"),
     ("kd", {"beta": 1}, "valid keys: standardize"),
-    ("mse_logits", {"standardize": True}, r"mse_logits takes no distill.params, got \['standardize'\]"),
     ("dkd", {"beta": -1}, "beta must be >= 0"),
     ("dkd", {"warmup": 1.5}, "distill.params.warmup must be int"),
     ("kd", {"standardize": "yes"}, "distill.params.standardize must be bool"),
+    ("mse_logits", {"standardize": True}, r"mse_logits takes no distill.params, got \['standardize'\]"),
 ])
 def test_bad_params_name_the_valid_ones(name, params, match):
     with pytest.raises(ConfigError, match=match):

@@ -163,8 +163,9 @@ def test_cache_rows_round_trip_and_are_read_from_disk(tmp_path):
     assert torch.equal(dense.row(4, 1), torch.full((6,), 7.0, dtype=torch.float16))
 
 
-def test_cache_encoding_stays_dense_whatever_the_size_unless_asked():
-    """No size switch: dense float16 unless distill.cache_encoding (or cache_top_k) asks."""
+def test_cache_encoding_is_chosen_by_size():
+    """Size no longer chooses (the name is kept from when it did, top-32 past 1 GiB): dense
+    float16 whatever the size, unless distill.cache_encoding (or cache_top_k) asks."""
     assert choose_encoding(1000, None, None) == ("float16", None)
     assert choose_encoding(1000, "int8", None) == ("int8", None)
     assert choose_encoding(1000, "topk", None) == ("topk", 32)
