@@ -4,6 +4,7 @@ Tests that use a Ray fixture are marked ``ray`` (``cluster`` for the multi-node 
 ``make test-fast`` (``-m "not ray and not chaos and not cluster"``) never starts Ray.
 """
 import os
+import sys
 
 import pytest
 
@@ -25,6 +26,8 @@ from kd_ray import log  # noqa: E402
 log.configure()  # the CLI's console format, so tests read the same lines a user sees
 
 MARK_BY_FIXTURE = {"ray_cluster": "ray", "cli_env": "ray", "cluster_env": "cluster"}
+RAY_MARKS = ("ray", "chaos", "cluster")
+_session_ray = []  # the address, once the ray_cluster fixture has started the session's instance
 
 
 def pytest_collection_modifyitems(items):
@@ -32,6 +35,17 @@ def pytest_collection_modifyitems(items):
         for fixture, mark in MARK_BY_FIXTURE.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(mark)
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """A test without a Ray mark must not start Ray in this process: `make test-fast` promises no
+    Ray, and under xdist such an instance would stand in the way of the session fixture's."""
+    ray = sys.modules.get("ray")
+    if _session_ray or ray is None or not ray.is_initialized():
+        return
+    if not any(item.get_closest_marker(mark) for mark in RAY_MARKS):
+        ray.shutdown()
+        pytest.fail(f"{item.nodeid} started Ray in the test process without a Ray fixture", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -46,8 +60,10 @@ def ray_cluster():
     # address in RAY_ADDRESS for Ray's own helpers, also when other Ray instances run here.
     context = start_local_ray(num_cpus=5, object_store_memory=256 * 2**20,
                               dashboard_host="127.0.0.1", include_dashboard=True)
+    _session_ray.append(context.address_info["gcs_address"])
     yield context.address_info["gcs_address"]
     ray.shutdown()  # stops only the instance this session started
+    _session_ray.clear()
 
 
 @pytest.fixture

@@ -74,6 +74,8 @@ class MetricsCallback(UserCallback):
 
 def write_writer_info(folder: Path) -> None:
     """Record which node and process writes the TensorBoard files (the head, for cluster jobs)."""
-    info = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
+    # Only when connected: get_runtime_context() would otherwise start a local instance of its own.
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    info = {"node_id": node_id, "hostname": socket.gethostname(),
             "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
     (folder / "writer.json").write_text(json.dumps(info))
