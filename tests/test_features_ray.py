@@ -1,6 +1,7 @@
-"""A feature method on Ray: `fitnets` on 2 workers (live teacher, a trainable regressor in DDP with
-the student), its driver SIGKILLed in epoch 3, the same command again: the run resumes from
-epoch 3 with the regressor of the epoch-2 checkpoint on every rank, not a fresh one."""
+"""Methods with state of their own on Ray. `fitnets` on 2 workers (live teacher, a trainable
+regressor in DDP with the student), its driver SIGKILLed in epoch 3, the same command again: the
+run resumes from epoch 3 with the regressor of the epoch-2 checkpoint on every rank, not a fresh
+one. The same for crd, reviewkd, ctkd and mlkd."""
 import os
 
 import pytest
@@ -46,3 +47,46 @@ def test_fitnets_on_two_workers_resumes_with_its_regressor(ray_cluster, tmp_path
     assert all(digest != resumed[0] for digest in fresh)  # and it had trained: not the initial weights
     history = read_history(run_dir)
     assert all(row["train/hint"] > 0 for row in history)  # the hint loss is logged every epoch
+
+
+# The new methods' extras: what each checkpoint must hold (names, and for crd the banks' sizes).
+NEW_METHODS = {
+    "crd": (["distill.params.student_layer=7", "distill.params.teacher_layer=7", "distill.params.nce_k=64",
+             "distill.params.feat_dim=16"],
+            {"memory_s", "memory_t", "z", "embed_s.linear.weight", "embed_t.linear.weight"}),
+    "reviewkd": (["distill.params.student_layers=['1','4']", "distill.params.mid_channels=8"],
+                 {"abfs.0.conv1.0.weight", "abfs.0.attention_conv.0.weight", "abfs.1.conv2.0.weight"}),
+    "ctkd": (["distill.teacher_cache=auto"], {"theta"}),
+    "mlkd": (["distill.teacher_cache=auto"], set()),
+}
+
+
+@pytest.mark.parametrize("method", sorted(NEW_METHODS))
+def test_new_method_on_two_workers_resumes_with_its_extras_on_every_rank(method, ray_cluster, tmp_path):
+    """crd (memory banks and heads), reviewkd (the fusion modules), ctkd (the learnt temperature)
+    and mlkd (no state of its own): 2 workers, driver SIGKILLed in epoch 3, the same command again
+    resumes from epoch 3 with the epoch-2 checkpoint's method state on both ranks."""
+    extra, must_have = NEW_METHODS[method]
+    env = dict(os.environ, **chaos.RAY_ENV, RAY_ADDRESS=ray_cluster, PYTHONUNBUFFERED="1")
+    teacher = chaos.make_teacher(tmp_path / "teacher.pt", [f"class{i}" for i in range(10)])
+    argv = ["distill", *chaos.settings(tmp_path, method, "optim.epochs=3", f"distill.teacher_path={teacher}",
+                                       f"distill.loss={method}", *extra)]
+    faults_dir, run_dir = tmp_path / "faults", tmp_path / method
+    chaos.kill_driver_after_epoch_2(argv, env, run_dir, faults_dir)
+    assert len(read_history(run_dir)) == 2, "the first run did not reach epoch 2"
+
+    out = chaos.kd_ray(argv, env, faults_dir, chaos.HOLD_EPOCH_3, inline=True)
+    assert out.code == 0, out.err
+    assert f"[kd_ray] resuming {method} from epoch 3 " in out.out
+    assert chaos.logged_epochs(run_dir) == [1, 2, 3]
+    saved = next(f for f in checkpoints.folders(run_dir) if checkpoints.read_manifest(f)["epoch"] == 2)
+    state = torch.load(saved / checkpoints.STATE_FILE, map_location="cpu", weights_only=False)["method"]
+    assert must_have <= set(state), sorted(state)
+    attempts = [e for e in read_events(faults_dir) if e["event"] == "attempt"]
+    fresh = [e["method_state"] for e in attempts if e["start_epoch"] == 1]
+    resumed = [e["method_state"] for e in attempts if e["start_epoch"] == 3]
+    assert len(fresh) == 2 and len(resumed) == 2  # both ranks, each attempt
+    assert all(digest == state_digest(state) for digest in resumed)  # restored on every rank
+    if state:
+        assert all(digest != resumed[0] for digest in fresh)  # and it had trained
+    assert all(row["train/loss"] > 0 for row in read_history(run_dir))
