@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FAST := not ray and not chaos and not cluster
+# Two pytest processes, a test file each at a time (a file's module fixtures are built once), the
+# longest files first (tests/conftest.py orders them): much of a Ray test is waiting on start-up.
+WORKERS ?= 2
+XDIST := -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 
 export RAY_AUTH_MODE ?= disabled
 export NO_MKDOCS_2_WARNING ?= 1  # mkdocs-material's end-of-life notice on every build
@@ -38,11 +42,11 @@ docs: $(STAMP)
 test: lint
 	bash scripts/test_deps.sh  # sshd and rsync for the cluster tests, if missing
 	$(BIN)/mkdocs build --strict
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q $(XDIST) --durations=15
 
 # Under a minute: no Ray instance, no chaos, no clusters.
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "$(FAST)"
+	$(BIN)/python -m pytest -q $(XDIST) -m "$(FAST)"
 
 clean:
 	rm -rf results .pytest_cache site

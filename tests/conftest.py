@@ -30,11 +30,21 @@ RAY_MARKS = ("ray", "chaos", "cluster")
 _session_ray = []  # the address, once the ray_cluster fixture has started the session's instance
 
 
+# The longest files first (make test runs files on 2 xdist processes, each file on one of them,
+# in this order): the short files fill in at the end, so neither process waits long for the other.
+LONGEST_FIRST = ["test_chaos.py", "test_features_ray.py", "test_tune_ray.py", "test_auto_ray.py",
+                 "test_cluster.py", "test_ray_train.py", "test_teachers_ray.py", "test_storage_ray.py",
+                 "test_install.py", "test_launcher.py", "test_tracking.py", "test_cache_ray.py",
+                 "test_parquet_ray.py", "test_deploy.py", "test_recovery.py", "test_layers.py"]
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         for fixture, mark in MARK_BY_FIXTURE.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(mark)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
 
 
 def pytest_runtest_teardown(item, nextitem):

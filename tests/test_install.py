@@ -33,7 +33,7 @@ def repo_copy(dest: Path) -> Path:
 def test_pip_install_into_a_fresh_venv_runs_the_demo_outside_the_checkout(tmp_path):
     source = repo_copy(tmp_path / "src")
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, with_pip=True)
+    venv.create(env_dir)  # no pip of its own: this environment's pip installs into it (--python)
     python = env_dir / "bin" / "python"
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
@@ -46,7 +46,8 @@ def test_pip_install_into_a_fresh_venv_runs_the_demo_outside_the_checkout(tmp_pa
                             "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
     assert wheel.returncode == 0, wheel.stderr[-3000:]
     [built] = (tmp_path / "dist").glob("kd_ray-*.whl")
-    install = subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", str(built)],
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
+                              "--no-deps", str(built)],
                              capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"
@@ -58,7 +59,7 @@ def test_pip_install_into_a_fresh_venv_runs_the_demo_outside_the_checkout(tmp_pa
     assert where.startswith(site), where  # the wheel, not the checkout
     demo = subprocess.run(
         [env_dir / "bin" / "kd-ray", "demo", "--set", "optim.epochs=1", "--set", "optim.teacher_epochs=1",
-         "--set", "run.seeds=[0]", "--set", "data.labels_per_class=20"],
+         "--set", "run.seeds=[0]", "--set", "data.labels_per_class=20", "--set", "run.num_workers=1"],
         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     table = (elsewhere / "results" / "demo" / "comparison.md").read_text()
