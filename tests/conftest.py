@@ -4,6 +4,7 @@ Tests that use a Ray fixture are marked ``ray`` (``cluster`` for the multi-node 
 ``make test-fast`` (``-m "not ray and not chaos and not cluster"``) never starts Ray.
 """
 import os
+import signal
 import sys
 
 import pytest
@@ -56,6 +57,16 @@ def pytest_runtest_teardown(item, nextitem):
     if not any(item.get_closest_marker(mark) for mark in RAY_MARKS):
         ray.shutdown()
         pytest.fail(f"{item.nodeid} started Ray in the test process without a Ray fixture", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_kept():
+    """Each test starts with the handlers the last one found: Ray Tune keeps its SIGINT handler
+    after a sweep, and under xdist the next test in the same process would inherit it."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="session")

@@ -350,6 +350,7 @@ def test_sigterm_before_training_stops_with_143(capsys, monkeypatch):
 
     before = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(cli, "run", run)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as in a fresh process
     code, err = run_cli(capsys, "train-student")
     assert code == 143 and err.splitlines()[-1] == f"kd-ray: {cli.TERMINATED} from the last checkpoint"
     assert signal.getsignal(signal.SIGTERM) is before  # main() puts the previous handler back
@@ -411,3 +412,18 @@ def test_ray_start_keeps_the_clis_sigterm_handler():
     with Sigterm().installed() as sigterm:
         _start("start", "fix", init)
         assert signal.getsignal(signal.SIGTERM) is sigterm
+
+
+def test_sigint_handler_is_put_back_after_a_tune_fit():
+    import signal
+
+    from kd_ray.cluster.trial import fit_tuner
+
+    class Tuner:  # Tune's fit() installs its SIGINT handler and leaves it in place
+        def fit(self):
+            signal.signal(signal.SIGINT, lambda *a: None)
+            return "results"
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert fit_tuner(Tuner()) == "results"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -19,6 +19,7 @@ from ray import tune
 from kd_ray.cluster.cache import resolve_cache
 from kd_ray.cluster.session import ensure_ray
 from kd_ray.cluster.stage import run_stage
+from kd_ray.cluster.trial import fit_tuner
 from kd_ray.cluster.tune import TUNE_DIR, asha, grace_epochs, run_trial, trial_error, trials_that_fit
 from kd_ray.config import Config
 from kd_ray.errors import ConfigError
@@ -99,7 +100,7 @@ def search(cfg: Config, found: list, folder: Path) -> dict:
     log.info(f"auto search: {len(found)} settings ({'; '.join(map(short, found))}), "
              f"{cfg.optim.epochs} epochs each at most, ASHA on {cfg.sweep.metric} (grace "
              f"{grace_epochs(cfg)} epochs); results in {folder}")
-    results = tuner(trial_cfg, found, folder).fit()
+    results = fit_tuner(tuner(trial_cfg, found, folder))
     trials = [{"name": Path(r.path).name, "params": r.config["candidate"], "error": trial_error(r),
                "last": r.metrics} for r in results]
     write_sweep_report(report_cfg, folder, trials)  # summary.md/.csv; fails if every trial did

@@ -8,6 +8,8 @@ run's (checkpoints, metrics.jsonl): a retried or resumed trial starts from its l
 from __future__ import annotations
 
 import json
+import signal
+import threading
 
 import torch
 from ray import tune
@@ -22,6 +24,18 @@ from kd_ray.runs.files import append_failure, prune_checkpoints
 from kd_ray.storage import location
 
 ERROR_FILE = "error.json"  # the error no retry can fix that stopped this trial (Tune retries anyway)
+
+
+def fit_tuner(tuner):
+    """``tuner.fit()``, then the SIGINT handler from before it: Tune installs its own and keeps it
+    after the run, and a later SIGTERM (which goes where Ctrl-C goes) would only set Tune's flag."""
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit()
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        return tuner.fit()
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def in_actor(cfg: Config) -> bool:

@@ -23,7 +23,8 @@ from kd_ray.cluster.cache import resolve_cache
 from kd_ray.cluster.callbacks import MetricsCallback
 from kd_ray.cluster.session import ensure_ray
 from kd_ray.cluster.stage import make_trainer, raise_returned_error, raise_user_error, run_stage
-from kd_ray.cluster.trial import actor_resources, forget_errors, in_actor, train_in_actor, tune_row
+from kd_ray.cluster.trial import (actor_resources, fit_tuner, forget_errors, in_actor,
+                                  train_in_actor, tune_row)
 from kd_ray.config import Config, load_config
 from kd_ray.config.sweep import apply_params, planned_trials, space_entry
 from kd_ray.errors import ConfigError, one_line, user_error_in
@@ -206,7 +207,7 @@ def run_sweep(cfg: Config, train_teacher: bool = False, checked: bool = False):
     cfg = resolve_cache(cfg, sweep_dir / "teacher_cache")
     cfg.save(sweep_dir / SWEEP_FILE)
     log.info(f"sweep {cfg.run.name}: {_describe(cfg)}; results in {sweep_dir}")
-    results = make_tuner(cfg, sweep_dir).fit()
+    results = fit_tuner(make_tuner(cfg, sweep_dir))
     return write_sweep_report(cfg, sweep_dir, trial_results(cfg, results))
 
 
@@ -226,7 +227,7 @@ def resume_sweep(sweep_dir) -> tuple:
     done = sum(status == "TERMINATED" for status in states.values())
     log.info(f"resuming sweep {sweep_dir}: {done} of {planned_trials(cfg.sweep)} trials finished and "
              "kept; the others run (again) from their last checkpoint")
-    results = make_tuner(cfg, sweep_dir, restore=True).fit()
+    results = fit_tuner(make_tuner(cfg, sweep_dir, restore=True))
     return write_sweep_report(cfg, sweep_dir, trial_results(cfg, results))
 
 
