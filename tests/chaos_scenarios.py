@@ -461,7 +461,8 @@ def t13_bad_names_and_paths(work: Path, env: dict) -> list[Row]:
 def t14_ctrl_c(work: Path, env: dict) -> Row:
     """Ctrl-C in epoch 2: stops after its checkpoint, exit 130; Ctrl-C twice in epoch 3: stops at
     once; the same command finishes; once more says finished and starts no worker."""
-    argv = ["train-student", *settings(work, "t14", "optim.epochs=3")]
+    # A grace long enough for the epoch's rest: the stop waits for the epoch's checkpoint (T15: not).
+    argv = ["train-student", *settings(work, "t14", "optim.epochs=3", "run.stop_grace_s=600")]
     run_dir, faults = work / "t14", [work / f"t14-faults-{i}" for i in range(3)]
     hold = {"kind": "sleep", "rank": 0, "step": 0}
     first = _popen(argv, env, {"dir": str(faults[0]), "faults": [{**hold, "epoch": 2, "seconds": 4}]})
@@ -495,7 +496,40 @@ def t14_ctrl_c(work: Path, env: dict) -> Row:
                 "finished rerun starts no worker": workers_started == 0}, run_dir)
 
 
+def t15_sigterm_mid_epoch(work: Path, env: dict) -> Row:
+    """SIGTERM (a scheduler's stop) while rank 0 holds at step 30 of epoch 2, with run.stop_grace_s
+    0: every rank stops at the next check (every 25 steps across ranks) after its checkpoint,
+    exit 143; the same command continues at that step and logs each epoch once."""
+    argv = ["train-student", *settings(work, "t15", "optim.epochs=3", "data.synthetic_size=2048",
+                                       "optim.batch_size=16", "run.stop_grace_s=0")]
+    run_dir, faults = work / "t15", [work / f"t15-faults-{i}" for i in range(2)]
+    hold = {"kind": "sleep", "rank": 0, "epoch": 2, "step": 30, "seconds": 5}
+    first = _popen(argv, env, {"dir": str(faults[0]), "faults": [hold]})
+    _wait_for(lambda: any(e["event"] == "fault" for e in read_events(faults[0])), first)
+    first.send_signal(signal.SIGTERM)
+    _, err1 = first.communicate(timeout=300)
+    newest = checkpoints.latest(run_dir)
+    kept = (newest[1]["epoch"], newest[1].get("step")) if newest else None
+    after_first = logged_epochs(run_dir)
+    second = kd_ray(argv, env, faults[1], [], inline=True)
+    resumed = [(e["epoch"], e["step"]) for e in read_events(faults[1]) if e["event"] == "epoch_resume"]
+    step = kept[1] if kept else None
+    return Row("T15", "SIGTERM in epoch 2 (stop_grace_s 0); rerun",
+               {"exit": first.returncode, "checkpoint (epochs, step)": kept, "rerun resumed at": resumed,
+                "rerun exit": second.code},
+               {"exit 143": first.returncode == 143,
+                "says stopped by SIGTERM": "stopped by SIGTERM; rerun the same command to resume" in err1,
+                "checkpoint inside epoch 2, after the signal": kept is not None and kept[0] == 1
+                and step is not None and 30 < step <= 30 + 25,
+                "only epoch 1 logged": after_first == [1],
+                "rerun continues there on both ranks": resumed == [(2, step)] * 2
+                and f"from epoch 2 step {step}" in second.out,
+                "each epoch logged once": second.code == 0 and logged_epochs(run_dir) == [1, 2, 3]},
+               run_dir)
+
+
 SCENARIOS = [t1_worker_raises, t2_fails_every_attempt, t3_worker_killed, t4_driver_killed,
              t5_sweep_killed, t6_rank_stalls, t7_truncated_checkpoint, t8_bad_input,
-             t10_two_drivers, t11_oversized_workers, t12_non_ascii_name, t13_bad_names_and_paths, t14_ctrl_c]
+             t10_two_drivers, t11_oversized_workers, t12_non_ascii_name, t13_bad_names_and_paths, t14_ctrl_c,
+             t15_sigterm_mid_epoch]
 

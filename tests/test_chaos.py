@@ -1,4 +1,4 @@
-"""The chaos suite (tests/chaos_scenarios.py) as tests: T1-T14 of docs/failures.md.
+"""The chaos suite (tests/chaos_scenarios.py) as tests: T1-T15 of docs/failures.md.
 
 Each scenario is a real 2-worker Ray Train run on the session's Ray instance, with a fault
 injected through KD_RAY_FAULTS or a process killed from outside. What must hold is written once,
@@ -115,3 +115,7 @@ def test_t14_ctrl_c_stops_after_the_epoch_and_twice_at_once(work, env):
     row = chaos.t14_ctrl_c(work, env)
     check(row)
     assert row.figures["exit after 1 Ctrl-C"] == 130
+
+
+def test_t15_sigterm_mid_epoch_checkpoints_there_exits_143_and_resumes_at_its_step(work, env):
+    check(chaos.t15_sigterm_mid_epoch(work, env))

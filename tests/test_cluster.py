@@ -378,3 +378,92 @@ def test_ddp_across_two_cluster_utils_nodes_writes_tensorboard_on_the_head(clust
     writer = json.loads((run_dir / "tensorboard" / "writer.json").read_text())
     assert writer["node_id"] == nodes["head"]
     assert writer["pid"] != nodes["driver_pid"]  # the controller actor, a process on the head
+
+
+ELASTIC_SCRIPT = """
+import json, os, sys, threading, time
+import ray
+from ray.cluster_utils import Cluster
+from kd_ray.config import load_config
+from kd_ray.cluster.stage import run_stage
+from kd_ray.testing.faults import read_events
+
+out, ports = sys.argv[1], json.loads(sys.argv[2])
+common = dict(num_cpus=1, object_store_memory=100 * 2**20, temp_dir=os.path.join(os.environ["RAY_TMPDIR"], "ray"))
+cluster = Cluster(initialize_head=True, head_node_args=dict(
+    common, gcs_server_port=ports[0], dashboard_host="127.0.0.1", dashboard_port=ports[1],
+    dashboard_agent_listen_port=ports[2], metrics_agent_port=ports[3], metrics_export_port=ports[4],
+    runtime_env_agent_port=ports[5]))
+cluster.wait_for_nodes()
+ray.init(address=cluster.address)
+metrics, faults, log = os.path.join(out, "elastic", "metrics.jsonl"), os.path.join(out, "faults"), {}
+
+def epochs_logged():
+    return len(open(metrics).read().splitlines()) if os.path.exists(metrics) else 0
+
+def until(check):
+    while not check():
+        time.sleep(0.2)
+
+def watch():  # T17: a node joins a run at its minimum; T16: it leaves again (main thread)
+    until(lambda: epochs_logged() >= 1)
+    node = cluster.add_node(**common, metrics_agent_port=ports[6], metrics_export_port=ports[7],
+                            runtime_env_agent_port=ports[8])
+    log["added_after_epoch"] = epochs_logged()
+    until(lambda: any(e["event"] == "epoch_start" and e["rank"] == 1 for e in read_events(faults)))
+    grown = epochs_logged()
+    until(lambda: epochs_logged() >= grown + 1)
+    cluster.remove_node(node)
+    log["removed_after_epoch"] = epochs_logged()
+
+results = []  # the run in a thread: Ray adds a node only from the main thread (signal handlers)
+cfg = load_config(overrides=SETTINGS + [f"run.storage={out}", "run.name=elastic"])
+runner = threading.Thread(target=lambda: results.append(run_stage(cfg, "teacher")), daemon=True)
+runner.start()
+watch()
+runner.join()
+json.dump({**log, "summary": results[0].summary}, open(os.path.join(out, "elastic.json"), "w"), default=str)
+ray.shutdown()
+cluster.shutdown()
+os._exit(0)
+"""
+ELASTIC_SETTINGS = ["data.name=synthetic", "data.synthetic_size=2048", "data.image_size=16",
+                    "model.teacher=tiny_cnn", "optim.epochs=7", "optim.batch_size=64",
+                    "run.num_workers=[1, 2]", "run.resize_interval_s=2", "run.max_failures=6"]
+
+
+def test_t16_t17_an_elastic_run_grows_when_a_node_joins_and_goes_on_when_it_leaves(cluster_env, tmp_path):
+    """ray.cluster_utils.Cluster (in a subprocess), run.num_workers [1, 2], one CPU per node: the
+    run starts on the head alone; a node joins after epoch 1 (T17: the group grows to 2 ranks from
+    the last checkpoint) and leaves after an epoch on 2 ranks (T16: the run goes on with 1 and
+    finishes); each epoch is logged once."""
+    temp, env = cluster_env
+    script = tmp_path / "elastic.py"
+    script.write_text(f"SETTINGS = {ELASTIC_SETTINGS!r}\n" + textwrap.dedent(ELASTIC_SCRIPT))
+    ports = free_ports(9)
+    # After the loss Ray first asks for the old size again, until the group start times out.
+    env = dict(env, RAY_ADDRESS=f"127.0.0.1:{ports[0]}", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="15",
+               KD_RAY_FAULTS=json.dumps({"dir": str(tmp_path / "faults"), "faults": [
+                   # Holds on rank 0 (once each) so that a join and a loss land inside the run.
+                   {"kind": "sleep", "rank": 0, "epoch": 2, "step": 0, "seconds": 30, "once": True},
+                   {"kind": "sleep", "rank": 0, "epoch": 4, "step": 0, "seconds": 10, "once": True}]}))
+    out = subprocess.run([sys.executable, str(script), str(tmp_path), json.dumps(ports)], env=env,
+                         capture_output=True, text=True, timeout=400, start_new_session=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-4000:]
+    done = json.loads((tmp_path / "elastic.json").read_text())
+    from kd_ray.testing.faults import read_events
+
+    events = read_events(tmp_path / "faults")
+    ranks_by_epoch = {}
+    for e in events:
+        if e["event"] == "epoch_start":
+            ranks_by_epoch.setdefault(e["epoch"], set()).add(e["rank"])
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "elastic" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, 8)), epochs  # each epoch once, none missing
+    assert ranks_by_epoch[1] == {0}  # started at its minimum: one node, one CPU
+    grown = [ep for ep, ranks in ranks_by_epoch.items() if ranks == {0, 1}]
+    assert grown and min(grown) > done["added_after_epoch"] - 1, (ranks_by_epoch, done)  # T17
+    # The epoch in progress at the removal may have started on 2 ranks; every later one has 1.
+    after = [ep for ep in ranks_by_epoch if ep > done["removed_after_epoch"] + 1]
+    assert after and all(ranks_by_epoch[ep] == {0} for ep in after), (ranks_by_epoch, done)  # T16
+    assert done["summary"]["epochs"] == 7

@@ -14,10 +14,13 @@ from kd_ray.cluster import trial
 from kd_ray.config import load_config
 from kd_ray.data.sampling import ShuffleSampler
 from kd_ray.engine import checkpoints
-from kd_ray.engine.resume import resume_from
+from kd_ray.cluster.stage import make_loop_config
+from kd_ray.cluster.worker import train_loop
+from kd_ray.engine.loop import STOP
+from kd_ray.engine.resume import MidEpoch, resume_from
 from kd_ray.errors import ConfigError
 from kd_ray.models import build_model, export_teacher
-from kd_ray.runs.files import prune_mid_epoch, read_history
+from kd_ray.runs.files import STOP_FILE, prune_mid_epoch, read_history
 from kd_ray.testing.faults import read_events
 
 import two_ranks  # spawned ranks import only this and the engine (not Ray)
@@ -159,3 +162,61 @@ def test_a_mid_epoch_checkpoint_of_another_layout_continues_at_its_step_with_a_w
     out = capsys.readouterr().out
     assert "[2, 10, 12]" in out and "continues at step 5" in out and "other random numbers" in out
     assert resume_from({"epoch": 2}, 0, 1, [1, 20, 6], device) is None  # an epoch's checkpoint
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.parametrize("grace_s", [0, 60, 120])
+def test_a_stop_checkpoints_now_only_when_the_epochs_rest_would_outlast_the_grace(grace_s):
+    clock, asked = Clock(), []
+    mid = MidEpoch(math.inf, 0, torch.device("cpu"), [1, 8, 100], None, clock=clock,
+                   stop=lambda: bool(asked), grace_s=grace_s)
+    mid.begin(epoch=1)
+    clock.now = 10.0  # 10 steps in 10 s: the other 90 would take 90 s
+    assert mid.due(10, 100) == 0  # no stop asked, no clock-based checkpoint (every_s inf)
+    asked.append(True)
+    assert mid.due(10, 100) == (STOP if grace_s < 90 else 0)
+    clock.now = 50.0  # 40 s after the request, step 50: 50 s of steps left
+    assert mid.due(50, 100) == (STOP if grace_s < 90 else 0)
+    clock.now = 98.0  # step 98 of 100: 2 s left, 88 s after the request
+    assert mid.due(98, 100) == (STOP if grace_s < 90 else 0)
+    assert MidEpoch(math.inf, 1, torch.device("cpu"), [], None, stop=lambda: True, grace_s=0).due(1, 9) == 0
+
+
+def test_a_stop_file_on_object_storage_is_polled_once_a_second():
+    clock, polls = Clock(), []
+    mid = MidEpoch(math.inf, 0, torch.device("cpu"), [], None, clock=clock, stop=lambda: polls.append(1),
+                   grace_s=0, poll_s=1.0)
+    for step in range(10):
+        clock.now = step * 0.25
+        mid.due(step, 100)
+    assert len(polls) == 3  # at 0, 1.0 and 2.0 s
+
+
+def test_a_stop_in_epoch_2_checkpoints_at_once_and_the_rerun_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    """What SIGTERM does in a stage (the driver writes the stop file): with run.stop_grace_s 0 every
+    rank stops after the step in progress, and the rerun continues there."""
+    cfg = cfg_for(tmp_path, "run.stop_grace_s=0")
+    trial.train_in_actor(cfg, str(tmp_path), "whole")
+    run, faults = tmp_path / "cut", tmp_path / "faults-stop"
+    stop_file = run / STOP_FILE
+    plan = {"dir": str(faults), "faults": [{"kind": "touch", "path": str(stop_file), "epoch": 2,
+                                            "step": STOP_STEP, "once": True}]}
+    monkeypatch.setenv("KD_RAY_FAULTS", json.dumps(plan))
+    loop_config = {**make_loop_config(cfg, "distill", str(tmp_path), "cut"), "stop_file": True}
+    assert train_loop(loop_config, trial.TrialSession(cfg, run)) is None  # a stop, not an error
+    manifest = checkpoints.latest(run)[1]
+    assert (manifest["epoch"], manifest["step"]) == (1, STOP_STEP + 1)  # the step in progress finished
+    assert [h["epoch"] for h in read_history(run)] == [1]
+    stop_file.unlink()  # as the next driver does
+    assert train_loop(loop_config, trial.TrialSession(cfg, run)) is None
+    resumed = [e for e in read_events(faults) if e["event"] == "epoch_resume"]
+    assert [(e["epoch"], e["step"]) for e in resumed] == [(2, STOP_STEP + 1)]
+    assert_same_epochs(run, tmp_path / "whole")
+    assert all("step" not in checkpoints.read_manifest(f) for f in checkpoints.folders(run))

@@ -101,9 +101,9 @@ def run_mid_epoch(rank, port, out):
                     "position": position}, saved)
 
     class Recorded(MidEpoch):
-        def save(self, step, sums):
+        def save(self, step, sums, stop=False):
             saves.append(step)
-            super().save(step, sums)
+            super().save(step, sums, stop)
 
     mid = Recorded(1e-9, rank, device, [2, 4, 8], write)
     torch.manual_seed(100)  # the epoch's draws

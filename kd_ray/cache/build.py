@@ -92,7 +92,7 @@ def build(cfg: Config, path, want: dict | None = None, run_shards: ShardRunner =
     want = want or wanted(cfg)
     samples, views = describe(cfg.data).train_count, want["transform"]["views"]
     total = samples * views
-    shards = max(1, min(workers or cfg.run.num_workers, total))
+    shards = max(1, min(workers or cfg.run.max_workers, total))
     bounds = np.linspace(0, total, shards + 1).astype(int)
     staging = path.with_name(path.name + ".building")
     shutil.rmtree(staging, ignore_errors=True)

@@ -40,7 +40,7 @@ def free_workers(cfg: Config) -> int:
     """Shards for the build: as many workers as the cluster holds (at least run.num_workers)."""
     have = ray.cluster_resources()
     fits = have.get("GPU", 0) if cfg.run.use_gpu else have.get("CPU", 0) // cfg.run.cpus_per_worker
-    return max(cfg.run.num_workers, int(fits))
+    return max(cfg.run.min_workers, int(fits))
 
 
 def run_on_ray(cfg: Config, jobs: list) -> list[dict]:

@@ -34,7 +34,7 @@ def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
     check_machine(cfg)  # the CLI ran it already; library callers get it here
     # A laptop-sized local instance has no preemption to watch for.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    needed = math.ceil(cfg.run.num_workers * cfg.run.cpus_per_worker)
+    needed = math.ceil(cfg.run.min_workers * cfg.run.cpus_per_worker)
     # One logical CPU more for a sweep's tiny trial drivers, so they never take a worker's place.
     # The dashboard (and its job server) stays on loopback unless run.dashboard_host says otherwise.
     _start("the local Ray instance did not start",
@@ -115,7 +115,7 @@ def check_resources(cfg: Config) -> None:
     resources = ray.cluster_resources()
     kind = "GPU" if cfg.run.use_gpu else "CPU"
     per_worker = 1.0 if cfg.run.use_gpu else cfg.run.cpus_per_worker
-    needed, have = cfg.run.num_workers * per_worker, resources.get(kind, 0.0)
+    needed, have = cfg.run.min_workers * per_worker, resources.get(kind, 0.0)
     if needed > have:
         raise ConfigError(f"run.num_workers={cfg.run.num_workers} needs {needed:g} {kind} but the "
                           f"cluster has {have:g}: lower run.num_workers or add nodes")

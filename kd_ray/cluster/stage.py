@@ -76,7 +76,8 @@ def _run_locked(cfg: Config, stage: str, storage: str, name: str, run_dir: Path)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
     label = f"{name} ({stage})"
-    log.info(f"{label}: {epochs} epochs on {cfg.run.num_workers} worker(s), results in {run_dir}")
+    workers = "{}-{} (elastic)".format(*cfg.run.num_workers) if cfg.run.elastic else cfg.run.num_workers
+    log.info(f"{label}: {epochs} epochs on {workers} worker(s), results in {run_dir}")
     if resume:
         done = "epoch 1" if resume["epoch"] == 1 else f"epochs 1-{resume['epoch']}"
         at = f" step {resume['step']}" if resume.get("step") else ""  # run.checkpoint_every_s
@@ -108,9 +109,11 @@ def _run_locked(cfg: Config, stage: str, storage: str, name: str, run_dir: Path)
     prune_checkpoints(run_dir, cfg.run.keep_checkpoints)
     found = checkpoints.latest(run_dir)
     reached = found[1]["epoch"] if found else 0
-    if reached < epochs:  # the first Ctrl-C: every rank stopped after this epoch's checkpoint
+    if reached < epochs:  # the first Ctrl-C or SIGTERM: every rank stopped after a checkpoint
         backfill(run_dir, found[1].get("history", []) if found else [])
-        raise RunInterrupted(f"stopped after epoch {reached} of {epochs}, checkpointed in {run_dir}")
+        step = found[1].get("step") if found else None
+        where = f"in epoch {reached + 1} after step {step}" if step else f"after epoch {reached}"
+        raise RunInterrupted(f"stopped {where} of {epochs}, checkpointed in {run_dir}")
     summary = summarize(cfg, stage, run_dir, result.metrics)
     if tracker is not None:
         tracker.finish(summary)
@@ -145,8 +148,9 @@ class _Trainer(TorchTrainer):
 
 
 def on_ctrl_c(stop_file: Path):
-    """The first Ctrl-C asks every rank to stop after the current epoch's checkpoint (a file the
-    workers read after each report); the second raises KeyboardInterrupt, which stops at once."""
+    """The first Ctrl-C asks every rank to stop after the current epoch's checkpoint, or after one
+    written mid-epoch now if the epoch would outlast run.stop_grace_s (a file the workers read);
+    the second raises KeyboardInterrupt, which stops at once."""
     count = 0
 
     def handler(signum, frame):
@@ -155,7 +159,8 @@ def on_ctrl_c(stop_file: Path):
         if count > 1:
             raise KeyboardInterrupt
         stop_file.write_bytes(b"")  # a local file or an object alike
-        log.warning("Ctrl-C: stopping after the current epoch's checkpoint; Ctrl-C again stops at once")
+        log.warning("Ctrl-C: stopping after the current epoch's checkpoint (or at a checkpoint written "
+                    "now if the epoch would outlast run.stop_grace_s); Ctrl-C again stops at once")
 
     return handler
 
@@ -167,6 +172,7 @@ def make_trainer(cfg: Config, stage: str, storage: str, name: str, callbacks: li
     ``stop_file``: where the driver's first Ctrl-C asks the workers to stop (a stage's own run).
     """
     loop_config = make_loop_config(cfg, stage, storage, name)
+    loop_config["stop_file"] = stop_file is not None  # the workers look for it mid-epoch too
     # Ray's own barrier in ray.train.report waits no longer than the process group does (its
     # controller reads this variable from the driver's environment).
     os.environ["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] = str(cfg.run.collective_timeout_s)
@@ -176,7 +182,8 @@ def make_trainer(cfg: Config, stage: str, storage: str, name: str, callbacks: li
         train_loop_config=loop_config,
         torch_config=TorchConfig(timeout_s=cfg.run.collective_timeout_s),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+            num_workers=tuple(cfg.run.num_workers) if cfg.run.elastic else cfg.run.num_workers,
+            elastic_resize_monitor_interval_s=cfg.run.resize_interval_s, use_gpu=cfg.run.use_gpu,
             resources_per_worker=None if cfg.run.use_gpu else {"CPU": cfg.run.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import math
 import tempfile
 import time
 
@@ -20,7 +21,7 @@ from kd_ray.data.views import CachedViews
 from kd_ray.engine import (StepProgress, all_sum, build_optimizer, check_collapse, checkpoints,
                            epoch_metrics, evaluate, make_loaders, shard_loader, split_metrics,
                            stop_together, train_one_epoch)
-from kd_ray.engine.resume import MidEpoch, resume_from
+from kd_ray.engine.resume import MidEpoch, StopMidEpoch, resume_from
 from kd_ray.errors import KdRayError, PeerFailedError, to_payload
 from kd_ray.methods import TrainStep, build_method, setup_method
 from kd_ray.models import build_model, load_teachers
@@ -192,9 +193,12 @@ def train_loop(loop_config: dict, session) -> dict | None:
         checkpoints.save(run_dir, state, history)
         prune_mid_epoch(run_dir, cfg.run.keep_checkpoints)
 
-    mid_epoch = None
-    if cfg.run.checkpoint_every_s is not None:
-        mid_epoch = MidEpoch(cfg.run.checkpoint_every_s, rank, device, layout, write_mid_epoch)
+    # Also where a stop the driver asks for (Ctrl-C, SIGTERM: the stop file) checkpoints mid-epoch
+    # when the epoch's rest would outlast run.stop_grace_s.
+    stop_file = run_dir / STOP_FILE if loop_config.get("stop_file") else None
+    mid_epoch = MidEpoch(cfg.run.checkpoint_every_s or math.inf, rank, device, layout, write_mid_epoch,
+                         stop=stop_file and stop_file.exists, grace_s=cfg.run.stop_grace_s,
+                         poll_s=1.0 if is_uri(run_dir) else 0.0)  # an object store: a request each
 
     steps_writer = step_writer(run_dir, rank)
     # This attempt's first report says when the loop started and how long its setup took (data,
@@ -204,8 +208,7 @@ def train_loop(loop_config: dict, session) -> dict | None:
         for epoch in range(start_epoch, epochs):
             position = resume if epoch == start_epoch else None  # steps done: skipped, not loaded
             sampler.set_epoch(epoch, skip=position.step * train_loader.batch_size if position else 0)
-            if mid_epoch is not None:
-                mid_epoch.epoch = epoch  # epochs done before this one
+            mid_epoch.begin(epoch, position.step if position else 0)  # epochs done before this one
             progress = StepProgress(run_dir.name, epoch + 1, epochs, len(train_loader),
                                     train_loader.batch_size, world, cfg.run.progress_interval_s,
                                     scalar=steps_writer and steps_writer.add_scalar) if rank == 0 else None
@@ -233,10 +236,9 @@ def train_loop(loop_config: dict, session) -> dict | None:
                 "image_size": bundle.image_size, "norm": bundle.norm, "config": cfg.to_dict(),
             }
             session.report({**metrics, **setup}, state if rank == 0 else None, run_dir, history)
-            if mid_epoch is not None:  # the epoch's checkpoint supersedes its mid-epoch ones
-                if rank == 0:
-                    prune_mid_epoch(run_dir, cfg.run.keep_checkpoints)
-                mid_epoch.restart()
+            if rank == 0:  # the epoch's checkpoint supersedes its mid-epoch ones
+                prune_mid_epoch(run_dir, cfg.run.keep_checkpoints)
+            mid_epoch.restart()
             setup = {}  # the first report's only (not in the checkpoint's history)
             # After the checkpoint: a collapsed run keeps its epochs, and all ranks stop alike.
             check_collapse(history, cfg.guard, method=stage_method(cfg, stage), optim=cfg.optim,
@@ -244,6 +246,9 @@ def train_loop(loop_config: dict, session) -> dict | None:
             if epoch + 1 < epochs and stop_requested(run_dir, device, world):
                 log.info(f"stopping after epoch {epoch + 1} (Ctrl-C on the driver); checkpoint written")
                 break
+    except StopMidEpoch as stop:  # every rank, after the same step's checkpoint
+        log.info(f"stopping in epoch {stop.epoch} after step {stop.step} (a stop asked for by the "
+                 "driver); checkpoint written")
     except KdRayError as exc:
         # Every rank got here at the same check (engine.stop_together). Ending normally with the
         # error as the return value uses no Ray retry: a retry would fail the same way.

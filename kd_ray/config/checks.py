@@ -62,11 +62,11 @@ def check_machine(cfg) -> None:
     check_batch_memory(cfg)
     run = cfg.run
     cpus, gpus = machine_counts(gpus=run.use_gpu)
-    if run.use_gpu and run.num_workers > gpus:
-        raise ConfigError(f"run.num_workers={run.num_workers} with run.use_gpu needs {run.num_workers} "
+    if run.use_gpu and run.min_workers > gpus:  # an elastic run starts with what it finds
+        raise ConfigError(f"run.num_workers={run.num_workers} with run.use_gpu needs {run.min_workers} "
                           f"GPUs but this machine has {gpus} GPU(s) and {cpus} CPUs: lower "
                           "run.num_workers, or join a cluster (RAY_ADDRESS or `kd-ray submit`)")
-    needed = run.num_workers * run.cpus_per_worker
+    needed = run.min_workers * run.cpus_per_worker
     if not run.use_gpu and needed > cpus:
         raise ConfigError(f"run.num_workers={run.num_workers} x run.cpus_per_worker={run.cpus_per_worker:g} "
                           f"needs {needed:g} CPUs but this machine has {cpus}: "
@@ -88,7 +88,7 @@ def check_batch_memory(cfg) -> None:
     if size is None or not memory:
         return
     batch = cfg.optim.batch_size * 3 * size * size * 4
-    needed = batch * cfg.run.num_workers
+    needed = batch * cfg.run.max_workers
     if needed > memory:
         raise ConfigError(f"data.image_size={size}: one batch of optim.batch_size={cfg.optim.batch_size} "
                           f"images of {size}x{size} takes {batch / 2**30:,.1f} GiB per worker "

@@ -117,6 +117,10 @@ def coerce_field(section_cls, section: str, key: str, value: Any) -> Any:
         return str(value)
     if (section, key) == ("distill", "teacher_cache") and value is False:
         return "off"  # YAML 1.1 reads a bare `off` as false
+    if (section, key) == ("run", "num_workers"):
+        if isinstance(value, list):
+            return value  # [min, max]: an elastic worker group (checked in RunConfig)
+        base = int
     if (section, key) == ("distill", "teacher_path") and isinstance(value, (str, list)):
         return value  # one teacher file, or an ensemble's list (checked in DistillConfig)
     expected = typing.get_origin(base) or base

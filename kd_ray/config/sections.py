@@ -232,8 +232,13 @@ class RunConfig:
     """Run name; a rerun with the same name resumes from its last checkpoint."""
     storage: str = "results"
     """Where runs are written: a local folder, or one every node mounts (NFS) for multi-node runs."""
-    num_workers: int = 2
-    """Ray Train workers (DDP ranks)."""
+    num_workers: Union[int, list] = 2
+    """Ray Train workers (DDP ranks); ``[min, max]`` makes the worker group elastic: training starts
+    with as many as the cluster holds (at least min), goes on with fewer when a node is lost and
+    grows when nodes join (each change restarts the group from the last checkpoint). optim.batch_size
+    is global, so the batch stays the same and the learning rate needs no change."""
+    resize_interval_s: float = 60.0
+    """An elastic group (``num_workers: [min, max]``) looks for more free workers this often."""
     use_gpu: bool = False
     """One GPU per worker (NCCL); CPU workers use gloo."""
     cpus_per_worker: float = 1.0
@@ -256,6 +261,11 @@ class RunConfig:
     """Also checkpoint inside an epoch about every this many seconds (rank 0 writes; all ranks agree
     on the step), so a preemption loses minutes, not an epoch; a rerun continues at that step.
     None = once per epoch. Each write pauses training for as long as a checkpoint takes."""
+    stop_grace_s: float = 20.0
+    """After a Ctrl-C or SIGTERM (a scheduler's stop, a spot node reclaimed), the run still ends its
+    epoch and stops at the epoch's checkpoint if the epoch's rest would take at most this many
+    seconds at its pace so far; otherwise it checkpoints now, mid-epoch, and stops (a rerun continues
+    at that step). Schedulers commonly allow 30 s between SIGTERM and SIGKILL; 0 = always at once."""
     bf16: bool = True
     """bf16 autocast when training on GPU (ignored on CPU)."""
     channels_last: bool = True
@@ -275,7 +285,18 @@ class RunConfig:
     folder under run.storage on the head node."""
 
     def __post_init__(self):
-        positive(self, "num_workers")
+        workers = self.num_workers
+        if isinstance(workers, (list, tuple)):
+            if (len(workers) != 2 or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0
+                                             for w in workers) or workers[0] > workers[1]):
+                raise ConfigError(f"run.num_workers must be a positive integer or [min, max] with "
+                                  f"0 < min <= max, got {workers!r}")
+            self.num_workers = workers[0] if workers[0] == workers[1] else list(workers)
+        else:
+            positive(self, "num_workers")
+        if not isinstance(self.resize_interval_s, (int, float)) or not self.resize_interval_s > 0:
+            raise ConfigError(f"run.resize_interval_s must be a positive number of seconds, "
+                              f"got {self.resize_interval_s!r}")
         positive(self, "threads_per_worker")
         positive(self, "keep_checkpoints")
         positive(self, "collective_timeout_s")
@@ -287,6 +308,9 @@ class RunConfig:
                 or not self.checkpoint_every_s > 0):
             raise ConfigError(f"run.checkpoint_every_s must be a positive number of seconds or null, "
                               f"got {self.checkpoint_every_s!r}")
+        if isinstance(self.stop_grace_s, bool) or not isinstance(self.stop_grace_s, (int, float)) or not (
+                self.stop_grace_s >= 0):
+            raise ConfigError(f"run.stop_grace_s must be a number of seconds >= 0, got {self.stop_grace_s!r}")
         if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
             raise ConfigError(f"run.seeds must be a non-empty list of integers, got {self.seeds!r}")
         if self.tracker not in ("tensorboard", "mlflow"):
@@ -302,6 +326,20 @@ class RunConfig:
         if len(self.name.encode("utf-8", "surrogateescape")) > 200:  # filesystems allow 255 bytes
             raise ConfigError(f"run.name is {len(self.name.encode('utf-8', 'surrogateescape'))} bytes "
                               "long; a folder name may have at most 200 (room for -2, -3 ...): shorten it")
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        """Workers a run needs to start (all of them unless elastic)."""
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """Workers a run may use (all of them unless elastic)."""
+        return self.num_workers[1] if self.elastic else self.num_workers
 
 
 @dataclass

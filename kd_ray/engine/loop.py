@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from kd_ray.errors import KdRayError, NonFiniteLossError, PeerFailedError
 
 NO_STEP = 2**62  # "no bad step" in the MIN all-reduce of stop_together
+SAVE, STOP = 1, 2  # rank 0's wish at a check: a mid-epoch checkpoint; one, then every rank stops
 
 
 def autocast_for(device: torch.device, enabled: bool):
@@ -85,11 +86,13 @@ def train_one_epoch(
     bad_value = torch.zeros((), device=device)
     images = teacher_images = 0
     start = time.perf_counter()
-    save_after = False
+    save_after = 0  # 0, SAVE or STOP: rank 0's wish, shared by the last check
+    done = first  # the epoch's steps done
+
     def check(error):  # reads bad_step and bad_value as they are at the time of the check
         nonlocal save_after
         save_after = stop_together(error, device, bad_step, bad_value, epoch,
-                                   wish=mid_epoch is not None and mid_epoch.due())
+                                   wish=mid_epoch.due(done, steps) if mid_epoch is not None else 0)
 
     def totals() -> dict:
         out = {key: float(value) for key, value in sums.items()}  # one wait for the GPU
@@ -129,10 +132,11 @@ def train_one_epoch(
         for name, value in parts.items():
             key = f"{name}_sum"
             sums[key] = sums.get(key, 0.0) + torch.as_tensor(value).detach().float() * batch
-        if save_after and step + 1 < steps:  # every rank: the wish came with the last check
+        done = step + 1
+        if save_after and done < steps:  # every rank: the wish came with the last check
             stop_together(None, device, bad_step, bad_value, epoch)  # never save a NaN's weights
-            mid_epoch.save(step + 1, totals())
-        save_after = False
+            mid_epoch.save(done, totals(), stop=save_after == STOP)
+        save_after = 0
     return totals()
 
 
@@ -169,9 +173,10 @@ def _non_finite(bad_value: torch.Tensor, epoch, step: int) -> NonFiniteLossError
 
 
 def stop_together(error: Optional[Exception], device: torch.device, bad_step=None, bad_value=None,
-                  epoch: Optional[int] = None, wish: bool = False) -> bool:
-    """Raise on every rank at once if any rank failed; return whether any rank ``wish``-ed
-    (rank 0's wish for a mid-epoch checkpoint, carried by the same all-reduce).
+                  epoch: Optional[int] = None, wish: int = 0) -> int:
+    """Raise on every rank at once if any rank failed; return the largest ``wish`` of any rank
+    (rank 0's wish for a mid-epoch checkpoint, and whether to stop after it, carried by the same
+    all-reduce).
 
     Every rank calls this at the same points. One small all-reduce shares the first step with a
     non-finite loss (``bad_step``, -1 for none) and whether a rank holds a KdRayError, so that no
@@ -184,7 +189,7 @@ def stop_together(error: Optional[Exception], device: torch.device, bad_step=Non
             raise error
         if int(bad_step) >= 0:
             raise _non_finite(bad_value, epoch, int(bad_step))
-        return wish
+        return int(wish)
     flags = torch.stack([torch.where(bad_step < 0, NO_STEP, bad_step),
                          torch.tensor(-int(error is not None), device=device),
                          torch.tensor(-int(wish), device=device)])
@@ -198,7 +203,7 @@ def stop_together(error: Optional[Exception], device: torch.device, bad_step=Non
         raise PeerFailedError(f"another rank had a non-finite loss at epoch {epoch} step {first_bad}")
     if failed:
         raise PeerFailedError("another rank stopped with an error")
-    return bool(wished)
+    return -int(wished)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ the others from zero, so the epoch's all-reduce gives the whole epoch's totals).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from kd_ray.engine.loaders import all_sum
-from kd_ray.engine.loop import stop_together
+from kd_ray.engine.loop import SAVE, STOP, stop_together
 from kd_ray.errors import KdRayError
 from kd_ray.log import get
 
@@ -88,30 +89,69 @@ def resume_from(state: dict, rank: int, world: int, layout: list, device: torch.
     return Resume(step, sums, lambda: restore_rng(rng, rank, world, device))
 
 
+class StopMidEpoch(Exception):
+    """Every rank stops after a mid-epoch checkpoint the driver asked for (not an error)."""
+
+    def __init__(self, epoch: int, step: int):
+        super().__init__(f"stopped in epoch {epoch} after step {step}")
+        self.epoch, self.step = epoch, step
+
+
 class MidEpoch:
     """Rank 0's clock and every rank's part in writing a mid-epoch checkpoint.
 
-    ``write(epoch, position, rng)`` (``epoch``: epochs done, which the caller sets) runs on rank 0 only and writes the checkpoint (it may raise a
-    KdRayError, e.g. a full disk: then every rank stops alike, as after an epoch's report).
+    ``write(epoch, position, rng)`` (``epoch``: epochs done, which the caller sets) runs on rank 0
+    only and writes the checkpoint (it may raise a KdRayError, e.g. a full disk: then every rank
+    stops alike, as after an epoch's report). ``stop()`` (rank 0):
+    whether the driver asked to stop (polled at most every ``poll_s``); then, if the epoch's remaining steps at this epoch's pace
+    would take longer than ``grace_s`` from the request, the checkpoint is written now and every
+    rank stops (StopMidEpoch); otherwise the epoch ends and its checkpoint is the stop's.
     """
 
     def __init__(self, every_s: float, rank: int, device: torch.device, layout: list,
-                 write: Callable[[dict, dict], None], clock: Callable[[], float] = time.monotonic):
+                 write: Callable[[int, dict, dict], None], clock: Callable[[], float] = time.monotonic,
+                 stop: Optional[Callable[[], bool]] = None, grace_s: float = math.inf, poll_s: float = 0.0):
         self.every_s, self.rank, self.device, self.layout = every_s, rank, device, layout
-        self.write, self.clock = write, clock
-        self.last = clock()
-        self.epoch = 0
+        self.write, self.clock, self.stop, self.grace_s, self.poll_s = write, clock, stop, grace_s, poll_s
+        self.last = self.started = clock()
+        self.epoch = self.first = 0
+        self.stop_seen: Optional[float] = None
+        self.polled = -math.inf
 
     def restart(self) -> None:
         """An epoch's checkpoint was just written: the next one is due every_s from now."""
         self.last = self.clock()
 
-    def due(self) -> bool:
-        """Rank 0's wish (the others never ask; stop_together shares rank 0's)."""
-        return self.rank == 0 and self.clock() - self.last >= self.every_s
+    def begin(self, epoch: int, first: int = 0) -> None:
+        """An epoch starts (``epoch`` done before it) at step ``first``: its pace is timed from now."""
+        self.epoch, self.first, self.started = epoch, first, self.clock()
 
-    def save(self, step: int, sums: dict) -> None:
-        """Every rank calls this after the same step (``step`` steps of the epoch done)."""
+    def due(self, done: int = 0, steps: int = 0) -> int:
+        """Rank 0's wish after ``done`` of the epoch's ``steps`` steps: 0, SAVE or STOP (the others
+        never ask; stop_together shares rank 0's)."""
+        if self.rank != 0:
+            return 0
+        now = self.clock()
+        if self._stop_now(now, done, steps):
+            return STOP
+        return SAVE if now - self.last >= self.every_s else 0
+
+    def _stop_now(self, now: float, done: int, steps: int) -> bool:
+        if self.stop is None:
+            return False
+        if self.stop_seen is None:
+            if now - self.polled < self.poll_s:
+                return False
+            self.polled = now
+            if not self.stop():
+                return False
+            self.stop_seen = now
+        pace = (now - self.started) / max(done - self.first, 1)
+        return (steps - done) * pace > self.grace_s - (now - self.stop_seen)
+
+    def save(self, step: int, sums: dict, stop: bool = False) -> None:
+        """Every rank calls this after the same step (``step`` steps of the epoch done); with
+        ``stop``, every rank then raises StopMidEpoch."""
         totals = all_sum(sums, self.device)
         rng = rng_states(self.device)
         error = None
@@ -122,3 +162,5 @@ class MidEpoch:
                 error = exc
         stop_together(error, self.device)
         self.restart()
+        if stop:
+            raise StopMidEpoch(self.epoch + 1, step)

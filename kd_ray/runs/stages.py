@@ -170,6 +170,9 @@ def assistant_config(cfg: Config, arch: str, teacher_path, teacher_cache: str, s
 
 def check_sweep(cfg: Config, train_teacher: bool) -> Config:
     """Every bad input the driver can see, before Ray starts: space, values, data, teacher."""
+    if cfg.run.elastic:  # trials share a cluster: Tune places them, each at a fixed size
+        raise ConfigError(f"run.num_workers={cfg.run.num_workers}: a sweep's trials take a fixed worker "
+                          "count; set one number (elastic groups are for train-teacher, distill, pipeline)")
     if not cfg.sweep.space:
         raise ConfigError("sweep.space is empty: name what to search, e.g. --set "
                           "'sweep.space={distill.temperature: [1, 2, 4, 8], distill.alpha: [0.1, 0.5, 0.9]}'")

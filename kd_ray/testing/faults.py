@@ -10,7 +10,8 @@ uses ``Faults`` as its hooks (``cluster.worker.Hooks``)::
 Kinds, each fired on ``rank`` just before training step ``step`` of ``epoch`` (1-based epoch):
 ``raise`` (a RuntimeError), ``kill`` (SIGKILL of the worker process), ``stall`` (sleep
 ``seconds``, default an hour, so the other ranks wait in a collective), ``sleep`` (the same, to
-hold a run at a known point), ``nan`` (the batch's images become NaN). ``once``: only the first
+hold a run at a known point), ``nan`` (the batch's images become NaN), ``touch`` (create the file
+``path``: a run's stop file, as the driver's Ctrl-C does). ``once``: only the first
 time (a marker file in ``dir``), so a restarted attempt runs clean. Workers append what happened
 (attempt starts, epoch starts, faults) to ``dir/events.jsonl``; the chaos suite reads its figures
 from there.
@@ -28,7 +29,7 @@ import torch
 
 ENV = "KD_RAY_FAULTS"
 EVENTS = "events.jsonl"
-KINDS = ("raise", "kill", "stall", "sleep", "nan")
+KINDS = ("raise", "kill", "stall", "sleep", "nan", "touch")
 
 
 def from_env() -> dict | None:
@@ -100,6 +101,8 @@ class Faults:
                 os.kill(os.getpid(), signal.SIGKILL)
             if kind in ("stall", "sleep"):
                 time.sleep(float(fault.get("seconds", 3600)))
+            if kind == "touch":
+                Path(fault["path"]).touch()
             if kind == "nan":
                 batch = (torch.full_like(batch[0], float("nan")), *batch[1:])
         return batch
