@@ -528,8 +528,50 @@ def t15_sigterm_mid_epoch(work: Path, env: dict) -> Row:
                run_dir)
 
 
+def t19_full_disk_and_cut_short_cache(work: Path, env: dict) -> list[Row]:
+    """A run folder on a 400 KB file system (a real tmpfs: the resnet18 student's first checkpoint
+    does not fit) and a teacher cache whose row file lost its end: one line, exit 2, no retry,
+    nothing half-written (no .tmp_checkpoint folder; no run folder for the cache)."""
+    from kd_ray import cache as teacher_cache
+    from kd_ray.config import load_config
+
+    disk = work / "t19-disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, f"T19 mounts a 400 KB tmpfs (needs root, as make test's deps do): {mounted.stderr}"
+    try:
+        full = kd_ray(["train-student", *settings(disk, "t19a", "model.student=resnet18")], env,
+                      work / "t19a-faults", [])
+        left = sorted(p.name for p in (disk / "t19a").iterdir() if p.name.startswith(".tmp_checkpoint"))
+        retries = len(read_failures(disk / "t19a"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+    teacher = make_teacher(work / "t19-teacher.pt", [f"class{c}" for c in range(10)])
+    cfg = load_config(overrides=[*SYNTHETIC, f"distill.teacher_path={teacher}", f"run.storage={work}"])
+    cache = work / "t19-cache"
+    teacher_cache.build(cfg, cache)
+    part = sorted(cache.glob("part-*.npy"))[-1]
+    part.write_bytes(part.read_bytes()[:-100])
+    cut = kd_ray(["distill", *settings(work, "t19b", f"distill.teacher_path={teacher}",
+                                       f"distill.teacher_cache={cache}")], env, work / "t19b-faults", [])
+    return [Row("T19A", "run.storage on a full 400 KB tmpfs (resnet18 student)",
+                {"exit": full.code, "s to error": full.seconds, "retries": retries, "error": full.short_error},
+                {"exit 2": full.code == 2, "one line": full.err.count("kd-ray: error:") == 1,
+                 "names the disk and its free space": "no space left on the disk of" in full.error
+                 and "free)" in full.error,
+                 "no retry": retries == 0 and len(attempts(read_events(work / "t19a-faults"))) == 1,
+                 "no partial checkpoint left": left == []}),
+            Row("T19B", "a teacher-cache row file cut short",
+                {"exit": cut.code, "s to error": cut.seconds, "error": cut.short_error},
+                {"exit 2": cut.code == 2, "one line": cut.err.count("kd-ray: error:") == 1,
+                 "names the row file": part.name in cut.error,
+                 "no worker started": attempts(read_events(work / "t19b-faults")) == [],
+                 "nothing written": not (work / "t19b").exists()})]
+
+
 SCENARIOS = [t1_worker_raises, t2_fails_every_attempt, t3_worker_killed, t4_driver_killed,
              t5_sweep_killed, t6_rank_stalls, t7_truncated_checkpoint, t8_bad_input,
              t10_two_drivers, t11_oversized_workers, t12_non_ascii_name, t13_bad_names_and_paths, t14_ctrl_c,
-             t15_sigterm_mid_epoch]
+             t15_sigterm_mid_epoch, t19_full_disk_and_cut_short_cache]
 

@@ -1,4 +1,4 @@
-"""The chaos suite (tests/chaos_scenarios.py) as tests: T1-T15 of docs/failures.md.
+"""The chaos suite (tests/chaos_scenarios.py) as tests: T1-T15 and T19 of docs/failures.md (T16-T17: tests/test_cluster.py).
 
 Each scenario is a real 2-worker Ray Train run on the session's Ray instance, with a fault
 injected through KD_RAY_FAULTS or a process killed from outside. What must hold is written once,
@@ -119,3 +119,13 @@ def test_t14_ctrl_c_stops_after_the_epoch_and_twice_at_once(work, env):
 
 def test_t15_sigterm_mid_epoch_checkpoints_there_exits_143_and_resumes_at_its_step(work, env):
     check(chaos.t15_sigterm_mid_epoch(work, env))
+
+
+@pytest.fixture(scope="module")
+def t19(work, env):
+    return chaos.t19_full_disk_and_cut_short_cache(work, env)
+
+
+@pytest.mark.parametrize("case", range(2), ids=["full-disk", "cut-short-cache"])
+def test_t19_full_disk_and_cut_short_cache_exit_2_once_leaving_nothing_half_written(t19, case):
+    check(t19[case])

@@ -427,3 +427,24 @@ def test_sigint_handler_is_put_back_after_a_tune_fit():
     signal.signal(signal.SIGINT, signal.default_int_handler)
     assert fit_tuner(Tuner()) == "results"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_full_disk_under_torch_saves_own_runtime_error_is_still_a_full_disk(tmp_path, monkeypatch):
+    """torch.save answers ENOSPC with "RuntimeError: unexpected pos" as its zip writer closes;
+    the OSError is only that error's context (a real 400 KB tmpfs showed it: chaos T19)."""
+    import errno
+
+    from kd_ray.engine import checkpoints
+    from kd_ray.errors import DiskFullError
+
+    def full(path, write):
+        path.write_bytes(b"partial")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 359552 vs 359448")
+
+    monkeypatch.setattr(checkpoints, "_write", full)
+    with pytest.raises(DiskFullError, match="no space left on the disk of"):
+        checkpoints.save(tmp_path, {"model": {}, "epoch": 1}, [])
+    assert list(tmp_path.iterdir()) == []

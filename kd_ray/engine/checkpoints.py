@@ -80,13 +80,25 @@ def save(run_dir, state: dict, history: list) -> Path:
         manifest = {**meta, "state_bytes": (tmp / STATE_FILE).stat().st_size, "history": history,
                     "written": time.time()}
         _write(tmp / MANIFEST, lambda out: out.write(json.dumps(manifest).encode()))
-    except OSError as exc:
+    except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
-        if exc.errno == errno.ENOSPC:  # no retry frees the disk: one line, every rank stops
+        if _disk_full_in(exc):  # no retry frees the disk: one line, every rank stops
             raise DiskFullError(_disk_full(run_dir, final.name)) from None
         raise
     os.rename(tmp, final)
     return final
+
+
+def _disk_full_in(exc: BaseException) -> bool:
+    """ENOSPC in ``exc`` or what it was raised while handling: torch.save's zip writer answers
+    the OSError with a RuntimeError of its own ("unexpected pos") as it closes the file."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _disk_full(run_dir: Path, name: str) -> str:
