@@ -112,7 +112,8 @@ def _run_locked(cfg: Config, stage: str, storage: str, name: str, run_dir: Path)
     if reached < epochs:  # the first Ctrl-C or SIGTERM: every rank stopped after a checkpoint
         backfill(run_dir, found[1].get("history", []) if found else [])
         step = found[1].get("step") if found else None
-        where = f"in epoch {reached + 1} of {epochs} after step {step}" if step else f"after epoch {reached} of {epochs}"
+        where = (f"in epoch {reached + 1} of {epochs} after step {step}" if step
+                 else f"after epoch {reached} of {epochs}")
         raise RunInterrupted(f"stopped {where}, checkpointed in {run_dir}")
     summary = summarize(cfg, stage, run_dir, result.metrics)
     if tracker is not None:
