@@ -467,3 +467,71 @@ def test_t16_t17_an_elastic_run_grows_when_a_node_joins_and_goes_on_when_it_leav
     assert 2 in sizes and groups[sizes.index(2)][0] >= done["added_after_epoch"], (groups, done)  # T17
     assert sizes[-1] == 1 and sizes.index(2) < len(sizes) - 1, (groups, done)  # T16: on with 1 to the end
     assert done["summary"]["epochs"] == 7
+
+
+SWEEP_SCRIPT = """
+import glob, json, os, sys, threading, time
+import ray
+from ray.cluster_utils import Cluster
+from kd_ray.config import load_config
+from kd_ray.cluster.tune import run_sweep
+
+out, teacher, ports = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+common = dict(num_cpus=1, object_store_memory=100 * 2**20, temp_dir=os.path.join(os.environ["RAY_TMPDIR"], "ray"))
+cluster = Cluster(initialize_head=True, head_node_args=dict(
+    common, gcs_server_port=ports[0], dashboard_host="127.0.0.1", dashboard_port=ports[1],
+    dashboard_agent_listen_port=ports[2], metrics_agent_port=ports[3], metrics_export_port=ports[4],
+    runtime_env_agent_port=ports[5]))
+node = cluster.add_node(**common, metrics_agent_port=ports[6], metrics_export_port=ports[7],
+                        runtime_env_agent_port=ports[8])
+cluster.wait_for_nodes()
+ray.init(address=cluster.address)
+
+def logged(path):
+    return len(open(path).read().splitlines())
+
+def watch():  # T18: once both trials (one per node) have logged epoch 1, the second node goes
+    while True:
+        files = glob.glob(os.path.join(out, "sweep", "trials", "*", "metrics.jsonl"))
+        if len(files) == 2 and all(logged(f) >= 1 for f in files):
+            break
+        time.sleep(0.2)
+    cluster.remove_node(node)
+
+threading.Thread(target=watch, daemon=True).start()
+cfg = load_config(overrides=SETTINGS + [f"distill.teacher_path={teacher}", f"run.storage={out}", "run.name=sweep"])
+run_sweep(cfg)
+ray.shutdown()
+cluster.shutdown()
+os._exit(0)
+"""
+SWEEP_SETTINGS = ["data.name=synthetic", "data.synthetic_size=512", "data.image_size=32",
+                  "model.student=tiny_cnn", "optim.epochs=3", "optim.batch_size=32", "run.num_workers=1",
+                  "run.max_failures=2", "sweep.scheduler=none", "sweep.space={distill.temperature: [1, 2]}"]
+
+
+def test_t18_a_sweep_trial_whose_node_is_lost_resumes_on_the_other_node(cluster_env, tmp_path):
+    """Two 1-worker trials on two one-CPU nodes; the second node is removed while both hold in
+    epoch 2: Tune retries the lost trial on the head once the other one is done, and it continues
+    from its epoch-1 checkpoint; both finish with each epoch logged once."""
+    temp, env = cluster_env
+    teacher = tmp_path / "teacher.pt"
+    export_random_teacher(teacher)
+    script = tmp_path / "sweep.py"
+    script.write_text(f"SETTINGS = {SWEEP_SETTINGS!r}\n" + textwrap.dedent(SWEEP_SCRIPT))
+    ports = free_ports(9)
+    env = dict(env, RAY_ADDRESS=f"127.0.0.1:{ports[0]}", KD_RAY_FAULTS=json.dumps({
+        "dir": str(tmp_path / "faults"), "faults": [{"kind": "sleep", "epoch": 2, "step": 0, "seconds": 8}]}))
+    out = subprocess.run([sys.executable, str(script), str(tmp_path), str(teacher), json.dumps(ports)],
+                         env=env, capture_output=True, text=True, timeout=400, start_new_session=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-4000:]
+    from kd_ray.testing.faults import read_events
+
+    starts = sorted(e["start_epoch"] for e in read_events(tmp_path / "faults") if e["event"] == "attempt")
+    assert starts == [1, 1, 2], starts  # two trials from scratch, the lost one again from epoch 2
+    trials = sorted((tmp_path / "sweep" / "trials").glob("*/metrics.jsonl"))
+    assert len(trials) == 2
+    for metrics in trials:
+        assert [json.loads(x)["epoch"] for x in metrics.read_text().splitlines()] == [1, 2, 3], metrics
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    assert summary.count("completed") == 2, summary

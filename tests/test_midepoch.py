@@ -16,7 +16,7 @@ from kd_ray.data.sampling import ShuffleSampler
 from kd_ray.engine import checkpoints
 from kd_ray.cluster.stage import make_loop_config
 from kd_ray.cluster.worker import train_loop
-from kd_ray.engine.loop import STOP
+from kd_ray.engine.loop import SAVE, STOP
 from kd_ray.engine.resume import MidEpoch, resume_from
 from kd_ray.errors import ConfigError
 from kd_ray.models import build_model, export_teacher
@@ -220,3 +220,13 @@ def test_a_stop_in_epoch_2_checkpoints_at_once_and_the_rerun_matches_an_uninterr
     assert [(e["epoch"], e["step"]) for e in resumed] == [(2, STOP_STEP + 1)]
     assert_same_epochs(run, tmp_path / "whole")
     assert all("step" not in checkpoints.read_manifest(f) for f in checkpoints.folders(run))
+
+
+def test_a_drain_notice_writes_one_checkpoint_now_and_training_goes_on():
+    notice = []
+    mid = MidEpoch(math.inf, 0, torch.device("cpu"), [1, 8, 100], None, preempted=lambda: bool(notice))
+    mid.begin(epoch=0)
+    assert mid.due(5, 100) == 0
+    notice.append("node 1 drains")
+    assert mid.due(6, 100) == SAVE  # a checkpoint, not a stop: Ray restarts the group from it
+    assert mid.due(7, 100) == 0  # once

@@ -80,6 +80,17 @@ class TrainSession:
     def prepare(self, model):
         return ray.train.torch.prepare_model(model)  # DDP when world > 1
 
+    def preempted(self) -> bool:
+        """Whether Ray Train's preemption watcher marked this worker (a node of the run is being
+        drained). Read from this rank's own context: ray.train.get_preemption_info() would be a
+        Ray collective per call, and rank 0's answer rides on the loop's all-reduce anyway."""
+        try:
+            from ray.train.v2._internal.execution.context import get_train_context
+
+            return get_train_context().preemption_context.preemption_info is not None
+        except (ImportError, AttributeError, RuntimeError):  # another Ray version: no notice
+            return False
+
     def report(self, metrics: dict, state: dict | None, run_dir, history: list) -> None:
         """Every rank reports (it is a barrier); rank 0 first writes the checkpoint where it stays.
 
@@ -198,7 +209,8 @@ def train_loop(loop_config: dict, session) -> dict | None:
     stop_file = run_dir / STOP_FILE if loop_config.get("stop_file") else None
     mid_epoch = MidEpoch(cfg.run.checkpoint_every_s or math.inf, rank, device, layout, write_mid_epoch,
                          stop=stop_file and stop_file.exists, grace_s=cfg.run.stop_grace_s,
-                         poll_s=1.0 if is_uri(run_dir) else 0.0)  # an object store: a request each
+                         poll_s=1.0 if is_uri(run_dir) else 0.0,  # an object store: a request each
+                         preempted=getattr(session, "preempted", None))
 
     steps_writer = step_writer(run_dir, rank)
     # This attempt's first report says when the loop started and how long its setup took (data,

@@ -106,16 +106,20 @@ class MidEpoch:
     whether the driver asked to stop (polled at most every ``poll_s``); then, if the epoch's remaining steps at this epoch's pace
     would take longer than ``grace_s`` from the request, the checkpoint is written now and every
     rank stops (StopMidEpoch); otherwise the epoch ends and its checkpoint is the stop's.
+    ``preempted()`` (rank 0): whether Ray announced that a node of the run is being drained; the
+    first time, a checkpoint is written now and training goes on until Ray restarts the group.
     """
 
     def __init__(self, every_s: float, rank: int, device: torch.device, layout: list,
                  write: Callable[[int, dict, dict], None], clock: Callable[[], float] = time.monotonic,
-                 stop: Optional[Callable[[], bool]] = None, grace_s: float = math.inf, poll_s: float = 0.0):
+                 stop: Optional[Callable[[], bool]] = None, grace_s: float = math.inf, poll_s: float = 0.0,
+                 preempted: Optional[Callable[[], bool]] = None):
         self.every_s, self.rank, self.device, self.layout = every_s, rank, device, layout
         self.write, self.clock, self.stop, self.grace_s, self.poll_s = write, clock, stop, grace_s, poll_s
         self.last = self.started = clock()
         self.epoch = self.first = 0
         self.stop_seen: Optional[float] = None
+        self.preempted, self.preempt_saved = preempted, False
         self.polled = -math.inf
 
     def restart(self) -> None:
@@ -134,6 +138,11 @@ class MidEpoch:
         now = self.clock()
         if self._stop_now(now, done, steps):
             return STOP
+        if self.preempted is not None and not self.preempt_saved and self.preempted():
+            self.preempt_saved = True  # once: Ray restarts the group from it when the node goes
+            log.warning(f"a node of this run is being drained (preemption notice): checkpoint now, "
+                        f"after step {done} of epoch {self.epoch + 1}")
+            return SAVE
         return SAVE if now - self.last >= self.every_s else 0
 
     def _stop_now(self, now: float, done: int, steps: int) -> bool:
