@@ -323,21 +323,39 @@ def test_submitted_job_runs_ddp_on_a_two_node_cluster_and_files_land_on_the_head
     assert not (REPO / "results" / "job-kd").exists()
 
 
-CLUSTER_SCRIPT = """
+# What the three scripts below start with: a ray.cluster_utils.Cluster head (one CPU, loopback
+# dashboard, every port free-picked: the session's instance runs beside it); add_node() adds the
+# one-CPU second node. The script's last argument is the 9 ports.
+CLUSTER_START = """
 import json, os, sys
 import ray
 from ray.cluster_utils import Cluster
-from kd_ray.config import load_config
-from kd_ray.cluster.stage import run_stage
 
-out, teacher, ports = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+ports = json.loads(sys.argv[-1])
 common = dict(num_cpus=1, object_store_memory=100 * 2**20, temp_dir=os.path.join(os.environ["RAY_TMPDIR"], "ray"))
 cluster = Cluster(initialize_head=True, head_node_args=dict(
     common, gcs_server_port=ports[0], dashboard_host="127.0.0.1", dashboard_port=ports[1],
     dashboard_agent_listen_port=ports[2], metrics_agent_port=ports[3], metrics_export_port=ports[4],
     runtime_env_agent_port=ports[5]))
-worker = cluster.add_node(**common, resources={"second_node": 1}, metrics_agent_port=ports[6],
-                          metrics_export_port=ports[7], runtime_env_agent_port=ports[8])
+
+
+def add_node(**kwargs):
+    return cluster.add_node(**common, **kwargs, metrics_agent_port=ports[6], metrics_export_port=ports[7],
+                            runtime_env_agent_port=ports[8])
+"""
+
+
+def cluster_script(path: Path, settings: list, body: str) -> Path:
+    path.write_text(f"SETTINGS = {settings!r}\n" + textwrap.dedent(CLUSTER_START) + textwrap.dedent(body))
+    return path
+
+
+CLUSTER_SCRIPT = """
+from kd_ray.config import load_config
+from kd_ray.cluster.stage import run_stage
+
+out, teacher = sys.argv[1], sys.argv[2]
+worker = add_node(resources={"second_node": 1})
 cluster.wait_for_nodes()
 ray.init(address=cluster.address)
 cfg = load_config(overrides=SETTINGS + [f"distill.teacher_path={teacher}",
@@ -361,8 +379,7 @@ def test_ddp_across_two_cluster_utils_nodes_writes_tensorboard_on_the_head(clust
     temp, env = cluster_env
     teacher = tmp_path / "teacher.pt"
     export_random_teacher(teacher)
-    script = tmp_path / "two_nodes.py"
-    script.write_text(f"SETTINGS = {JOB_SETTINGS!r}\n" + textwrap.dedent(CLUSTER_SCRIPT))
+    script = cluster_script(tmp_path / "two_nodes.py", JOB_SETTINGS, CLUSTER_SCRIPT)
     ports = free_ports(9)
     env = dict(env, RAY_ADDRESS=f"127.0.0.1:{ports[0]}")  # as in the test above
     out = subprocess.run([sys.executable, str(script), str(tmp_path), str(teacher),
@@ -381,19 +398,12 @@ def test_ddp_across_two_cluster_utils_nodes_writes_tensorboard_on_the_head(clust
 
 
 ELASTIC_SCRIPT = """
-import json, os, sys, threading, time
-import ray
-from ray.cluster_utils import Cluster
+import threading, time
 from kd_ray.config import load_config
 from kd_ray.cluster.stage import run_stage
 from kd_ray.testing.faults import read_events
 
-out, ports = sys.argv[1], json.loads(sys.argv[2])
-common = dict(num_cpus=1, object_store_memory=100 * 2**20, temp_dir=os.path.join(os.environ["RAY_TMPDIR"], "ray"))
-cluster = Cluster(initialize_head=True, head_node_args=dict(
-    common, gcs_server_port=ports[0], dashboard_host="127.0.0.1", dashboard_port=ports[1],
-    dashboard_agent_listen_port=ports[2], metrics_agent_port=ports[3], metrics_export_port=ports[4],
-    runtime_env_agent_port=ports[5]))
+out = sys.argv[1]
 cluster.wait_for_nodes()
 ray.init(address=cluster.address)
 metrics, faults, log = os.path.join(out, "elastic", "metrics.jsonl"), os.path.join(out, "faults"), {}
@@ -407,8 +417,7 @@ def until(check):
 
 def watch():  # T17: a node joins a run at its minimum; T16: it leaves again (main thread)
     until(lambda: epochs_logged() >= 1)
-    node = cluster.add_node(**common, metrics_agent_port=ports[6], metrics_export_port=ports[7],
-                            runtime_env_agent_port=ports[8])
+    node = add_node()
     log["added_after_epoch"] = epochs_logged()
     until(lambda: any(e["event"] == "epoch_start" and e["rank"] == 1 for e in read_events(faults)))
     grown = epochs_logged()
@@ -438,8 +447,7 @@ def test_t16_t17_an_elastic_run_grows_when_a_node_joins_and_goes_on_when_it_leav
     the last checkpoint) and leaves after an epoch on 2 ranks (T16: the run goes on with 1 and
     finishes); each epoch is logged once."""
     temp, env = cluster_env
-    script = tmp_path / "elastic.py"
-    script.write_text(f"SETTINGS = {ELASTIC_SETTINGS!r}\n" + textwrap.dedent(ELASTIC_SCRIPT))
+    script = cluster_script(tmp_path / "elastic.py", ELASTIC_SETTINGS, ELASTIC_SCRIPT)
     ports = free_ports(9)
     # After the loss Ray first asks for the old size again, until the group start times out.
     env = dict(env, RAY_ADDRESS=f"127.0.0.1:{ports[0]}", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="15",
@@ -470,20 +478,12 @@ def test_t16_t17_an_elastic_run_grows_when_a_node_joins_and_goes_on_when_it_leav
 
 
 SWEEP_SCRIPT = """
-import glob, json, os, sys, threading, time
-import ray
-from ray.cluster_utils import Cluster
+import glob, threading, time
 from kd_ray.config import load_config
 from kd_ray.cluster.tune import run_sweep
 
-out, teacher, ports = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-common = dict(num_cpus=1, object_store_memory=100 * 2**20, temp_dir=os.path.join(os.environ["RAY_TMPDIR"], "ray"))
-cluster = Cluster(initialize_head=True, head_node_args=dict(
-    common, gcs_server_port=ports[0], dashboard_host="127.0.0.1", dashboard_port=ports[1],
-    dashboard_agent_listen_port=ports[2], metrics_agent_port=ports[3], metrics_export_port=ports[4],
-    runtime_env_agent_port=ports[5]))
-node = cluster.add_node(**common, metrics_agent_port=ports[6], metrics_export_port=ports[7],
-                        runtime_env_agent_port=ports[8])
+out, teacher = sys.argv[1], sys.argv[2]
+node = add_node()
 cluster.wait_for_nodes()
 ray.init(address=cluster.address)
 
@@ -517,8 +517,7 @@ def test_t18_a_sweep_trial_whose_node_is_lost_resumes_on_the_other_node(cluster_
     temp, env = cluster_env
     teacher = tmp_path / "teacher.pt"
     export_random_teacher(teacher)
-    script = tmp_path / "sweep.py"
-    script.write_text(f"SETTINGS = {SWEEP_SETTINGS!r}\n" + textwrap.dedent(SWEEP_SCRIPT))
+    script = cluster_script(tmp_path / "sweep.py", SWEEP_SETTINGS, SWEEP_SCRIPT)
     ports = free_ports(9)
     env = dict(env, RAY_ADDRESS=f"127.0.0.1:{ports[0]}", KD_RAY_FAULTS=json.dumps({
         "dir": str(tmp_path / "faults"), "faults": [{"kind": "sleep", "epoch": 2, "step": 0, "seconds": 8}]}))
