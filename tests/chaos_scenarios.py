@@ -206,12 +206,16 @@ def t5_sweep_killed(work: Path, env: dict) -> Row:
 
     teacher = make_teacher(work / "t5-teacher.pt", [f"class{i}" for i in range(10)])
     config = work / "t5.yaml"
-    load_config(overrides=[*SYNTHETIC, "optim.epochs=2", f"distill.teacher_path={teacher}", "run.name=t5",
+    # 1-worker trials (each runs in its Tune actor): what is resumed is the sweep, not a trial.
+    load_config(overrides=[*SYNTHETIC, "run.num_workers=1", "optim.epochs=2", f"distill.teacher_path={teacher}", "run.name=t5",
                            f"run.storage={work}", "sweep.space={distill.temperature: [1, 2, 4, 8]}",
                            "sweep.scheduler=none", "sweep.max_concurrent_trials=1"]).save(config)
     sweep_dir = work / "t5"
-    proc = subprocess.Popen([sys.executable, "-m", "kd_ray.cli", "tune", "-c", str(config)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Each trial holds 8 s in epoch 2 (a few seconds of training otherwise): the kill finds one done.
+    hold = {"dir": str(work / "t5-faults"), "faults": [{"kind": "sleep", "epoch": 2, "step": 0, "seconds": 8}]}
+    proc = subprocess.Popen([sys.executable, "-m", "kd_ray.cli", "tune", "-c", str(config)],
+                            env=dict(env, **{ENV: json.dumps(hold)}), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 400
     while "TERMINATED" not in trial_states(sweep_dir).values() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.5)
@@ -287,13 +291,14 @@ def t8_bad_input(work: Path, env: dict) -> list[Row]:
     runs["t8g"] = (["distill", *settings(work, "t8g", "optim.epochs=4", "optim.warmup_epochs=0",
                                          "data.synthetic_size=2048", "distill.loss=tests.plugins:pull_to_class_zero")],
                    (), None)
-    # Two commands at a time (two 2-worker runs fit the test instance's CPUs): most of each is
-    # process start-up and waiting on Ray, and every run has a folder of its own (the seconds to the
-    # error are then upper bounds). The two that train start first.
-    order = ["t8g", "t8f", "t8a", "t8b", "t8c", "t8d", "t8e"]
+    # The two that train run as subprocesses side by side (two 2-worker runs fit the test
+    # instance's CPUs; every run has a folder of its own, so the seconds to the error are upper
+    # bounds) while the five refused ones run in this process, one after another.
     with ThreadPoolExecutor(2) as pool:
-        done = pool.map(lambda name: kd_ray(runs[name][0], env, runs[name][2], runs[name][1]), order)
-        outs = dict(zip(order, done))
+        trained = {name: pool.submit(kd_ray, runs[name][0], env, runs[name][2], runs[name][1])
+                   for name in ("t8g", "t8f")}
+        outs = {name: kd_ray(runs[name][0], env, inline=True) for name in ("t8a", "t8b", "t8c", "t8d", "t8e")}
+        outs.update({name: future.result() for name, future in trained.items()})
     rows = [_bad_input_row(name, what, outs[name], work / name, needle)
             for name, (what, _, _, _, needle) in zip(list(runs)[:5], cases)]
     row = _bad_input_row("t8f", "NaN loss at epoch 2 step 3 (rank 1)", outs["t8f"], work / "t8f", "epoch 2 step 3")

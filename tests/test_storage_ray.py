@@ -1,5 +1,6 @@
 """Ray runs with run.storage on a real S3-compatible server (moto on 127.0.0.1): a killed driver's
-rerun resumes from the checkpoint in the bucket, and a 2-trial sweep writes its summary there.
+rerun resumes from the checkpoint in the bucket, and a 2-trial sweep (1-worker trials) writes its
+summary there.
 The kd-ray drivers are subprocesses joining the session's Ray instance; they forward the AWS_*
 variables to the workers (cluster.session)."""
 import json
@@ -47,7 +48,8 @@ def test_distill_on_s3_resumes_after_the_driver_is_killed(cli_env, s3_server, s3
 def test_sweep_on_s3_writes_its_summary_there(cli_env, s3_server, s3_bucket, tmp_path):
     config = tmp_path / "sweep.yaml"
     storage = f"{s3_bucket}/sweeps"
-    load_config(overrides=[*BASE, "optim.epochs=1", f"distill.teacher_path={teacher_in(s3_bucket)}",
+    # 1-worker trials, each in its Tune actor (a 2-worker run on S3: the test above).
+    load_config(overrides=[*BASE, "run.num_workers=1", "optim.epochs=1", f"distill.teacher_path={teacher_in(s3_bucket)}",
                            "run.name=s3sweep", f"run.storage={storage}",
                            "sweep.space={distill.temperature: [1, 4]}", "sweep.scheduler=none"]).save(config)
     out = chaos.kd_ray(["tune", "-c", str(config)], dict(cli_env, **s3_server), timeout=600)

@@ -26,7 +26,7 @@ def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        env = {**((_name_cluster(address) or {}).get("env_vars") or {}), **_storage_env(cfg)}
+        env = {**((_name_cluster(address) or {}).get("env_vars") or {}), **_storage_env(cfg), **_faults_env()}
         _start(f"could not join the Ray cluster at RAY_ADDRESS={address}",
                "check that the cluster is up and the address is right, or unset RAY_ADDRESS",
                lambda: ray.init(log_to_driver=True, runtime_env={"env_vars": env} if env else None))
@@ -71,6 +71,13 @@ def _storage_env(cfg: Config) -> dict:
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
     named = (job.get("runtime_env") or {}).get("env_vars") or {}
     return {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k) and k not in named}
+
+
+def _faults_env() -> dict:
+    """The chaos suite's fault plan (tests only; never set in user runs) for the job's actors: a
+    1-worker sweep trial builds its loop config in its Tune actor, where Train's driver would."""
+    plan = os.environ.get("KD_RAY_FAULTS")  # cluster.worker.FAULTS_ENV (not imported: torch)
+    return {"KD_RAY_FAULTS": plan} if plan else {}
 
 
 def _name_cluster(address: str) -> dict | None:
