@@ -4,17 +4,21 @@ These share one Ray instance (the session fixture); each TorchTrainer run costs 
 Killed workers and drivers, NaN losses and corrupt images: tests/test_chaos.py.
 """
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+
+import method_ranks
 
 from kd_ray.config import load_config
 from kd_ray.data import write_synthetic_imagefolder
 from kd_ray.engine import checkpoints
-from kd_ray.cluster.stage import run_stage
+from kd_ray.cluster.stage import make_loop_config, run_stage
 from kd_ray.deploy.evaluate import evaluate_target
 from kd_ray.deploy.export import export
 from kd_ray.runs.files import read_history
@@ -84,25 +88,39 @@ def test_two_worker_distillation_writes_checkpoints_and_tensorboard(ray_cluster,
     assert export(run_dir, "torchscript", tmp_path / "kd2.pt")[1]["max_abs_diff"] < 1e-4
 
 
-def test_plugin_method_with_a_trainable_head_trains_saves_and_resumes(ray_cluster, tree, tmp_path):
+def test_plugin_method_with_a_trainable_head_trains_saves_and_resumes(tree, tmp_path):
     """A Distiller defined in tests/ (its own distill.params, a head sized in setup()) runs under
-    DDP; its head is in every checkpoint and comes back on resume (its step counter goes on)."""
+    DDP; its head is in every checkpoint and comes back on resume (its step counter goes on). On
+    two gloo ranks running the Ray workers' loop (tests/method_ranks.py): the Ray path of a
+    method's state is the fitnets test's (tests/test_features_ray.py)."""
     classes = sorted(p.name for p in (tree / "train").iterdir())
     torch.manual_seed(0)
     teacher_path = tmp_path / "teacher.pt"
     export_teacher(teacher_path, build_model("tiny_cnn", len(classes)), "tiny_cnn", classes, 32)
     base = ["distill.loss=tests.plugins:HeadedMSE", "distill.params={weight: 0.7}",
-            f"distill.teacher_path={teacher_path}", "distill.teacher_cache=off", "run.name=headed"]
+            f"distill.teacher_path={teacher_path}", "distill.teacher_cache=off", "run.name=headed",
+            "run.threads_per_worker=1"]
+    storage = tmp_path / "results"
+    jobs = [make_loop_config(tree_config(tree, tmp_path, f"optim.epochs={epochs}", *base), "distill",
+                             str(storage), "headed") for epochs in (2, 3)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(method_ranks.run_jobs, args=(port, jobs, str(tmp_path)), nprocs=2, join=True)
+    errors = [json.loads((tmp_path / f"rank{r}-{i}.json").read_text())["error"] for r in (0, 1) for i in (0, 1)]
+    assert not any(errors), errors
 
-    def last_state(run):
-        return checkpoints.load(run.summary["checkpoint"])[0]
+    def state_at(epoch):
+        folder = next(f for f in checkpoints.folders(storage / "headed")
+                      if checkpoints.read_manifest(f)["epoch"] == epoch)
+        return checkpoints.load(folder)[0]
 
-    first = last_state(run_stage(tree_config(tree, tmp_path, "optim.epochs=2", *base), "distill"))
+    first = state_at(2)
     steps_per_epoch = int(first["method"]["steps"]) // 2
     assert steps_per_epoch >= 1 and int(first["method"]["steps"]) == 2 * steps_per_epoch
     assert not torch.equal(first["method"]["head.weight"], torch.eye(len(classes)))  # trained
-    assert read_history(tmp_path / "results" / "headed")[-1]["train/mse"] > 0  # its parts are logged
-    resumed = last_state(run_stage(tree_config(tree, tmp_path, "optim.epochs=3", *base), "distill"))
+    assert read_history(storage / "headed")[-1]["train/mse"] > 0  # its parts are logged
+    resumed = state_at(3)
     assert resumed["epoch"] == 3
     assert int(resumed["method"]["steps"]) == 3 * steps_per_epoch  # restored, not a fresh head
 
