@@ -33,10 +33,11 @@ _session_ray = []  # the address, once the ray_cluster fixture has started the s
 
 # The longest files first (make test runs files on 2 xdist processes, each file on one of them,
 # in this order): the short files fill in at the end, so neither process waits long for the other.
-LONGEST_FIRST = ["test_chaos.py", "test_features_ray.py", "test_tune_ray.py", "test_auto_ray.py",
-                 "test_cluster.py", "test_ray_train.py", "test_teachers_ray.py", "test_storage_ray.py",
-                 "test_install.py", "test_launcher.py", "test_tracking.py", "test_cache_ray.py",
-                 "test_parquet_ray.py", "test_deploy.py", "test_recovery.py", "test_layers.py"]
+LONGEST_FIRST = ["test_chaos.py", "test_cluster.py", "test_tune_ray.py", "test_auto_ray.py",
+                 "test_teachers_ray.py", "test_ray_train.py", "test_install.py", "test_storage_ray.py",
+                 "test_launcher.py", "test_features_ray.py", "test_cache_ray.py", "test_tracking.py",
+                 "test_parquet_ray.py", "test_midepoch.py", "test_layers.py", "test_deploy.py",
+                 "test_recovery.py"]
 
 
 def pytest_collection_modifyitems(items):

@@ -41,7 +41,7 @@ def test_distill_on_s3_resumes_after_the_driver_is_killed(cli_env, s3_server, s3
     assert summary["epochs"] == 3 and summary["checkpoint"].startswith(f"{storage}/{name}/checkpoint_")
     assert (location(storage) / "teacher_cache" / "manifest.json").is_file()
     assert run.glob("tensorboard") and (run / "tensorboard").glob("events.out.tfevents.*")
-    report = chaos.kd_ray(["report", str(run)], env)
+    report = chaos.kd_ray(["report", str(run)], env, inline=True)
     assert report.code == 0 and (run / "comparison.md").read_text().startswith("| model")
 
 
