@@ -14,7 +14,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from kd_ray.cluster.cache import resolve_cache
 from kd_ray.cluster.callbacks import MetricsCallback
 from kd_ray.cluster.session import check_resources, ensure_ray
-from kd_ray.cluster.worker import FAULTS_ENV, FAULTS_MODULE, train_loop_per_worker
+from kd_ray.cluster.entry import train_loop_per_worker
+from kd_ray.cluster.worker import FAULTS_ENV, FAULTS_MODULE
 from kd_ray.config import Config
 from kd_ray.engine import checkpoints
 from kd_ray.errors import RunFailedError, RunInterrupted, from_payload, user_error_of_workers
