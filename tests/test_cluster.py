@@ -183,9 +183,9 @@ def node_port_args() -> list[str]:
     return args + ["--min-worker-port", str(low), "--max-worker-port", str(high)]
 
 
-def marked_processes(marker: str) -> list[int]:
+def marked_processes(marker: str, key: str = "KD_RAY_TEST_CLUSTER") -> list[int]:
     """PIDs whose environment carries this cluster's marker (zombies have none)."""
-    needle = f"KD_RAY_TEST_CLUSTER={marker}".encode()
+    needle = f"{key}={marker}".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
@@ -197,18 +197,18 @@ def marked_processes(marker: str) -> list[int]:
     return found
 
 
-def stop_marked(marker: str) -> list[int]:
+def stop_marked(marker: str, key: str = "KD_RAY_TEST_CLUSTER") -> list[int]:
     """SIGTERM, then SIGKILL, the processes of one test cluster; returns any left."""
     for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-        for pid in marked_processes(marker):
+        for pid in marked_processes(marker, key):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.time() + grace
-        while marked_processes(marker) and time.time() < deadline:
+        while marked_processes(marker, key) and time.time() < deadline:
             time.sleep(0.2)
-    return marked_processes(marker)
+    return marked_processes(marker, key)
 
 
 @pytest.fixture
@@ -252,8 +252,17 @@ def wait_for(check, timeout: float, what: str):
 
 
 def ray_start(*args, env, timeout=90):
-    out = subprocess.run([str(RAY), "start", *args, "--disable-usage-stats"], env=env,
-                         capture_output=True, text=True, timeout=timeout, start_new_session=True)
+    """`ray start`, tried twice: Ray gives a new raylet a fixed 30 s to register, which a 2-core
+    machine running the rest of the suite can miss. A failed try's processes are stopped first
+    (only its own: each try carries its own marker)."""
+    for attempt in (1, 2):
+        marker = f"{os.getpid()}-{time.monotonic_ns()}"
+        out = subprocess.run([str(RAY), "start", *args, "--disable-usage-stats"],
+                             env=dict(env, KD_RAY_TEST_START=marker), capture_output=True, text=True,
+                             timeout=timeout, start_new_session=True)
+        if out.returncode == 0 or "timed out during startup" not in out.stderr or attempt == 2:
+            break
+        assert not stop_marked(marker, "KD_RAY_TEST_START"), "a failed `ray start` left processes"
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
 
 
