@@ -196,3 +196,13 @@ def test_a_cache_without_a_teacher_is_one_line(tmp_path):
     cfg = load_config(overrides=["data.name=synthetic", "distill.loss=kd"])
     with pytest.raises(ConfigError, match="needs a teacher: set distill.teacher_path"):
         resolve(cfg, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("floor, shards", [(1, 4), (50, 3), (1000, 1)])
+def test_no_shard_is_cut_smaller_than_the_floor(tmp_path, floor, shards):
+    """The cluster asks for a shard per worker but at least cluster.cache.MIN_SHARD_ROWS rows each:
+    120 rows (40 x 3 views) on 4 workers."""
+    cfg = setup(tmp_path, "data.augment=true")
+    manifest = teacher_cache.build(cfg, tmp_path / "cache", workers=4, min_shard_rows=floor)
+    assert manifest["shards"] == shards and manifest["rows"] == 120
+    assert manifest["bounds"][0] == 0 and manifest["bounds"][-1] == 120

@@ -75,15 +75,16 @@ def run_here(cfg: Config, jobs: list) -> list[dict]:
 
 
 def build(cfg: Config, path, want: dict | None = None, run_shards: ShardRunner = run_here,
-          workers: int | None = None) -> dict:
+          workers: int | None = None, min_shard_rows: int = 1) -> dict:
     """Run the teacher over every (sample, view) in shards, then write the manifest last.
 
     ``run_shards(cfg, jobs)`` runs ``build_shard(*job)`` for each job (the cluster layer passes
-    one that runs them as Ray tasks); ``workers``: shards to cut (default run.num_workers).
+    one that runs them as Ray tasks); ``workers``: shards to cut (default run.num_workers), but
+    none with fewer than ``min_shard_rows`` rows (a shard's process start must pay for itself).
     """
     if is_uri(path):  # an object store has no rename: build here, copy with the manifest last
         with tempfile.TemporaryDirectory() as local:
-            manifest = build(cfg, Path(local) / "cache", want, run_shards, workers)
+            manifest = build(cfg, Path(local) / "cache", want, run_shards, workers, min_shard_rows)
             rmtree(path)
             upload(Path(local) / "cache", path, skip=(MANIFEST,))
         log.info(f"teacher cache copied to {path}")
@@ -92,7 +93,7 @@ def build(cfg: Config, path, want: dict | None = None, run_shards: ShardRunner =
     want = want or wanted(cfg)
     samples, views = describe(cfg.data).train_count, want["transform"]["views"]
     total = samples * views
-    shards = max(1, min(workers or cfg.run.max_workers, total))
+    shards = max(1, min(workers or cfg.run.max_workers, total, -(-total // min_shard_rows)))
     bounds = np.linspace(0, total, shards + 1).astype(int)
     staging = path.with_name(path.name + ".building")
     shutil.rmtree(staging, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""The teacher cache built on the cluster: one Ray task per shard, as many shards as workers fit."""
+"""The teacher cache built on the cluster: one Ray task per shard, as many shards as workers fit
+and the rows pay for."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +14,10 @@ from kd_ray.runs.stages import check_cache_teacher
 from kd_ray.storage import location, storage_root
 
 log = get(__name__)
+# A shard is a Ray task whose process imports torch and loads the teacher (~5 CPU s): one per
+# worker for a small build would spend more on starts than on the teacher. 2,048 rows are a few
+# seconds of a small CNN on one core and minutes of a ResNet-50 at 224 px; ImageNet is 600 shards' worth.
+MIN_SHARD_ROWS = 2048
 
 
 def resolve_cache(cfg: Config, default_dir) -> Config:
@@ -22,7 +27,8 @@ def resolve_cache(cfg: Config, default_dir) -> Config:
 
 def build_on_ray(cfg: Config, path: Path, want: dict) -> dict:
     ensure_ray(cfg)  # started only now: a stale or bad input was refused before
-    return build(cfg, path, want, run_shards=run_on_ray, workers=free_workers(cfg))
+    return build(cfg, path, want, run_shards=run_on_ray, workers=free_workers(cfg),
+                 min_shard_rows=MIN_SHARD_ROWS)
 
 
 def cache_teacher(cfg: Config, out=None, checked: bool = False) -> tuple[Path, dict]:
