@@ -5,7 +5,7 @@ import json
 import yaml
 
 from kd_ray.runs.files import read_history
-from tests.test_tune_ray import kd_ray
+from tests.test_tune_ray import kd_ray, kd_ray_here
 
 
 def test_auto_searches_trains_paired_seeds_and_its_best_yaml_reruns_the_final_run(tmp_path, cli_env):
@@ -33,13 +33,13 @@ def test_auto_searches_trains_paired_seeds_and_its_best_yaml_reruns_the_final_ru
     teacher = json.loads((root / "teacher" / "summary.json").read_text())
     assert "test/top1" in teacher["final"]
 
-    again = kd_ray(cli_env, "auto", "-c", config, "--methods", "kd", "dkd", "--budget", "2", "--seeds", "2")
+    again = kd_ray_here("auto", "-c", config, "--methods", "kd", "dkd", "--budget", "2", "--seeds", "2")
     assert again.returncode == 0 and "search already finished" in again.stderr + again.stdout, again.stderr[-2000:]
 
     best = yaml.safe_load((root / "best.yaml").read_text())
     best["run"]["storage"] = str(tmp_path / "rerun")
     (tmp_path / "best.yaml").write_text(yaml.safe_dump(best))
-    rerun = kd_ray(cli_env, "distill", "-c", tmp_path / "best.yaml")
+    rerun = kd_ray_here("distill", "-c", tmp_path / "best.yaml")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     mine = read_history(tmp_path / "rerun" / best["run"]["name"])[-1]["test/top1"]
     assert abs(100 * mine - 100 * finals[2]["final"]["test/top1"]) <= 0.5

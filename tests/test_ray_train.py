@@ -5,8 +5,6 @@ Killed workers and drivers, NaN losses and corrupt images: tests/test_chaos.py.
 """
 import json
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 import method_ranks
+from test_tune_ray import kd_ray_here
 
 from kd_ray.config import load_config
 from kd_ray.data import write_synthetic_imagefolder
@@ -125,17 +124,13 @@ def test_plugin_method_with_a_trainable_head_trains_saves_and_resumes(tree, tmp_
     assert int(resumed["method"]["steps"]) == 3 * steps_per_epoch  # restored, not a fresh head
 
 
-def kd_ray(*args, env, timeout=300):
-    return subprocess.run([sys.executable, "-m", "kd_ray.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def test_pipeline_cli_writes_comparison_plot_and_report(cli_env, tree, tmp_path):
+def test_pipeline_cli_writes_comparison_plot_and_report(ray_cluster, tree, tmp_path):
     args = ["pipeline", "--set", "data.name=imagefolder", "--set", f"data.root={tree}",
             "--set", "data.image_size=32", "--set", "model.teacher=simple_cnn",
             "--set", "model.student=tiny_cnn", "--set", "data.labels_per_class=8",
-            "--set", "optim.epochs=2", "--set", f"run.storage={tmp_path}", "--set", "run.name=pipe"]
-    out = kd_ray(*args, env=cli_env, timeout=600)
+            "--set", "optim.epochs=2", "--set", f"run.storage={tmp_path}", "--set", "run.name=pipe",
+            "--set", "run.num_workers=1"]  # 2 workers: test_two_worker_distillation_...
+    out = kd_ray_here(*args)
     assert out.returncode == 0, out.stderr[-3000:]
     root = tmp_path / "pipe"
     assert "epoch 2/2" in out.stdout and "student, distilled" in out.stdout
