@@ -21,8 +21,8 @@ def initial_bank():
     return torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
 
 
-def run_rank(rank, port, out):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+def run_rank(rank, init_method, out):
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=20))
     bank = initial_bank()
     index, rows = rank_data(rank)

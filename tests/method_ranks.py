@@ -37,10 +37,10 @@ class GlooSession:
         dist.barrier()
 
 
-def run_jobs(rank: int, port: int, jobs: list, out: str) -> None:
+def run_jobs(rank: int, init_method: str, jobs: list, out: str) -> None:
     """Each loop config of ``jobs`` in turn on this rank; writes rank<r>-<i>.json (error or none)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
     for i, loop_config in enumerate(jobs):
         keep = loop_config["config"]["run"]["keep_checkpoints"]

@@ -5,13 +5,12 @@ one. crd, reviewkd, ctkd and mlkd: the same resume on two gloo ranks running the
 loop, without Ray (the Ray path is the same for every method; a Train run costs ~20 CPU s here)."""
 import json
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import chaos_scenarios as chaos
+import gloo
 import method_ranks
 from kd_ray.engine import checkpoints
 from kd_ray.runs.files import read_history
@@ -88,10 +87,7 @@ def resumed(tmp_path_factory):
             jobs.append({**make_loop_config(cfg, "distill", str(work), method),
                          "faults": {"dir": str(faults), "faults": []}})
         runs[method] = (work / method, faults, (len(jobs) - 2, len(jobs) - 1))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(method_ranks.run_jobs, args=(port, jobs, str(work)), nprocs=2, join=True)
+    gloo.spawn_two(method_ranks.run_jobs, work, jobs, str(work))
     errors = {i: [json.loads((work / f"rank{r}-{i}.json").read_text())["error"] for r in (0, 1)]
               for i in range(len(jobs))}
     return {method: (run_dir, faults, [e for i in ids for e in errors[i] if e])

@@ -4,16 +4,15 @@ banks' update shared across ranks (by hand, in one process group of 1, and on tw
 ranks), the state round trip, and setup's one-line errors."""
 import datetime
 import math
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchdistill.losses.mid_level import CRDLoss
 
+import gloo
 import crd_ranks  # spawned ranks import only this (not Ray)
 from kd_ray.config import DistillConfig
 from kd_ray.data.views import Indexed
@@ -144,10 +143,7 @@ def test_gather_rows_in_a_process_group_of_one(tmp_path):
 
 
 def test_two_gloo_ranks_hold_the_same_bank(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(crd_ranks.run_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    gloo.spawn_two(crd_ranks.run_rank, tmp_path, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["index"].tolist() == r1["index"].tolist() == [0, 2, 5, 1, 5]  # rank order, sizes 3 and 2
     assert torch.equal(r0["bank"], r1["bank"])

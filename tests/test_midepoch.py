@@ -3,11 +3,9 @@
 suite's fault hook (kd_ray.testing.faults) at a step of epoch 2, then resumed at that step."""
 import json
 import math
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from kd_ray import cache as teacher_cache
 from kd_ray.cluster import trial
@@ -23,6 +21,7 @@ from kd_ray.models import build_model, export_teacher
 from kd_ray.runs.files import STOP_FILE, prune_mid_epoch, read_history
 from kd_ray.testing.faults import read_events
 
+import gloo
 import two_ranks  # spawned ranks import only this and the engine (not Ray)
 
 KEYS = ("train/loss", "val/top1", "val/loss")
@@ -136,10 +135,7 @@ def test_two_gloo_ranks_save_after_the_same_step_and_resume_to_the_same_sums_and
     """DDP with 2 real ranks: rank 0's wish rides on the check's all-reduce (every 4 steps), both
     ranks save after the same steps, and the epoch resumed from the last save (each rank's RNG
     restored, rank 0 holding the summed partial sums) ends with the uninterrupted sums and weights."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(two_ranks.run_mid_epoch, args=(port, str(tmp_path)), nprocs=2, join=True)
+    gloo.spawn_two(two_ranks.run_mid_epoch, tmp_path, str(tmp_path))
     r0, r1 = (json.loads((tmp_path / f"rank{r}-mid.json").read_text()) for r in (0, 1))
     assert r0["saves"] == r1["saves"] == [1, 5]  # after the checked steps 0 and 4 (not the last)
     assert r0["step"] == r1["step"] == 5

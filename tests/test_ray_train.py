@@ -4,13 +4,12 @@ These share one Ray instance (the session fixture); each TorchTrainer run costs 
 Killed workers and drivers, NaN losses and corrupt images: tests/test_chaos.py.
 """
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+import gloo
 import method_ranks
 from test_tune_ray import kd_ray_here
 
@@ -102,10 +101,7 @@ def test_plugin_method_with_a_trainable_head_trains_saves_and_resumes(tree, tmp_
     storage = tmp_path / "results"
     jobs = [make_loop_config(tree_config(tree, tmp_path, f"optim.epochs={epochs}", *base), "distill",
                              str(storage), "headed") for epochs in (2, 3)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(method_ranks.run_jobs, args=(port, jobs, str(tmp_path)), nprocs=2, join=True)
+    gloo.spawn_two(method_ranks.run_jobs, tmp_path, jobs, str(tmp_path))
     errors = [json.loads((tmp_path / f"rank{r}-{i}.json").read_text())["error"] for r in (0, 1) for i in (0, 1)]
     assert not any(errors), errors
 

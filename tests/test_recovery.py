@@ -1,10 +1,8 @@
 """Checkpoints, resume bookkeeping and the ranks' agreement on errors, without Ray."""
 import json
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from kd_ray.cluster.callbacks import MetricsCallback
 from kd_ray.cluster.stage import raise_returned_error
@@ -14,6 +12,7 @@ from kd_ray.runs.files import backfill, read_failures
 from kd_ray.runs.stages import check_resume, failure_message, fresh_name
 from kd_ray.testing import faults
 
+import gloo
 import two_ranks  # spawned ranks import only this (not Ray): each starts in ~2 s, not ~8
 
 
@@ -141,11 +140,8 @@ TWO_RANK_CASES = [((3, "data"), 1, 3), ((3, "data"), 4, 4), ((3, "nan"), 1, 4), 
 def two_rank_results(tmp_path_factory):
     """All cases in one pair of spawned gloo ranks (a spawn costs seconds; a case milliseconds)."""
     out = tmp_path_factory.mktemp("ranks")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cases = [(bad, check_every) for bad, check_every, _ in TWO_RANK_CASES]
-    mp.spawn(two_ranks.run_rank, args=(port, cases, str(out)), nprocs=2, join=True)
+    gloo.spawn_two(two_ranks.run_rank, out, cases, str(out))
     return out
 
 

@@ -31,10 +31,10 @@ class Batches:
             yield x, torch.zeros(4, dtype=torch.long)
 
 
-def run_rank(rank, port, cases, out):
+def run_rank(rank, init_method, cases, out):
     """Each case ``(bad, check_every)`` in turn, in one process group (the ranks stop together
     after each, so the next starts in step); writes rank<r>-<case>.json."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=20))
     for case, (bad, check_every) in enumerate(cases):
         torch.manual_seed(0)
@@ -76,13 +76,13 @@ class NoisyBatches:
             yield self.x[step] + noise, self.y[step]
 
 
-def run_mid_epoch(rank, port, out):
+def run_mid_epoch(rank, init_method, out):
     """One epoch uninterrupted, saving mid-epoch (rank 0 wants to at every check, every 4 steps);
     then the epoch again from the last mid-epoch checkpoint; both results to rank<r>-mid.json."""
     from kd_ray.engine.loaders import all_sum
     from kd_ray.engine.resume import MidEpoch, resume_from
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=20))
     device, saved, saves = torch.device("cpu"), os.path.join(out, "mid.pt"), []
 
