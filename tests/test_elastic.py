@@ -47,3 +47,14 @@ def test_a_sweep_refuses_an_elastic_group_before_ray():
     cfg = load_config(overrides=["run.num_workers=[1, 2]", "sweep.space={distill.temperature: [1, 2]}"])
     with pytest.raises(ConfigError, match=r"a sweep's trials take a fixed worker count"):
         check_sweep(cfg, train_teacher=False)
+
+
+def test_the_trainer_starts_no_ray_data_machinery(tmp_path):
+    """No Ray Datasets in our runs: Ray's datasets callback (a DatasetManager actor per worker
+    group, ray.data imported on every worker) is left out; Ray's other callbacks stay."""
+    from kd_ray.cluster.stage import DatasetsCallback, make_trainer
+
+    trainer = make_trainer(load_config(overrides=["data.name=synthetic"]), "teacher", str(tmp_path), "d", [])
+    kinds = {type(cb).__name__ for cb in trainer._create_default_callbacks()}
+    assert DatasetsCallback is not None and DatasetsCallback.__name__ not in kinds
+    assert {"BackendSetupCallback", "PlacementGroupCleanerCallback"} <= kinds

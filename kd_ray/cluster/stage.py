@@ -10,7 +10,6 @@ from pathlib import Path
 
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.train.v2._internal.callbacks import DatasetsCallback
 
 from kd_ray.cluster.cache import resolve_cache
 from kd_ray.cluster.callbacks import MetricsCallback
@@ -28,6 +27,11 @@ from kd_ray.runs.stages import check_resume, failure_message, fresh_name, prefli
 from kd_ray.runs.summary import summarize
 from kd_ray.runs.tracking import stage_tracker
 from kd_ray.storage import location, storage_root
+
+try:  # a name inside Ray Train; where a Ray release moves it, runs keep Ray's default callbacks
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+except ImportError:
+    DatasetsCallback = None
 
 log = get(__name__)
 
@@ -153,9 +157,9 @@ class _Trainer(TorchTrainer):
     def _create_default_callbacks(self):
         # Our workers read data through their own loaders, never Ray Datasets, yet Ray's datasets
         # callback starts a DatasetManager actor per worker group and imports ray.data on every
-        # worker: ~3 CPU s of a run's ~25 on 2 cores. Without datasets it has nothing to do.
+        # worker: ~2-3 CPU s of a run's ~25 on 2 cores. Without datasets it has nothing to do.
         callbacks = super()._create_default_callbacks()
-        if self.datasets:
+        if self.datasets or DatasetsCallback is None:
             return callbacks
         return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
 
