@@ -4,6 +4,8 @@ Each figure is a ratio of two timings taken in this one run (the machine is shar
   B1  cached-logit KD step / student-only cross-entropy step (the floor)        target <= 1.05
       (and online KD step / CE step, for reference)
   B2  kd_ray TorchTrainer, 1 worker, steady-state images/s / plain PyTorch loop  target >= 0.95
+  START  a 1-worker stage's start-up (run_stage to its first epoch): one Ray task   target <= 0.5
+      (run.runner auto, the default) / a TorchTrainer (run.runner train), 2 runs each
   B3  8-trial (T, alpha) sweep incl. the cache build / 8 x plain student run     target <= 1.15
       (and the same sweep with the live teacher, for reference)
   B3-ASHA  the same 8 trials with ASHA early stopping on val/loss (sweep        target <= 0.6
@@ -146,12 +148,12 @@ def plain_run(cfg: Config, epochs: int) -> dict:
     return {"wall": time.perf_counter() - started, "speeds": speeds}
 
 
-def b2_trainer(cfg: Config) -> dict:
+def b2_trainer(cfg: Config, name: str = "b2-student") -> dict:
     from kd_ray.cluster.stage import run_stage
     from kd_ray.runs.files import read_history
 
     started = time.time()
-    result = run_stage(cfg, "student", name="b2-student")
+    result = run_stage(cfg, "student", name=name)
     history = read_history(result.run_dir)
     first = history[0]
     startup = first["time"] - started - first["perf/epoch_seconds"]
@@ -230,6 +232,7 @@ def run_b1(storage: Path, teacher: Path, args, say) -> list:
 
 def run_b2(storage: Path, teacher: Path, args, say) -> list:
     cfg = make_config(storage, teacher, 1024 if args.quick else 8192, 3 if args.quick else 8)
+    cfg = cfg.replace(run={"runner": "train"})  # B2 times the TorchTrainer (START: the 1-task path)
     r2, trainer, plain = b2_ratio(cfg)
     say(f"B2 images/s per epoch: TorchTrainer {[round(s) for s in trainer['speeds']]} (first two are "
         f"warm-up), plain loop before/after {[round(s) for s in plain]}; TorchTrainer start-up "
@@ -288,6 +291,24 @@ def run_floor(storage: Path, teacher: Path, args, say) -> list:
     say("Ray Train floor (an empty train function, 1 worker): " + ", ".join(
         f"{loop:.1f}s to its loop, {total:.1f}s in all" for loop, total in seconds))
     return []
+
+
+def run_start(storage: Path, teacher: Path, args, say) -> list:
+    """A 1-worker stage's start-up, run_stage's call to its first epoch's start: one Ray task
+    (run.runner auto, the default) against a TorchTrainer (train), each twice in turns (the job's
+    second task finds its process and imports from the first)."""
+    cfg = make_config(storage, teacher, 256, 1)
+    seconds = {"auto": [], "train": []}
+    for i in range(2):
+        for runner in seconds:
+            part = cfg.replace(run={"runner": runner})
+            seconds[runner].append(b2_trainer(part, name=f"start-{runner}-{i}")["startup"])
+    say("1-worker stage start-up: " + "; ".join(f"run.runner {runner} " + ", ".join(f"{s:.1f}s" for s in
+                                                                                     times)
+                                                for runner, times in seconds.items()))
+    ratio = sum(seconds["auto"]) / sum(seconds["train"])
+    return [("START", "1-worker stage start-up, one Ray task / TorchTrainer (2 runs each)", ratio,
+             "<= 0.5", ratio <= 0.5)]
 
 
 def run_b3a(storage: Path, teacher: Path, args, say) -> list:
@@ -358,8 +379,9 @@ def run_b4(storage: Path, teacher: Path, args, say) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: checks the script, not the speed")
-    parser.add_argument("--only", default="B1,B2,FLOOR,B3,B3A,B4", help="comma-separated subset of B1,B2,B3,B3A,B4 "
-                        "(and FLOOR: Ray Train's start-up with an empty train function)")
+    parser.add_argument("--only", default="B1,B2,START,FLOOR,B3,B3A,B4", help="comma-separated subset of "
+                        "B1,B2,B3,B3A,B4 (and START: a 1-worker stage's start-up, one Ray task against a "
+                        "TorchTrainer; FLOOR: Ray Train's start-up with an empty train function)")
     parser.add_argument("--note", default="", help="a line for the results file (e.g. what else ran)")
     parser.add_argument("--skip-live", action="store_true", help="skip the live-teacher reference sweep")
     parser.add_argument("--skip-top1", action="store_true", help="skip the ASHA-on-val/top1 reference sweep")
@@ -386,10 +408,10 @@ def main() -> None:
     rows = []
     if args.note:
         say(args.note)
-    for name, bench in (("B1", run_b1), ("B4", run_b4), ("B2", run_b2), ("FLOOR", run_floor), ("B3", run_b3),
-                        ("B3A", run_b3a)):
+    for name, bench in (("B1", run_b1), ("B4", run_b4), ("B2", run_b2), ("START", run_start), ("FLOOR", run_floor),
+                        ("B3", run_b3), ("B3A", run_b3a)):
         if name in only:
-            if name in ("B2", "FLOOR", "B3", "B3A"):  # once, with room for the sweep's trial drivers (if any)
+            if name in ("B2", "START", "FLOOR", "B3", "B3A"):  # once, with room for the sweep's trial drivers (if any)
                 cfg = make_config(storage, teacher, 64, 1)
                 ensure_ray(cfg, extra_cpus=driver_cpus(cfg))
             rows += bench(storage, teacher, args, say)

@@ -19,7 +19,9 @@ from kd_ray.engine import checkpoints
 from kd_ray.cluster.stage import make_loop_config, run_stage
 from kd_ray.deploy.evaluate import evaluate_target
 from kd_ray.deploy.export import export
-from kd_ray.runs.files import read_history
+from kd_ray.errors import RunFailedError
+from kd_ray.runs.files import read_failures, read_history
+from kd_ray.testing.faults import ENV as FAULTS_ENV, read_events
 from kd_ray.models import build_model, export_teacher, load_teacher
 
 
@@ -84,6 +86,45 @@ def test_two_worker_distillation_writes_checkpoints_and_tensorboard(ray_cluster,
     assert (metrics["top1"], metrics["top5"]) == (history[-1]["val/top1"], history[-1]["val/top5"])
     assert 0 <= metrics["teacher_agreement"] <= 1
     assert export(run_dir, "torchscript", tmp_path / "kd2.pt")[1]["max_abs_diff"] < 1e-4
+
+
+def one_worker(tree, tmp_path, monkeypatch, name, *faults, extra=()):
+    """A 1-worker student run (run.runner auto: one Ray task) with a fault plan; its events."""
+    events = tmp_path / f"{name}-faults"
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"dir": str(events), "faults": list(faults)}))
+    cfg = tree_config(tree, tmp_path, "run.num_workers=1", "optim.epochs=3", f"run.name={name}", *extra)
+    return cfg, tmp_path / "results" / name, events
+
+
+def test_one_worker_stage_trains_in_one_task_and_resumes_a_killed_attempt(ray_cluster, tree, tmp_path,
+                                                                        monkeypatch):
+    kill = {"kind": "kill", "rank": 0, "epoch": 2, "step": 1, "once": True}
+    cfg, run_dir, events = one_worker(tree, tmp_path, monkeypatch, "solo", kill)
+    result = run_stage(cfg, "student")
+
+    attempts = [e for e in read_events(events) if e["event"] == "attempt"]
+    assert [a["start_epoch"] for a in attempts] == [1, 2]  # the retry starts from epoch 1's checkpoint
+    assert [r["epoch"] for r in read_history(run_dir)] == [1, 2, 3]  # each epoch logged once
+    failures = read_failures(run_dir)
+    assert len(failures) == 1 and "WorkerCrashedError" in failures[0]["errors"]["0"]
+    assert result.summary["epochs"] == 3 and len(checkpoints.folders(run_dir)) == 2
+    tags, _ = tb_tags(run_dir / "tensorboard")
+    assert {"val/top1", "train/loss"} <= tags  # the task wrote TensorBoard as Train's controller does
+    assert not (run_dir / "checkpoint_manager_snapshot.json").exists()  # no TorchTrainer ran
+
+
+def test_one_worker_stage_failing_every_attempt_stops_after_max_failures(ray_cluster, tree, tmp_path,
+                                                                         monkeypatch):
+    fail = {"kind": "raise", "rank": 0, "epoch": 2, "step": 0}
+    cfg, run_dir, events = one_worker(tree, tmp_path, monkeypatch, "solo-fails", fail,
+                                      extra=["run.max_failures=1"])
+    with pytest.raises(RunFailedError, match=r"2 attempt\(s\) failed \(run.max_failures=1\); first error: "
+                                             r"rank 0: RuntimeError: chaos: injected failure"):
+        run_stage(cfg, "student")
+    assert [a["start_epoch"] for a in read_events(events) if a["event"] == "attempt"] == [1, 2]
+    assert len(read_failures(run_dir)) == 2
+    assert checkpoints.latest(run_dir)[1]["epoch"] == 1  # the finished epoch is kept
+    assert [r["epoch"] for r in read_history(run_dir)] == [1]
 
 
 def test_plugin_method_with_a_trainable_head_trains_saves_and_resumes(tree, tmp_path):

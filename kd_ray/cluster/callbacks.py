@@ -65,6 +65,12 @@ class MetricsCallback(UserCallback):
         if self.tensorboard:
             push_tensorboard(self.run_dir)  # storage URI: copy the event files there
 
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer (a single-process run's last step)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
     def after_exception(self, run_context, worker_exceptions):
         if self._writer is not None:
             self._writer.flush()

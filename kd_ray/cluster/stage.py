@@ -14,6 +14,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from kd_ray.cluster.cache import resolve_cache
 from kd_ray.cluster.callbacks import MetricsCallback
 from kd_ray.cluster.session import check_resources, ensure_ray
+from kd_ray.cluster.single import fit_in_task, in_one_task
 from kd_ray.cluster.entry import train_loop_per_worker
 from kd_ray.cluster.worker import FAULTS_ENV, FAULTS_MODULE
 from kd_ray.config import Config
@@ -93,12 +94,10 @@ def _run_locked(cfg: Config, stage: str, storage: str, name: str, run_dir: Path)
         prune_checkpoints(run_dir, cfg.run.keep_checkpoints, protect=run_dir / resume["folder"])
     failures_before = len(read_failures(run_dir))
     tracker = stage_tracker(cfg, run_dir)  # built here: the tracking URI resolves on the driver
-    trainer = make_trainer(cfg, stage, storage, name, [MetricsCallback(str(run_dir), tracker=tracker)],
-                           stop_file=run_dir / STOP_FILE)
     before = signal.getsignal(signal.SIGINT)  # Ray's fit() replaces it and never puts it back
     try:
         with ProgressPrinter(run_dir, label):
-            result = trainer.fit()
+            payload, metrics = fit(cfg, stage, storage, name, label, tracker, failures_before)
     except ray.train.TrainingFailedError as exc:
         raise_user_error(exc)
         raise RunFailedError(failure_message(cfg, run_dir, failures_before, exc)) from exc
@@ -111,7 +110,9 @@ def _run_locked(cfg: Config, stage: str, storage: str, name: str, run_dir: Path)
         (run_dir / STOP_FILE).unlink(missing_ok=True)
         if before is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, before)
-    raise_returned_error(result)
+    error = from_payload(payload)  # the KdRayError that stopped every worker (worker.shared_error)
+    if error is not None:
+        raise error
     prune_checkpoints(run_dir, cfg.run.keep_checkpoints)
     found = checkpoints.latest(run_dir)
     reached = found[1]["epoch"] if found else 0
@@ -121,10 +122,26 @@ def _run_locked(cfg: Config, stage: str, storage: str, name: str, run_dir: Path)
         where = (f"in epoch {reached + 1} of {epochs} after step {step}" if step
                  else f"after epoch {reached} of {epochs}")
         raise RunInterrupted(f"stopped {where}, checkpointed in {run_dir}")
-    summary = summarize(cfg, stage, run_dir, result.metrics)
+    summary = summarize(cfg, stage, run_dir, metrics)
     if tracker is not None:
         tracker.finish(summary)
     return StageResult(stage, run_dir, summary)
+
+
+def fit(cfg: Config, stage: str, storage: str, name: str, label: str, tracker,
+        failures_before: int) -> tuple[dict | None, dict | None]:
+    """Train the stage: (the KdRayError payload that stopped it or None, the last metrics)."""
+    run_dir = location(storage) / name
+    stop_file = run_dir / STOP_FILE
+    if in_one_task(cfg):
+        loop_config = {**make_loop_config(cfg, stage, storage, name), "stop_file": True}
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, on_ctrl_c(stop_file))
+        return fit_in_task(cfg, loop_config, label, run_dir, tracker, failures_before)
+    trainer = make_trainer(cfg, stage, storage, name, [MetricsCallback(str(run_dir), tracker=tracker)],
+                           stop_file=stop_file)
+    result = trainer.fit()
+    return getattr(result, "return_value", None), result.metrics
 
 
 def ray_names(storage: str, name: str) -> tuple[str, str]:

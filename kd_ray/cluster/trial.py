@@ -11,16 +11,14 @@ import json
 import signal
 import threading
 
-import torch
 from ray import tune
 
-from kd_ray.cluster.callbacks import MetricsCallback
+from kd_ray.cluster.single import SingleSession
 from kd_ray.cluster.stage import make_loop_config
 from kd_ray.cluster.worker import train_loop
 from kd_ray.config import Config
-from kd_ray.engine import checkpoints
 from kd_ray.errors import KdRayError, describe, from_payload, to_payload
-from kd_ray.runs.files import append_failure, prune_checkpoints
+from kd_ray.runs.files import append_failure
 from kd_ray.storage import location
 
 ERROR_FILE = "error.json"  # the error no retry can fix that stopped this trial (Tune retries anyway)
@@ -56,25 +54,16 @@ def tune_row(metric: str, metrics: dict) -> dict:
     return row
 
 
-class TrialSession:
-    """worker.train_loop's side in a Tune actor: rank 0 of 1, no DDP, our own checkpoint folders
-    (pruned to run.keep_checkpoints as Train would), metrics.jsonl, then Tune's report."""
-
-    rank, world = 0, 1
+class TrialSession(SingleSession):
+    """worker.train_loop's side in a Tune actor: a single-process run (cluster.single) whose
+    every epoch also goes to Tune."""
 
     def __init__(self, cfg: Config, run_dir):
-        self.device = torch.device("cuda" if cfg.run.use_gpu else "cpu")  # Ray set CUDA_VISIBLE_DEVICES
-        self.keep = cfg.run.keep_checkpoints
+        super().__init__(cfg, run_dir, tensorboard=False)  # the Tuner writes TensorBoard
         self.metric = cfg.sweep.metric
-        self.metrics = MetricsCallback(str(run_dir), tensorboard=False)  # the Tuner writes TensorBoard
-
-    def prepare(self, model):
-        return model.to(self.device)
 
     def report(self, metrics: dict, state: dict | None, run_dir, history: list) -> None:
-        checkpoints.save(run_dir, state, history)  # atomic, local folder or object storage alike
-        prune_checkpoints(run_dir, self.keep)
-        self.metrics.write_rows(metrics, history)  # first: Tune may stop the trial at this report
+        super().report(metrics, state, run_dir, history)  # first: Tune may stop the trial here
         tune.report(tune_row(self.metric, metrics))
 
 
