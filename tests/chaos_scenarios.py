@@ -282,8 +282,10 @@ def t8_bad_input(work: Path, env: dict) -> list[Row]:
     cases = [("missing teacher", "distill", [f"distill.teacher_path={work}/nowhere.pt"], tree, "nowhere.pt"),
              ("wrong class count", "train-student", ["data.num_classes=5"], tree, "data.num_classes=5"),
              ("renamed classes", "distill", [f"distill.teacher_path={renamed}"], tree, "'cat'"),
-             ("corrupt image", "train-student", [], _spoil(tree, work / "t8-corrupt", b"not a png"), "broken.png"),
-             ("zero-byte image", "train-student", [], _spoil(tree, work / "t8-empty", b""), "broken.png")]
+             # Found by the worker as it reads the image (one worker, in one Ray task).
+             ("corrupt image", "train-student", ONE_WORKER, _spoil(tree, work / "t8-corrupt", b"not a png"),
+              "broken.png"),
+             ("zero-byte image", "train-student", ONE_WORKER, _spoil(tree, work / "t8-empty", b""), "broken.png")]
     runs = {}
     for i, (what, command, extra, root, needle) in enumerate(cases):
         name = f"t8{'abcde'[i]}"
@@ -293,11 +295,11 @@ def t8_bad_input(work: Path, env: dict) -> list[Row]:
                    [{"kind": "nan", "rank": 1, "epoch": 2, "step": 3}], work / "t8f-faults")
     # A loss that pulls every image to class 0, no warm-up, 64 steps an epoch (past
     # guard.min_steps in epoch 1): deterministic, unlike a huge lr whose collapse comes when it may.
-    runs["t8g"] = (["distill", *settings(work, "t8g", "optim.epochs=4", "optim.warmup_epochs=0",
+    runs["t8g"] = (["distill", *settings(work, "t8g", "optim.epochs=4", "optim.warmup_epochs=0", *ONE_WORKER,
                                          "data.synthetic_size=2048", "distill.loss=tests.plugins:pull_to_class_zero")],
                    (), None)
-    # The two that train run as subprocesses side by side (two 2-worker runs fit the test
-    # instance's CPUs; every run has a folder of its own, so the seconds to the error are upper
+    # The two that train run as subprocesses side by side (a 2-worker run and a 1-worker one fit
+    # the test instance's CPUs; every run has a folder of its own, so the seconds to the error are upper
     # bounds) while the five refused ones run in this process, one after another.
     with ThreadPoolExecutor(2) as pool:
         trained = {name: pool.submit(kd_ray, runs[name][0], env, runs[name][2], runs[name][1])

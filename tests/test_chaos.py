@@ -1,6 +1,6 @@
 """The chaos suite (tests/chaos_scenarios.py) as tests: T1-T15 and T19 of docs/failures.md (T16-T17: tests/test_cluster.py).
 
-Each scenario is a real Ray Train run (2 workers; in T4, T7, T10, T14 one, in one Ray task; T12 one TorchTrainer worker) on the session's Ray instance, with a fault
+Each scenario is a real Ray Train run (2 workers; in T4, T7, T8D, T8E, T8G, T10, T14 one, in one Ray task; T12 one TorchTrainer worker) on the session's Ray instance, with a fault
 injected through KD_RAY_FAULTS or a process killed from outside. What must hold is written once,
 as the checks of each scenario's Row (scripts/chaos.py prints the same rows with their figures).
 """
