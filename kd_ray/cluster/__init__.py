@@ -1,5 +1,5 @@
-"""Orchestration on Ray, the only layer that imports Ray: a stage as a TorchTrainer, the per-worker
-loop, the controller-side callbacks, the teacher cache as Ray tasks, Tune sweeps, the pipeline and
+"""Orchestration on Ray, the only layer that imports Ray: a stage as a TorchTrainer (one Ray task
+for a 1-worker stage), the per-worker loop, the controller-side callbacks, the teacher cache as Ray tasks, Tune sweeps, the pipeline and
 job submission."""
 import os
 from pathlib import Path
