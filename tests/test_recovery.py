@@ -103,13 +103,9 @@ def test_failures_are_logged_per_attempt_and_summed_up_in_one_line(tmp_path):
 
 
 def test_returned_worker_error_is_raised_as_its_own_type():
-    class Result:
-        return_value = {"error": "DataError", "message": "cannot read image x.png (rank 1)"}
-
     with pytest.raises(DataError, match=r"x.png \(rank 1\)"):
-        raise_returned_error(Result())
-    Result.return_value = None
-    raise_returned_error(Result())  # a normal end
+        raise_returned_error({"error": "DataError", "message": "cannot read image x.png (rank 1)"})
+    raise_returned_error(None)  # a normal end
 
 
 def test_resume_refuses_a_checkpoint_of_other_classes_and_new_goes_beside(tmp_path):

@@ -110,9 +110,7 @@ def _run_locked(cfg: Config, stage: str, storage: str, name: str, run_dir: Path)
         (run_dir / STOP_FILE).unlink(missing_ok=True)
         if before is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, before)
-    error = from_payload(payload)  # the KdRayError that stopped every worker (worker.shared_error)
-    if error is not None:
-        raise error
+    raise_returned_error(payload)
     prune_checkpoints(run_dir, cfg.run.keep_checkpoints)
     found = checkpoints.latest(run_dir)
     reached = found[1]["epoch"] if found else 0
@@ -247,8 +245,9 @@ def raise_user_error(exc: Exception) -> None:
         raise found from exc
 
 
-def raise_returned_error(result) -> None:
-    """Raise the KdRayError that stopped every worker at once (see worker.shared_error)."""
-    error = from_payload(getattr(result, "return_value", None))
+def raise_returned_error(payload: dict | None) -> None:
+    """Raise the KdRayError that stopped every worker at once (see worker.shared_error): the
+    payload a run's workers returned, None when none did."""
+    error = from_payload(payload)
     if error is not None:
         raise error

@@ -101,7 +101,7 @@ def run_trial(params: dict, base: dict, sweep_dir: str) -> None:
         raise
     finally:  # Tune may stop a Train trial (ASHA) in fit(): then this line is not written
         append_text(run_dir / TIMING_FILE, json.dumps({"finished": time.time()}) + "\n")
-    raise_returned_error(result)  # a NaN loss or bad image stopped every worker (no retry used)
+    raise_returned_error(getattr(result, "return_value", None))  # a NaN loss or bad image stopped every worker (no retry used)
 
 
 def _trial_dirname(trial) -> str:
