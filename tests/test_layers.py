@@ -64,3 +64,24 @@ def test_a_teacher_file_error_is_refused_before_ray_is_imported(tmp_path):
                                      "--set", f"distill.teacher_path={tmp_path}/nowhere.pt")
     assert code == 2 and "nowhere.pt not found" in err and len(err.splitlines()) == 1
     assert "'ray'" not in heavy and "'torch'" in heavy, heavy
+
+
+def test_a_worker_on_tensor_data_never_imports_torchvision():
+    """Importing torchvision costs ~2 CPU s (it loads torch._dynamo): a worker that trains a small
+    CNN on tensor data skips it, one that reads an image folder imports it."""
+    script = (
+        "import sys\n"
+        "import kd_ray.cluster.worker\n"
+        "from kd_ray.config import load_config\n"
+        "from kd_ray.data import build_data\n"
+        "from kd_ray.models import build_model\n"
+        "cfg = load_config(overrides=['data.name=synthetic', 'data.synthetic_size=64', 'data.image_size=16'])\n"
+        "build_data(cfg.data, 'distill', 0).train[0]\n"
+        "build_model('tiny_cnn', 3)\n"
+        "print('torchvision' in sys.modules)\n"
+        "build_model('resnet18', 3)\n"
+        "print('torchvision' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["False", "True"]

@@ -1,5 +1,5 @@
 """What Ray Train runs on every rank, in a module of its own: Train's controller unpickles the
-function to start the workers, and importing cluster.worker there (data, models, torchvision)
+function to start the workers, and importing cluster.worker there (torch, data, models)
 would cost it seconds of CPU per run for code only the workers run."""
 
 

@@ -12,8 +12,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from torchvision import transforms as T
-from torchvision.transforms import v2
 
 from kd_ray.config import STAGES, DataConfig
 from kd_ray.data.sampling import item_groups
@@ -98,6 +96,11 @@ class TensorTransform:
 def make_transform(src: Source, size: int, train: bool, augment: bool):
     if not src.pil:
         return TensorTransform(size, train and augment)
+    # torchvision here, not at the top: its import costs ~2 CPU s (torch._dynamo), which runs on
+    # tensor data (synthetic, digits, the MNIST subset) skip in every worker process.
+    from torchvision import transforms as T
+    from torchvision.transforms import v2
+
     # uint8 tensors (data.decoder=torchvision): the same steps in transforms.v2, resized as uint8
     # (antialiased, as PIL does) and converted to float last, when the image is small.
     lib = v2 if src.uint8 else T

@@ -22,7 +22,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets import ImageFolder
 
 from kd_ray.errors import DataError
 from kd_ray.log import get
@@ -192,6 +191,8 @@ def convert_imagefolder_to_parquet(src_root, dst_root, splits=("train", "val"),
         if out.exists() and (not out.is_dir() or any(not f.name.startswith("part-") for f in out.iterdir())):
             raise DataError(f"{out} exists and holds other files than part-*.parquet: "
                             "pass an empty DST folder")
+    from torchvision.datasets import ImageFolder  # here: ~2 CPU s to import, for `convert` alone
+
     rows = {}
     for split in splits:
         folder = ImageFolder(src_root / split, allow_empty=True)

@@ -13,9 +13,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets import ImageFolder
-from torchvision.io import ImageReadMode, decode_image, read_file
-from torchvision.transforms.functional import pil_to_tensor
 
 from kd_ray.config import DataConfig
 from kd_ray.data.parquet import ParquetImages, read_classes, read_labels, split_files
@@ -74,6 +71,9 @@ TVIO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")  # what torchvision.i
 
 def _load_uint8(path: str):
     """uint8 [3,h,w]: torchvision.io for JPEG/PNG/WebP/GIF (libjpeg-turbo, no PIL), else PIL."""
+    from torchvision.io import ImageReadMode, decode_image, read_file  # imported by _image_folder
+    from torchvision.transforms.functional import pil_to_tensor
+
     if not path.lower().endswith(TVIO_SUFFIXES):
         return pil_to_tensor(_load_rgb(path))  # BMP, TIFF, PPM: formats torchvision.io lacks
     try:
@@ -82,7 +82,11 @@ def _load_uint8(path: str):
         raise DataError(f"cannot read image {path}: {exc}; delete or replace the file") from None
 
 
-def _image_folder(root: Path, split: str, key: str, decoder: str = "pil") -> ImageFolder:
+def _image_folder(root: Path, split: str, key: str, decoder: str = "pil"):
+    # torchvision here, not at the top: its import costs ~2 CPU s (torch._dynamo), which runs on
+    # tensor data (synthetic, digits, the MNIST subset) skip in every worker process.
+    from torchvision.datasets import ImageFolder
+
     folder = root / split
     if not folder.is_dir():
         raise DataError(f"split folder {folder} not found: set data.{key} or add {folder}/<class>/ images")

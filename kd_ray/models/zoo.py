@@ -5,7 +5,6 @@ import logging
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from kd_ray.config.checks import PRETRAINED_FIX
@@ -26,6 +25,8 @@ TORCHVISION_NAMES = (
 
 def _torchvision(name: str):
     def build(num_classes: int) -> nn.Module:
+        import torchvision  # here: its import costs ~2 CPU s (torch._dynamo), which small-CNN runs skip
+
         # weights=None: never download; pretrained weights come from a local file.
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
