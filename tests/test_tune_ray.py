@@ -1,5 +1,7 @@
-"""`kd-ray tune` end to end on the session's Ray instance: a 4-trial ASHA sweep of 2-worker DDP
-distillation runs, best.yaml run as is, all trials failing (a killed and resumed sweep: test_chaos.py T5)."""
+"""`kd-ray tune` end to end: a 4-trial ASHA sweep of the shipped configs/sweep.yaml (1-worker
+trials, each in its Tune actor) on the session's Ray instance with best.yaml run as is, and a sweep
+of 2-worker DDP trials (a TorchTrainer each) whose every trial fails, on a Ray instance of its own
+(a killed and resumed sweep: test_chaos.py T5)."""
 import json
 import subprocess
 import sys
@@ -7,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from kd_ray.cluster.tune import TIMING_FILE
+from kd_ray.cluster.tune import STARTS_FILE, TIMING_FILE
 from kd_ray.config import load_config
 from kd_ray.runs.files import read_history
 
@@ -52,9 +54,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_asha_sweep_leaves_table_best_yaml_heatmap_and_tensorboard(cli_env, tmp_path):
     """The sweep flow of docs/sweeps.md as a user runs it: the shipped configs/sweep.yaml (data.image_size
-    left unset), smaller for speed, then `kd-ray distill -c <sweep>/best.yaml`."""
+    and run.num_workers 1 left as they are), smaller for speed, then `kd-ray distill -c <sweep>/best.yaml`."""
     small = {"data.name": "synthetic", "data.synthetic_size": 256, "model.teacher": "simple_cnn",
-             "optim.epochs": 3, "optim.teacher_epochs": 2, "optim.lr": 0.05, "run.num_workers": 2,
+             "optim.epochs": 3, "optim.teacher_epochs": 2, "optim.lr": 0.05,
              "run.name": "sweep4", "run.storage": tmp_path / "results", "sweep.grace_period": 1,
              "sweep.space": "{distill.temperature: [1, 4], distill.alpha: [0.5, 0.9]}"}
     sets = [arg for key, value in small.items() for arg in ("--set", f"{key}={value}")]
@@ -103,8 +105,10 @@ def test_asha_sweep_leaves_table_best_yaml_heatmap_and_tensorboard(cli_env, tmp_
 
 
 def test_sweep_whose_every_trial_fails_exits_non_zero_with_the_first_error(cli_env, tmp_path):
-    """Run on a Ray instance of its own, beside the session's: two instances on one machine."""
-    config = write_sweep(tmp_path, "allfail", {"distill.temperature": [1, 4]}, epochs=2, workers=1,
+    """Run on a Ray instance of its own, beside the session's: two instances on one machine. Each
+    trial is a 2-worker TorchTrainer that reports epoch 1 to Tune, then stops on a NaN loss in
+    epoch 2 on both ranks; Tune does not retry it (no retry fixes a NaN)."""
+    config = write_sweep(tmp_path, "allfail", {"distill.temperature": [1, 4]}, epochs=2, workers=2,
                          scheduler="none")
     env = {k: v for k, v in cli_env.items() if k != "RAY_ADDRESS"}
     done = kd_ray(env, "tune", "-c", config, "--set", "distill.loss=tests.plugins:nan_in_second_epoch")
@@ -114,3 +118,8 @@ def test_sweep_whose_every_trial_fails_exits_non_zero_with_the_first_error(cli_e
     assert error.startswith("kd-ray: error: every trial of the sweep failed; the first error: ")
     assert "not finite" in error or "nan" in error
     assert "error:" in (tmp_path / "results" / "allfail" / "summary.md").read_text()
+    trials = sorted((tmp_path / "results" / "allfail" / "trials").iterdir())
+    assert len(trials) == 2
+    for trial in trials:
+        assert [h["epoch"] for h in read_history(trial)] == [1]
+        assert len((trial / STARTS_FILE).read_text().splitlines()) == 1  # started once: no retry
