@@ -1,11 +1,16 @@
-"""Shared fixtures. Ray starts at most once per test session, only for tests that ask for it.
+"""Shared fixtures. Ray starts at most once per test run (the xdist processes share it), only for
+tests that ask for it.
 
 Tests that use a Ray fixture are marked ``ray`` (``cluster`` for the multi-node ones) here, so
 ``make test-fast`` (``-m "not ray and not chaos and not cluster"``) never starts Ray.
 """
+import contextlib
+import fcntl
+import json
 import os
 import signal
 import sys
+import time
 
 import pytest
 
@@ -70,21 +75,72 @@ def signal_handlers_kept():
         signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def shared_instance(root):
+    """The shared instance's record ({address, owner, users}: pids) under a lock, or a
+    record of its own where the run has one process (``root`` None); set it to None to drop it."""
+    if root is None:
+        yield [None]
+        return
+    path = root / "ray_instance.json"
+    with open(root / "ray_instance.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        box = [json.loads(path.read_text()) if path.exists() else None]
+        yield box
+        if box[0] is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(json.dumps(box[0]))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray instance for the whole session; yields the address other drivers can join."""
+def ray_cluster(tmp_path_factory):
+    """One local Ray instance for the whole test run, shared by the xdist processes: the first
+    that needs it starts it, the others join it, and the one that started it stops it once the
+    last has left (an instance costs ~10 CPU s to start and ~0.1 core while it idles on these 2
+    cores). Yields the address other drivers can join."""
     os.environ.update(RAY_TEST_ENV)
     import ray
 
     from kd_ray.cluster.session import start_local_ray
 
-    # 5 CPUs: two 2-worker sweep trials and their drivers fit at once. start_local_ray puts the
-    # address in RAY_ADDRESS for Ray's own helpers, also when other Ray instances run here.
-    context = start_local_ray(num_cpus=5, object_store_memory=256 * 2**20,
-                              dashboard_host="127.0.0.1", include_dashboard=True)
-    _session_ray.append(context.address_info["gcs_address"])
-    yield context.address_info["gcs_address"]
-    ray.shutdown()  # stops only the instance this session started
+    root = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else None
+    me = os.getpid()
+    with shared_instance(root) as box:
+        if box[0] and _alive(box[0]["owner"]):
+            address = box[0]["address"]
+            ray.init(address=address)
+            os.environ["RAY_ADDRESS"] = address  # as start_local_ray sets it in the owner
+            box[0]["users"].append(me)
+        else:
+            # 10 CPUs: each of the two xdist processes can run two 2-worker sweep trials and their
+            # drivers at once. start_local_ray puts the address in RAY_ADDRESS for Ray's own
+            # helpers, also when other Ray instances run here.
+            context = start_local_ray(num_cpus=10, object_store_memory=512 * 2**20,
+                                      dashboard_host="127.0.0.1", include_dashboard=True)
+            address = context.address_info["gcs_address"]
+            box[0] = {"address": address, "owner": me, "users": [me]}
+    owner = box[0]["owner"] == me
+    _session_ray.append(address)
+    yield address
+    with shared_instance(root) as box:
+        if box[0]:
+            box[0]["users"].remove(me)
+    while owner:  # the other process may still be running Ray tests on it
+        with shared_instance(root) as box:
+            if not box[0] or not [pid for pid in box[0]["users"] if _alive(pid)]:
+                box[0] = None
+                break
+        time.sleep(1)
+    ray.shutdown()  # stops the instance where this process started it, else leaves it
     _session_ray.clear()
 
 
