@@ -199,7 +199,10 @@ def test_ray_up_and_cluster_submit_with_a_relative_config_on_a_loopback_cluster(
         code, up = run(["ray", "up", "-y", "--no-config-cache", config], temp / "up.log", env, 240)
         assert code == 0, up[-4000:]
         assert "Ray runtime started" in up
-        sets = ["optim.teacher_epochs=2", "data.synthetic_size=256", "run.name=launcher"]
+        # One TorchTrainer worker: Train's helpers (the MULTIPLE check below) without a second
+        # worker's ~6 CPU s (2-worker DDP in a submitted job: test_cluster.py).
+        sets = ["optim.teacher_epochs=2", "data.synthetic_size=256", "run.name=launcher",
+                "run.num_workers=1", "run.runner=train"]
         # --address: this head's job server is on a free port, not 8265 (another Ray may hold it).
         code, out = run(["scripts/cluster_submit.sh", "--address", f"http://127.0.0.1:{dashboard}",
                          "train-teacher", "-c", "configs/small.yaml",
